@@ -1,0 +1,108 @@
+"""Time the compiled train step and report MFU against this machine's measured matmul peak.
+
+python -m bench.throughput --config=configs/gpt.py:size=S --config.data.seq_len=256 --config.train.batch_size=16
+
+Model FLOPs per token are 6N + 12 * layers * heads * head_dim * seq_len (PaLM
+appendix B, as in nanoGPT's estimate_mfu), N = the weights used in matmuls.
+The peak is the best float32 (or model.dtype) square-matmul rate measured in
+the same run. The batch is synthetic (full-length documents), so data
+loading is excluded. Last line: tokens_per_sec=... mfu=... peak_gflops=...
+"""
+
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from modeling import registry
+from modeling.transformer import DTYPES
+from train import sharding
+from train.data import make_tokenizer
+from train.metrics import measure_matmul_peak
+from train.optim import learning_rate_schedule, make_optimizer
+from train.step import make_train_step
+from train.trainer import abstract_state
+from train.validation import validate_config
+
+config_flags.DEFINE_config_file(
+  "config", "configs/gpt.py:size=S", "preset config file", lock_config=True
+)
+flags.DEFINE_integer("steps", 10, "timed steps")
+flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+flags.DEFINE_integer("peak_n", 2048, "matmul size for the peak measurement")
+FLAGS = flags.FLAGS
+
+
+def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  model, objective = registry.build(config, tokenizer.vocab_size)
+  tx = make_optimizer(config.train)
+  abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
+  b, length = config.train.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  batch = {
+    "tokens": rng.integers(8, model.cfg.vocab_size, (b, length), dtype=np.int32),
+    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+    "segment_ids": np.ones((b, length), np.int32),
+  }
+  with mesh, nn.logical_axis_rules(rules):
+    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.PRNGKey(0))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    step = jax.jit(
+      make_train_step(
+        model, objective, tx, learning_rate_schedule(config.train), config.train.grad_accum
+      ),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - t0)
+  peak = measure_matmul_peak(peak_n, DTYPES[config.model.dtype]) * jax.device_count()
+  step_s = float(np.median(times))
+  tps = b * length / step_s
+  flops = registry.flops_per_token(model.cfg, length)
+  return {
+    "compile_s": compile_s,
+    "step_s": step_s,
+    "tokens_per_sec": tps,
+    "model_gflops_per_step": flops * b * length / 1e9,
+    "mfu": tps * flops / peak,
+    "peak_gflops": peak / 1e9,
+    "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
+    "loss": float(metrics["train/loss"]),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n)
+  print(
+    f"params={r['params']:,} compile_s={r['compile_s']:.1f} step_s={r['step_s']:.4f} "
+    f"model_gflops_per_step={r['model_gflops_per_step']:.1f} devices={jax.device_count()}"
+  )
+  print(
+    f"tokens_per_sec={r['tokens_per_sec']:.0f} mfu={r['mfu']:.3f} peak_gflops={r['peak_gflops']:.1f}"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)

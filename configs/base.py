@@ -1,0 +1,130 @@
+"""Every config key fourfold reads, with its default and a one-line comment.
+
+Presets (`configs/gpt.py`, `configs/llama.py`, ...) start from `get_config()`
+and override. Any key can be overridden from the command line, e.g.
+`--config.train.steps=100`. `parse_args` reads a preset's argument string
+(`configs/llama.py:size=S,foo=bar`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds init, data order and in-step randomness (dropout, masks)
+  c.init_from = (
+    ""  # checkpoint dir (a workdir or a step dir) to start from when the workdir has none
+  )
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "pystdlib"  # TFDS name (lm1b, tiny_shakespeare, c4/en, ...), pystdlib, text:<glob>, jsonl:<glob>
+  c.data.eval_name = ""  # separate evaluation source; empty: local sources hold out their last 10%
+  c.data.tokenizer = "byte"  # byte | spm:<path to a SentencePiece .model>
+  c.data.text_field = "text"  # the text feature of TFDS examples / the text key of JSONL records
+  c.data.seq_len = 256  # packed sequence length in tokens
+  c.data.tfds_data_dir = ""  # TFDS data dir; empty: TFDS's default (~/tensorflow_datasets)
+  c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "decoder"  # decoder | encoder | encdec | diffusion (see modeling/registry.py)
+  c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
+  c.model.num_layers = 4  # transformer blocks
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 4  # key/value heads: = num_heads is MHA, 1 is MQA, in between is GQA
+  c.model.d_model = 128  # model width
+  c.model.d_ff = 512  # MLP hidden width
+  c.model.head_dim = 0  # 0: d_model // num_heads
+  c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
+  c.model.position = "learned"  # learned | rope | none
+  c.model.rope_theta = 10000.0  # RoPE base frequency
+  c.model.norm = "layernorm"  # layernorm | rmsnorm
+  c.model.norm_eps = 1e-5  # epsilon of the norms
+  c.model.mlp = "gelu"  # gelu | swiglu
+  c.model.use_bias = True  # biases in dense layers and LayerNorm
+  c.model.tie_embeddings = True  # LM head shares the token embedding matrix
+  c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
+  c.model.sliding_window = 0  # >0: each query sees at most this many previous positions
+  c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (Pallas, TPU)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  c.model.scan_layers = True  # nn.scan over layers: one compiled block, faster compiles
+  c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
+  c.model.quant = "none"  # none | bitnet158 | bitnet1 (quantization-aware training)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000  # optimizer steps
+  c.train.batch_size = 16  # global batch, in sequences
+  c.train.grad_accum = 1  # microbatches per step; batch_size must divide by it
+  c.train.learning_rate = 1e-3  # peak learning rate
+  c.train.min_learning_rate = 1e-4  # learning rate at the end of the decay
+  c.train.warmup_steps = 100  # linear warmup from 0
+  c.train.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.99  # AdamW beta2
+  c.train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
+  c.train.grad_clip = 1.0  # global gradient-norm clip; 0 disables
+  c.train.log_every = 50  # steps between train metric lines
+  c.train.eval_every = 500  # steps between evaluations (and at the end); 0 disables
+  c.train.eval_steps = 0  # batches per evaluation; 0: the whole validation split
+  c.train.eval_batch_size = 0  # 0: train.batch_size
+  c.train.checkpoint_every = 500  # steps between checkpoints (and at the end)
+  c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
+  c.train.peak_tflops = (
+    0.0  # per-device peak for perf/mfu; 0: measured by a float32 matmul at start
+  )
+  c.train.num_samples = 3  # samples printed at the end of a run; 0: none
+  c.train.sample_tokens = 200  # tokens per end-of-run sample
+  c.train.sample_prompts = "def |import |class "  # '|'-separated prompts for end-of-run samples
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel size; -1: the devices left over
+  c.mesh.fsdp = 1  # fully sharded data-parallel size
+  c.mesh.tensor = 1  # tensor-parallel size
+
+  # logical axis name -> mesh axis (or axes); the whole sharding strategy.
+  c.logical_axis_rules = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+  )
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = (
+    ""  # host:port of process 0; empty: auto-detect (TPU pod, SLURM) or single process
+  )
+  c.distributed.num_processes = 0  # 0: auto
+  c.distributed.process_id = -1  # -1: auto
+  return c
+
+
+def parse_args(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+  """Parses a preset argument string `k=v,k2=v2` against known keys."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(
+        f"config argument {item!r}: expected key=value with key in {sorted(defaults)}"
+      )
+    out[key] = value
+  return out
+
+
+def choose(name: str, value: str, table: dict) -> dict:
+  """Looks `value` up in `table`, naming the allowed values on failure."""
+  if value not in table:
+    raise ValueError(f"config argument {name}={value!r}: allowed {list(table)}")
+  return table[value]

@@ -1,0 +1,35 @@
+"""Llama 2 style decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head.
+
+`--config=configs/llama.py:size=S`. Sizes (parameters with the byte-level
+tokenizer's 264-token vocabulary; see README):
+  tiny  2 x 64,   4 heads / 2 kv heads   tests
+  XS    4 x 128,  4 heads / 2 kv heads   CPU-sized
+  S     6 x 384,  6 heads / 2 kv heads
+  M     12 x 768, 12 heads / 4 kv heads
+  L     24 x 1024, 16 heads / 4 kv heads
+  1B    16 x 2048, 32 heads / 8 kv heads  Llama 3.2 1B's body
+"""
+
+from configs import base
+
+SIZES = {
+  "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192),
+  "XS": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352),
+  "S": dict(num_layers=6, d_model=384, num_heads=6, num_kv_heads=2, d_ff=1024),
+  "M": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048),
+  "L": dict(num_layers=24, d_model=1024, num_heads=16, num_kv_heads=4, d_ff=2816),
+  "1B": dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, d_ff=8192),
+}
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_args(arg, {"size": "XS"})
+  c = base.get_config()
+  c.model.family = "decoder"
+  c.model.position = "rope"
+  c.model.norm = "rmsnorm"
+  c.model.mlp = "swiglu"
+  c.model.use_bias = False
+  c.model.tie_embeddings = False
+  c.model.update(base.choose("size", args["size"], SIZES))
+  return c

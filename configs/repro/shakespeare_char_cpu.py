@@ -1,0 +1,35 @@
+"""nanoGPT's published CPU Shakespeare-char setting (val loss 1.88 nats/char).
+
+python -m train.main --config=configs/repro/shakespeare_char_cpu.py \
+    --config.data.name=text:../shared/data/tinyshakespeare.txt --workdir=runs/shakespeare
+
+4 layers, 4 heads, d_model 128 (d_ff 512), context 64, batch 12, 2000 steps,
+learning rate 1e-3 (100 warmup steps, cosine decay to 1e-4), AdamW betas
+(0.9, 0.99), weight decay 0.1, clip 1.0, no dropout; byte-level tokens, which
+are characters for this ASCII file. The validation split is the last 10% of
+the text, as in nanoGPT, and it is evaluated whole.
+"""
+
+from configs import gpt
+
+
+def get_config(arg: str | None = None):
+  c = gpt.get_config("size=XS")
+  c.data.name = "text:../shared/data/tinyshakespeare.txt"  # run from the repo root
+  c.data.seq_len = 64
+  c.model.dropout = 0.0
+  c.train.steps = 2000
+  c.train.batch_size = 12
+  c.train.learning_rate = 1e-3
+  c.train.min_learning_rate = 1e-4
+  c.train.warmup_steps = 100
+  c.train.schedule = "cosine"
+  c.train.b1, c.train.b2 = 0.9, 0.99
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.eval_every = 250
+  c.train.eval_steps = 0
+  c.train.eval_batch_size = 64
+  c.train.checkpoint_every = 500
+  c.train.sample_prompts = "ROMEO:|JULIET:|First Citizen:"
+  return c

@@ -1,0 +1,132 @@
+"""Building blocks: Dense with an injectable dot_general, Embed, norms, MLPs.
+
+Every parameter carries logical axis names (docs/ARCHITECTURE.md); the mesh
+rules in `config.logical_axis_rules` turn them into shardings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def param_with_axes(
+  module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str | None]
+) -> jax.Array:
+  """Declares a float32 parameter with logical axis names."""
+  return module.param(
+    name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.float32
+  )
+
+
+class Dense(nn.Module):
+  """y = x @ W (+ b) contracting the last `len(in_axes)` dims of x.
+
+  `dot_general` is injectable so quantized matmuls (modeling/quant.py) plug in
+  without touching model code.
+  """
+
+  features: Sequence[int]
+  in_axes: Sequence[str]
+  out_axes: Sequence[str]
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.normal(0.02)
+  dot_general: DotGeneral = lax.dot_general
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_axes)
+    in_shape = x.shape[-n_in:]
+    kernel = param_with_axes(
+      self, "kernel", self.kernel_init, (*in_shape, *self.features), (*self.in_axes, *self.out_axes)
+    )
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, self.features, self.out_axes)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, D]; `attend` reuses it as a tied output head."""
+
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  axes: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self) -> None:
+    self.embedding = param_with_axes(
+      self,
+      "embedding",
+      nn.initializers.normal(0.02),
+      (self.num_embeddings, self.features),
+      self.axes,
+    )
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    return jnp.einsum("bld,vd->blv", x_BLD.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm, computed in float32, returned in the compute dtype."""
+
+  kind: str = "layernorm"
+  eps: float = 1e-5
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    y = y * param_with_axes(self, "scale", nn.initializers.ones, (d,), ("norm",))
+    if self.kind == "layernorm" and self.use_bias:
+      y = y + param_with_axes(self, "bias", nn.initializers.zeros, (d,), ("norm",))
+    return y.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2, BERT) or gated SwiGLU (Llama)."""
+
+  d_ff: int
+  kind: str = "gelu"
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  out_init_scale: float = 0.02
+  dot_general: DotGeneral = lax.dot_general
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, deterministic: bool = True) -> jax.Array:
+    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    up = Dense((self.d_ff,), ("embed",), ("mlp",), name="up", **dense)(x_BLD)
+    if self.kind == "swiglu":
+      gate = Dense((self.d_ff,), ("embed",), ("mlp",), name="gate", **dense)(x_BLD)
+      h_BLF = nn.silu(gate) * up
+    else:
+      h_BLF = nn.gelu(up, approximate=True)
+    h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
+    out = Dense(
+      (x_BLD.shape[-1],),
+      ("mlp",),
+      ("embed",),
+      name="down",
+      kernel_init=nn.initializers.normal(self.out_init_scale),
+      **dense,
+    )(h_BLF)
+    return nn.Dropout(self.dropout)(out, deterministic=deterministic)

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+  name="fourfold",
+  version="0.1.0",
+  description="One JAX/Flax codebase for encoder, decoder, encoder-decoder and diffusion LMs",
+  python_requires=">=3.11",
+  packages=find_packages(include=["configs*", "modeling*", "train*", "eval*", "bench*"]),
+  install_requires=[
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1",
+    "sentencepiece>=0.2.0",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+    "numpy>=1.26",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+  },
+)

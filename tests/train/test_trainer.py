@@ -1,0 +1,219 @@
+"""The training loop end to end on tiny presets: metrics, checkpoints, resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import gpt, llama
+from train import trainer
+from train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny(preset, **train):
+  c = preset.get_config("size=tiny")
+  c.data.name = "tiny_shakespeare"
+  c.data.seq_len = 32
+  c.data.shuffle_window = 16
+  c.train.update(
+    dict(
+      steps=8,
+      batch_size=4,
+      learning_rate=3e-3,
+      min_learning_rate=3e-4,
+      warmup_steps=0,
+      schedule="constant",
+      log_every=1,
+      eval_every=0,
+      checkpoint_every=4,
+      num_samples=0,
+      peak_tflops=1.0,
+    )
+  )
+  c.train.update(train)
+  return c
+
+
+def losses(workdir):
+  by_step = {}
+  for r in read_metrics(workdir):
+    if "train/loss" in r:
+      by_step[r["step"]] = r["train/loss"]  # a resumed run's later line wins
+  return by_step
+
+
+@pytest.mark.parametrize("preset", [gpt, llama], ids=["gpt", "llama"])
+def test_tiny_preset_trains_on_tfds_mock(preset, tmp_path):
+  config = tiny(
+    preset,
+    steps=12,
+    learning_rate=1e-2,
+    eval_every=12,
+    eval_steps=2,
+    num_samples=1,
+    sample_tokens=8,
+  )
+  with tfds.testing.mock_data(num_examples=8):
+    last = trainer.run(config, str(tmp_path))
+  by_step = losses(tmp_path)
+  assert sorted(by_step) == list(range(1, 13))
+  assert by_step[12] < by_step[1] - 0.5, by_step
+  assert np.isfinite(last["eval/loss"]) and last["eval/loss"] < by_step[1]
+  assert last["eval/perplexity"] == pytest.approx(np.exp(last["eval/loss"]), rel=1e-6)
+  assert "eval/bits_per_byte" in last and "perf/mfu" in last and "perf/tokens_per_sec" in last
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "4", "8"]
+  assert (tmp_path / "loss.png").stat().st_size > 1000
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  """Stopping at a checkpoint and resuming logs the same losses as one straight run."""
+  with tfds.testing.mock_data(num_examples=8):
+    trainer.run(tiny(gpt, steps=8), str(tmp_path / "straight"))
+    trainer.run(tiny(gpt, steps=4), str(tmp_path / "resumed"))
+    trainer.run(tiny(gpt, steps=8), str(tmp_path / "resumed"))
+  straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+  assert sorted(resumed) == list(range(1, 9))
+  for step in range(1, 9):
+    assert resumed[step] == straight[step], (step, resumed, straight)
+
+
+def test_grad_accum_matches_full_batch(tmp_path):
+  with tfds.testing.mock_data(num_examples=8):
+    trainer.run(tiny(gpt, steps=3, checkpoint_every=0), str(tmp_path / "full"))
+    trainer.run(tiny(gpt, steps=3, checkpoint_every=0, grad_accum=2), str(tmp_path / "accum"))
+  full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
+  np.testing.assert_allclose([accum[s] for s in (1, 2, 3)], [full[s] for s in (1, 2, 3)], rtol=2e-5)
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+  config = tiny(
+    gpt, steps=20, learning_rate=1e12, min_learning_rate=0.0, checkpoint_every=1, grad_clip=0.0
+  )
+  with (
+    tfds.testing.mock_data(num_examples=8),
+    pytest.raises(trainer.NonFiniteLossError, match="train/loss"),
+  ):
+    trainer.run(config, str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert saved, "the checkpoints before the failure are kept"
+  bad_step = max(losses(tmp_path)) + 1 if losses(tmp_path) else 1
+  assert max(saved) < bad_step
+
+
+def test_checkpoint_of_another_shape_is_refused_untouched(tmp_path):
+  with tfds.testing.mock_data(num_examples=8):
+    trainer.run(tiny(gpt, steps=4), str(tmp_path))
+    before = {
+      p: os.path.getmtime(os.path.join(dp, p))
+      for dp, _, fs in os.walk(tmp_path / "checkpoints")
+      for p in fs
+    }
+    other = tiny(gpt, steps=8)
+    other.model.d_model = 32
+    with pytest.raises(ValueError, match="different model"):
+      trainer.run(other, str(tmp_path))
+  after = {
+    p: os.path.getmtime(os.path.join(dp, p))
+    for dp, _, fs in os.walk(tmp_path / "checkpoints")
+    for p in fs
+  }
+  assert before == after
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+def test_init_from_loads_params(tmp_path):
+  with tfds.testing.mock_data(num_examples=8):
+    trainer.run(tiny(gpt, steps=4, learning_rate=1e-2), str(tmp_path / "pre"))
+    pre_loss = losses(tmp_path / "pre")[4]
+    trainer.run(_with_init(tmp_path), str(tmp_path / "ft"))
+  assert losses(tmp_path / "ft")[1] < losses(tmp_path / "pre")[1]
+  assert losses(tmp_path / "ft")[1] == pytest.approx(pre_loss, abs=0.5)
+
+
+def _with_init(tmp_path):
+  c = tiny(gpt, steps=1, learning_rate=1e-2)
+  c.init_from = str(tmp_path / "pre")
+  return c
+
+
+def _corpus(tmp_path):
+  """A small local text corpus: a few standard-library modules' source."""
+  import difflib
+  import json as json_module
+  import textwrap
+
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for mod in (difflib, json_module.decoder, textwrap):
+    (corpus / f"{mod.__name__}.txt").write_bytes(open(mod.__file__, "rb").read())
+  return f"text:{corpus}/*.txt"
+
+
+def _train_cmd(workdir, data_name, steps):
+  return [
+    sys.executable,
+    "-m",
+    "train.main",
+    "--config=configs/gpt.py:size=tiny",
+    f"--workdir={workdir}",
+    f"--config.data.name={data_name}",
+    "--config.data.seq_len=32",
+    "--config.data.shuffle_window=16",
+    "--config.train.batch_size=4",
+    f"--config.train.steps={steps}",
+    "--config.train.warmup_steps=10",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.checkpoint_every=5",
+    "--config.train.num_samples=0",
+    "--config.train.peak_tflops=1",
+  ]
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if max(losses(workdir), default=0) >= step:
+      return
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_killed_run_resumes_exactly(sig, tmp_path):
+  """A run killed mid-training and restarted logs the same losses as an uninterrupted one."""
+  data, steps = _corpus(tmp_path), 150
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  run = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  subprocess.run(_train_cmd(straight, data, steps), check=True, timeout=300, **run)
+  proc = subprocess.Popen(_train_cmd(killed, data, steps), **run)
+  _wait_for_step(killed, 12, proc)
+  proc.send_signal(sig)
+  out = proc.communicate(timeout=120)[0]
+  first = max(losses(killed))
+  assert first < steps, "the kill landed after the run had finished"
+  saved = max(int(s) for s in os.listdir(killed / "checkpoints") if s.isdigit())
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, out
+    assert f"SIGTERM: saved a checkpoint at step {first}" in out
+    assert saved == first, "SIGTERM saves the current step, so the rerun resumes at the next one"
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  resumed = subprocess.run(_train_cmd(killed, data, steps), check=True, timeout=300, **run)
+  first_logged = min(
+    int(json.loads(line)["step"]) for line in open(killed / "metrics.jsonl").readlines()[first:]
+  )
+  assert first_logged == saved + 1, resumed.stdout
+  a, b = losses(straight), losses(killed)
+  assert sorted(b) == list(range(1, steps + 1))
+  assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]

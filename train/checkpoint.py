@@ -1,0 +1,113 @@
+"""Orbax checkpoints of `{state, data iterator}`, and the resume order.
+
+Resume order: the latest checkpoint in the workdir, else `config.init_from`,
+else a fresh init. A checkpoint whose shapes differ from the model is refused
+before anything is restored or written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+    jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")
+  }
+
+
+def check_same_shapes(saved, expected, where: str) -> None:
+  """Raises ValueError naming the first parameter whose shape differs."""
+  saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+  if saved_shapes.keys() != expected_shapes.keys():
+    missing = sorted(expected_shapes.keys() - saved_shapes.keys())[:3]
+    extra = sorted(saved_shapes.keys() - expected_shapes.keys())[:3]
+    raise ValueError(
+      f"checkpoint {where} holds a different model: missing {missing}, unexpected {extra}. "
+      "Use a new --workdir, or a config matching the checkpoint."
+    )
+  for key, shape in expected_shapes.items():
+    if saved_shapes[key] != shape:
+      raise ValueError(
+        f"checkpoint {where} holds a different model: {key} has shape {saved_shapes[key]}, "
+        f"the config gives {shape}. Use a new --workdir, or a config matching the checkpoint."
+      )
+
+
+class Checkpointer:
+  """An async CheckpointManager under `<workdir>/checkpoints`, keeping the last N."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+      ),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+      },
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    meta = self.manager.item_metadata(step)["state"]
+    check_same_shapes(meta["params"], abstract_state.params, f"{self.directory}/{step}")
+
+  def restore(self, step: int, abstract_state, data_iter: grain.DatasetIterator | None):
+    """Restores state (into the shardings carried by `abstract_state`) and the iterator."""
+    self.check_compatible(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def save(
+    self, step: int, state, data_iter: grain.DatasetIterator | None, force: bool = False
+  ) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(path: str, abstract_params):
+  """Params from another run's checkpoint (a workdir, its checkpoints dir, or a step dir)."""
+  path = os.path.abspath(path)
+  for candidate in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(candidate):
+      steps = ocp.utils.checkpoint_steps(candidate)
+      if steps:
+        step_dir = os.path.join(candidate, str(max(steps)))
+        break
+  else:
+    step_dir = path
+  if not os.path.isdir(os.path.join(step_dir, "state")):
+    raise ValueError(
+      f"init_from={path!r}: no checkpoint found (expected <dir>/checkpoints/<step>/state)"
+    )
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(os.path.join(step_dir, "state"))
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    check_same_shapes(tree["params"], abstract_params, step_dir)
+    restored = ckptr.restore(os.path.join(step_dir, "state"))
+  return jax.tree.map(
+    lambda x, a: jax.device_put(np.asarray(x), a.sharding), restored["params"], abstract_params
+  )

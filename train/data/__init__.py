@@ -1,0 +1,37 @@
+"""Data: sources (TFDS, the embedded pystdlib corpus, local files), tokenizers, packing."""
+
+from train.data.pipeline import eval_batches, train_iterator
+from train.data.sources import load_documents, validate_source
+from train.data.tokenizers import (
+  BOS_ID,
+  CLS_ID,
+  EOS_ID,
+  MASK_ID,
+  NUM_SPECIAL,
+  PAD_ID,
+  SEP_ID,
+  UNK_ID,
+  ByteTokenizer,
+  SentencePieceTokenizer,
+  Tokenizer,
+  make_tokenizer,
+)
+
+__all__ = [
+  "BOS_ID",
+  "CLS_ID",
+  "EOS_ID",
+  "MASK_ID",
+  "NUM_SPECIAL",
+  "PAD_ID",
+  "SEP_ID",
+  "UNK_ID",
+  "ByteTokenizer",
+  "SentencePieceTokenizer",
+  "Tokenizer",
+  "eval_batches",
+  "load_documents",
+  "make_tokenizer",
+  "train_iterator",
+  "validate_source",
+]

@@ -1,0 +1,170 @@
+"""Packed, batched token streams for training and evaluation, built with grain.
+
+Documents are tokenized, ended with EOS, concatenated and cut into rows of
+`data.seq_len` tokens (`ConcatThenSplitIterDataset`). Every batch is a dict of int32
+`[batch, seq_len]` arrays:
+
+  tokens       token ids, PAD_ID (0) after the last document of a padded row
+  segment_ids  1, 2, ... for the documents (or document pieces) of a row; 0 is padding
+  positions    position within the document piece, 0 at each piece's start
+
+The training iterator is infinite and checkpointable (`get_state` / `set_state`, JSON
+state): document order is reshuffled every epoch, rows are shuffled within a window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from train.data.sources import load_documents
+from train.data.tokenizers import EOS_ID, Tokenizer
+
+
+def _check_cfg(data_cfg: ml_collections.ConfigDict, batch_size: int) -> None:
+  """Clear errors for sizes grain would reject late or obscurely."""
+  if data_cfg.seq_len < 1:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len}: allowed: a positive integer")
+  if data_cfg.shuffle_window < 1:
+    raise ValueError(f"data.shuffle_window={data_cfg.shuffle_window}: allowed: a positive integer")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: allowed: a positive integer")
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+      f"process_index={process_index}, process_count={process_count}:"
+      " allowed 0 <= process_index < process_count"
+    )
+
+
+def _tokenized_docs(docs: grain.MapDataset, tokenizer: Tokenizer) -> grain.MapDataset:
+  """Each document as `{"tokens": ids + [EOS]}`; empty documents are dropped."""
+
+  def tokenize(doc: str | bytes) -> dict[str, np.ndarray]:
+    ids_N = tokenizer.encode(doc)
+    return {"tokens": np.append(ids_N, np.int32(EOS_ID)).astype(np.int32)}
+
+  return docs.map(tokenize).filter(lambda example: len(example["tokens"]) > 1)
+
+
+def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
+  """Concatenates the documents and cuts rows of `seq_len` tokens with segment ids, positions."""
+  packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
+  return packed.map(
+    lambda row: {
+      "tokens": row["tokens"],
+      "segment_ids": row["tokens_segment_ids"],
+      "positions": row["tokens_positions"],
+    }
+  )
+
+
+def _json_state_to_grain(state: Any) -> Any:
+  """Undoes what a JSON round trip does to grain's packing state.
+
+  `ConcatThenSplitIterDataset` marks "no remainder" with the tuple (-1, -1) and compares
+  with `!=`, so the list that JSON gives back reads as a pending remainder: the restored
+  iterator skips a document. Grain's own Orbax handler round-trips states through JSON.
+  """
+  if isinstance(state, dict):
+    return {
+      k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _json_state_to_grain(v)
+      for k, v in state.items()
+    }
+  return state
+
+
+class _RestorableIterator(grain.DatasetIterator):
+  """The pipeline's iterator, restorable from a state that went through JSON."""
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(_json_state_to_grain(state))
+
+
+def train_iterator(
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
+  """Infinite packed training batches of this process's `batch_size` rows.
+
+  Each process reads its own 1/process_count of the documents; every document's tokens
+  appear once per epoch of that shard, in a new order each epoch.
+  """
+  _check_cfg(data_cfg, batch_size)
+  _check_process(process_index, process_count)
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
+  docs = load_documents(data_cfg.name, "train", data_cfg)
+  shard = grain.MapDataset.source(docs)[process_index::process_count]
+  if len(shard) == 0:
+    raise ValueError(
+      f"data.name={data_cfg.name!r}: {len(docs)} documents cannot be shared by"
+      f" {process_count} processes"
+    )
+  epochs = shard.shuffle(seed=seed).repeat()
+  rows = _packed_rows(_tokenized_docs(epochs, tokenizer).to_iter_dataset(), data_cfg.seq_len)
+  rows = grain.experimental.WindowShuffleIterDataset(
+    rows, window_size=data_cfg.shuffle_window, seed=seed
+  )
+  batches = rows.batch(batch_size, drop_remainder=True)
+  # Fail instead of spinning forever when (nearly) every document is empty.
+  options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
+  batches = grain.experimental.WithOptionsIterDataset(batches, options)
+  return _RestorableIterator(iter(batches))
+
+
+def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads a short final batch with all-zero rows (segment id 0: ignored by losses)."""
+  missing = batch_size - len(batch["tokens"])
+  return {k: np.pad(v, ((0, missing), (0, 0))) for k, v in batch.items()}
+
+
+def eval_batches(
+  data_cfg: ml_collections.ConfigDict,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  max_batches: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """The validation data, once, in order, as packed batches of `batch_size` rows.
+
+  The source is `data.eval_name` (all of it) if set, else `data.name`'s validation split.
+  Every process packs the same stream and takes its own rows of each global batch, so
+  all processes yield the same number of batches. The last batch is padded with
+  all-zero rows. `max_batches` > 0 stops early.
+  """
+  _check_cfg(data_cfg, batch_size)
+  _check_process(process_index, process_count)
+  if max_batches < 0:
+    raise ValueError(f"max_batches={max_batches}: allowed 0 (whole split) or a positive count")
+  if data_cfg.eval_name:
+    docs = load_documents(data_cfg.eval_name, "all", data_cfg)
+  else:
+    docs = load_documents(data_cfg.name, "validation", data_cfg)
+  rows = _tokenized_docs(grain.MapDataset.source(docs), tokenizer).to_iter_dataset()
+  global_size = batch_size * process_count
+  batches = _packed_rows(rows, data_cfg.seq_len).batch(global_size, drop_remainder=False)
+  mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+  batches = batches.map(lambda b: {k: v[mine] for k, v in _pad_rows(b, global_size).items()})
+  if max_batches:
+    batches = grain.experimental.LimitIterDataset(batches, count=max_batches)
+  return iter(batches)

@@ -1,0 +1,118 @@
+"""Metric writers (metrics.jsonl + TensorBoard), the progress line, MFU, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends `{"step": s, key: value, ...}` lines and TensorBoard scalars; process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:
+  """FLOP/s of a square matmul on the default device, the best of repeated timings."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best, spent = math.inf, 0.0
+  while spent < seconds:
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    dt = time.perf_counter() - t0
+    best, spent = min(best, dt), spent + dt
+  return 2 * n**3 / best
+
+
+class Progress:
+  """One line per report: step, loss, tokens/s, ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+    self.total, self.enabled = total_steps, enabled
+    self.t0, self.step0 = time.perf_counter(), start_step
+
+  def line(self, step: int, metrics: dict[str, float]) -> str:
+    elapsed = time.perf_counter() - self.t0
+    done = max(step - self.step0, 1)
+    eta = elapsed / done * (self.total - step)
+    parts = [f"step {step}/{self.total}"]
+    for key in ("train/loss", "eval/loss", "eval/bits_per_byte"):
+      if key in metrics:
+        parts.append(f"{key} {metrics[key]:.4f}")
+    if "perf/tokens_per_sec" in metrics:
+      parts.append(f"{metrics['perf/tokens_per_sec']:,.0f} tok/s")
+      parts.append(f"mfu {metrics['perf/mfu']:.2f}")
+    parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    return " | ".join(parts)
+
+  def report(self, step: int, metrics: dict[str, float]) -> None:
+    if self.enabled:
+      print(self.line(step, metrics), file=sys.stdout, flush=True)
+
+
+def plot_loss(workdir: str) -> str | None:
+  """Writes <workdir>/loss.png from metrics.jsonl; returns its path."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key in ("train/loss", "eval/loss"):
+    by_step = {r["step"]: r[key] for r in records if key in r}  # a resumed run's later lines win
+    if by_step:
+      steps = np.array(sorted(by_step))
+      ax.plot(
+        steps, [by_step[s] for s in steps], label=key, marker="o" if key == "eval/loss" else None
+      )
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  path = os.path.join(workdir, "loss.png")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return path

@@ -1,0 +1,260 @@
+"""`run(config, workdir)`: the one training loop, top to bottom.
+
+Sections: setup (validation, distributed, mesh) -> data -> state (abstract
+init -> shardings -> restore or jitted init) -> loop (step, metrics, eval,
+checkpoint, preemption) -> finish (checkpoint, samples, plot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from eval import decoding
+from modeling import registry
+from train import sharding
+from train.checkpoint import Checkpointer, restore_params
+from train.data import eval_batches, make_tokenizer, train_iterator
+from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
+from train.optim import learning_rate_schedule, make_optimizer
+from train.step import make_eval_step, make_init, make_train_step
+from train.validation import validate_config
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the training loss becomes NaN or Inf."""
+
+
+def init_distributed(config: ml_collections.ConfigDict) -> None:
+  """jax.distributed with an explicit coordinator; single-process otherwise."""
+  d = config.distributed
+  if d.coordinator_address:
+    jax.distributed.initialize(
+      coordinator_address=d.coordinator_address,
+      num_processes=d.num_processes or None,
+      process_id=d.process_id if d.process_id >= 0 else None,
+    )
+
+
+def abstract_state(config, model, tx, mesh, rules):
+  """(abstract TrainState with shardings, its shardings, the boxed init fn)."""
+  seq_len = config.data.seq_len
+  example = {k: jnp.zeros((1, seq_len), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
+  init_fn = make_init(model, tx, example)
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+  shardings = sharding.state_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+  return abstract, shardings, init_fn
+
+
+def summarize_eval(sums: dict[str, float], byte_level: bool) -> dict[str, float]:
+  weight = max(sums["weight"], 1.0)
+  loss = sums["loss_sum"] / weight
+  out = {
+    "eval/loss": loss,
+    "eval/perplexity": math.exp(min(loss, 80.0)),
+    "eval/accuracy": sums["correct"] / weight,
+  }
+  if byte_level and sums["bytes"] > 0:
+    out["eval/bits_per_byte"] = sums["loss_sum"] / math.log(2) / sums["bytes"]
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
+  # ---- setup
+  validate_config(config)
+  init_distributed(config)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  model, objective = registry.build(config, tokenizer.vocab_size)
+  if model.cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(
+      f"model.vocab_size={config.model.vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size}"
+    )
+  tx = make_optimizer(config.train)
+  schedule = learning_rate_schedule(config.train)
+  t = config.train
+  n_proc = jax.process_count()
+  if t.batch_size % n_proc:
+    raise ValueError(
+      f"train.batch_size={t.batch_size}: must be divisible by the {n_proc} processes"
+    )
+
+  # ---- data
+  train_iter = train_iterator(
+    config.data,
+    tokenizer,
+    batch_size=t.batch_size // n_proc,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=n_proc,
+  )
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def to_global(local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+  # ---- state: latest checkpoint, else init_from, else fresh
+  abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
+  ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+  start = ckpt.latest_step()
+  with mesh, nn.logical_axis_rules(rules):
+    if start is not None:
+      logging.info("resuming from %s/%d", ckpt.directory, start)
+      state = ckpt.restore(start, abstract, train_iter)
+    else:
+      start = 0
+      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(
+        jax.random.PRNGKey(config.seed)
+      )
+      if config.init_from:
+        logging.info("initializing params from %s", config.init_from)
+        state = state.replace(params=restore_params(config.init_from, abstract.params))
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(
+      f"model: {config.model.family}, {n_params:,} parameters; mesh {dict(mesh.shape)}", flush=True
+    )
+
+  train_step = jax.jit(
+    make_train_step(model, objective, tx, schedule, t.grad_accum),
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    make_eval_step(model, objective), in_shardings=(shardings.params, batch_sharding)
+  )
+
+  def evaluate(params) -> dict[str, float]:
+    sums = None
+    batches = eval_batches(
+      config.data,
+      tokenizer,
+      batch_size=(t.eval_batch_size or t.batch_size) // n_proc,
+      max_batches=t.eval_steps,
+      process_index=jax.process_index(),
+      process_count=n_proc,
+    )
+    for local in batches:
+      out = eval_step(params, to_global(local))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+      raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
+    return summarize_eval(jax.tree.map(float, jax.device_get(sums)), tokenizer.is_byte_level)
+
+  # ---- loop
+  writer = MetricsWriter(workdir, enabled=is_main)
+  progress = Progress(t.steps, start, enabled=is_main)
+  peak = t.peak_tflops * 1e12 or measure_matmul_peak()
+  flops_per_token = registry.flops_per_token(model.cfg, config.data.seq_len)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  preempted = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  last: dict[str, float] = {}
+  try:
+    with mesh, nn.logical_axis_rules(rules):
+      t_log, step_log = time.perf_counter(), start
+      for step in range(start + 1, t.steps + 1):
+        state, metrics = train_step(state, to_global(next(train_iter)))
+        is_last, stop = step == t.steps, bool(preempted)  # one read: a late signal waits a step
+        checkpoint_due = is_last or stop or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        eval_due = t.eval_every and (step % t.eval_every == 0 or is_last)
+        if step % t.log_every == 0 or is_last or checkpoint_due or eval_due:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not np.isfinite(m["train/loss"]):
+            raise NonFiniteLossError(
+              f"train/loss is {m['train/loss']} at step {step}; stopping without saving. "
+              f"The last good checkpoint ({ckpt.latest_step()}) is intact in {ckpt.directory}. "
+              "Lower train.learning_rate or raise train.warmup_steps, then rerun to resume."
+            )
+          now = time.perf_counter()
+          tps = (step - step_log) * tokens_per_step / max(now - t_log, 1e-9)
+          m["perf/tokens_per_sec"] = tps
+          m["perf/mfu"] = tps * flops_per_token / (peak * jax.device_count())
+          if eval_due:
+            m.update(evaluate(state.params))
+          writer.write(step, m)
+          progress.report(step, m)
+          last = m
+          t_log, step_log = time.perf_counter(), step
+        if checkpoint_due:
+          ckpt.save(step, state, train_iter, force=True)
+        if stop:
+          ckpt.wait()
+          print(
+            f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume",
+            flush=True,
+          )
+          return last
+    ckpt.wait()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    ckpt.close()
+    writer.close()
+
+  # ---- finish
+  if is_main:
+    finish(config, model, state.params, tokenizer, workdir)
+  return last
+
+
+def finish(config, model, params, tokenizer, workdir: str) -> None:
+  """Prints samples and writes the loss plot."""
+  t = config.train
+  if t.num_samples and registry.family(config).autoregressive:
+    prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
+    rng = jax.random.PRNGKey(config.seed)
+    for i, prompt in enumerate(prompts):
+      text = decoding.complete(
+        model,
+        params,
+        tokenizer,
+        prompt,
+        t.sample_tokens,
+        jax.random.fold_in(rng, i),
+        temperature=0.8,
+      )
+      print(f"---- sample {i} (prompt {prompt!r}, temperature 0.8)\n{text}", flush=True)
+  path = plot_loss(workdir)
+  if path:
+    print(f"loss curve: {path}", flush=True)
+
+
+def load_for_inference(workdir: str):
+  """(config, model, params, tokenizer) from a workdir's config.json and latest checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir={workdir!r}: no config.json; is it a fourfold training workdir?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.logical_axis_rules = tuple(
+    (k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules
+  )
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  model, _ = registry.build(config, tokenizer.vocab_size)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  mesh = sharding.make_mesh(config.mesh)
+  abstract, _, _ = abstract_state(
+    config, model, make_optimizer(config.train), mesh, sharding.rules(config)
+  )
+  params = restore_params(workdir, abstract.params)
+  return config, model, params, tokenizer

@@ -1,0 +1,121 @@
+"""Config validation, run before anything compiles.
+
+Each error names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import base
+from modeling import registry
+from modeling.attention import ATTENTION_IMPLS
+from modeling.transformer import DTYPES, REMAT_POLICIES
+from train.data import make_tokenizer, validate_source
+from train.optim import SCHEDULES
+
+CHOICES = {
+  "model.position": ("learned", "rope", "none"),
+  "model.norm": ("layernorm", "rmsnorm"),
+  "model.mlp": ("gelu", "swiglu"),
+  "model.attention_impl": ATTENTION_IMPLS,
+  "model.dtype": tuple(DTYPES),
+  "model.remat": tuple(REMAT_POLICIES),
+  "model.quant": ("none",),
+  "train.schedule": SCHEDULES,
+}
+POSITIVE = (
+  "model.num_layers",
+  "model.num_heads",
+  "model.num_kv_heads",
+  "model.d_model",
+  "model.d_ff",
+  "data.seq_len",
+  "train.steps",
+  "train.batch_size",
+  "train.grad_accum",
+  "train.log_every",
+)
+NON_NEGATIVE = (
+  "model.vocab_size",
+  "model.head_dim",
+  "model.max_len",
+  "model.sliding_window",
+  "train.warmup_steps",
+  "train.eval_every",
+  "train.eval_steps",
+  "train.eval_batch_size",
+  "train.checkpoint_every",
+  "train.num_samples",
+  "train.sample_tokens",
+  "train.learning_rate",
+  "train.min_learning_rate",
+  "train.weight_decay",
+  "train.grad_clip",
+  "model.dropout",
+  "data.shuffle_window",
+)
+
+
+def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  keys = set()
+  for k, v in c.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys |= _flat_keys(v, f"{prefix}{k}.")
+    else:
+      keys.add(f"{prefix}{k}")
+  return keys
+
+
+def get(config: ml_collections.ConfigDict, key: str):
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def fail(key: str, value, allowed: str) -> None:
+  raise ValueError(f"{key}={value!r}: {allowed}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError on the first bad key; cheap, compiles nothing."""
+  unknown = sorted(_flat_keys(config) - _flat_keys(base.get_config()))
+  if unknown:
+    fail(
+      unknown[0], get(config, unknown[0]), "unknown key; every key is declared in configs/base.py"
+    )
+  registry.family(config)
+  for key, allowed in CHOICES.items():
+    if get(config, key) not in allowed:
+      fail(key, get(config, key), f"allowed {list(allowed)}")
+  for key in POSITIVE:
+    if get(config, key) <= 0:
+      fail(key, get(config, key), "must be > 0")
+  for key in NON_NEGATIVE:
+    if get(config, key) < 0:
+      fail(key, get(config, key), "must be >= 0")
+  m, t = config.model, config.train
+  if m.d_model % m.num_heads:
+    fail("model.d_model", m.d_model, f"must be divisible by model.num_heads={m.num_heads}")
+  if m.num_heads % m.num_kv_heads:
+    fail(
+      "model.num_heads", m.num_heads, f"must be divisible by model.num_kv_heads={m.num_kv_heads}"
+    )
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.position == "rope" and head_dim % 2:
+    fail("model.head_dim", head_dim, "must be even with model.position='rope'")
+  if m.max_len and m.max_len < config.data.seq_len:
+    fail("model.max_len", m.max_len, f"must be 0 or >= data.seq_len={config.data.seq_len}")
+  if t.batch_size % t.grad_accum:
+    fail("train.batch_size", t.batch_size, f"must be divisible by train.grad_accum={t.grad_accum}")
+  if t.min_learning_rate > t.learning_rate:
+    fail(
+      "train.min_learning_rate",
+      t.min_learning_rate,
+      f"must be <= train.learning_rate={t.learning_rate}",
+    )
+  validate_source(config.data.name, "data.name")
+  if config.data.eval_name:
+    validate_source(config.data.eval_name, "data.eval_name")
+  make_tokenizer(config.data.tokenizer)
