@@ -14,9 +14,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds init, data order and in-step randomness (dropout, masks)
-  c.init_from = (
-    ""  # checkpoint dir (a workdir or a step dir) to start from when the workdir has none
-  )
+  c.init_from = ""  # a run's workdir or step dir to start from when the workdir has none
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "pystdlib"  # TFDS name (lm1b, tiny_shakespeare, c4/en, ...), pystdlib, text:<glob>, jsonl:<glob>
@@ -45,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.use_bias = True  # biases in dense layers and LayerNorm
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
-  c.model.sliding_window = 0  # >0: each query sees at most this many previous positions
+  c.model.sliding_window = 0  # >0: each query sees this many keys, itself included
   c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (Pallas, TPU)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = True  # nn.scan over layers: one compiled block, faster compiles
@@ -53,26 +51,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.quant = "none"  # none | bitnet158 | bitnet1 (quantization-aware training)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 2000  # optimizer steps
+  c.train.steps = 1000  # optimizer steps
   c.train.batch_size = 16  # global batch, in sequences
   c.train.grad_accum = 1  # microbatches per step; batch_size must divide by it
   c.train.learning_rate = 1e-3  # peak learning rate
   c.train.min_learning_rate = 1e-4  # learning rate at the end of the decay
-  c.train.warmup_steps = 100  # linear warmup from 0
+  c.train.warmup_steps = 50  # linear warmup from 0
   c.train.schedule = "cosine"  # cosine | linear | constant (after warmup)
   c.train.b1 = 0.9  # AdamW beta1
   c.train.b2 = 0.99  # AdamW beta2
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
   c.train.grad_clip = 1.0  # global gradient-norm clip; 0 disables
   c.train.log_every = 50  # steps between train metric lines
-  c.train.eval_every = 500  # steps between evaluations (and at the end); 0 disables
-  c.train.eval_steps = 0  # batches per evaluation; 0: the whole validation split
+  c.train.eval_every = 250  # steps between evaluations (and at the end); 0 disables
+  c.train.eval_steps = 32  # batches per evaluation (always the first ones); 0: whole split
   c.train.eval_batch_size = 0  # 0: train.batch_size
-  c.train.checkpoint_every = 500  # steps between checkpoints (and at the end)
+  c.train.checkpoint_every = 250  # steps between checkpoints (and at the end)
   c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
-  c.train.peak_tflops = (
-    0.0  # per-device peak for perf/mfu; 0: measured by a float32 matmul at start
-  )
+  c.train.peak_tflops = 0.0  # per-device peak for perf/mfu; 0: measure a float32 matmul
   c.train.num_samples = 3  # samples printed at the end of a run; 0: none
   c.train.sample_tokens = 200  # tokens per end-of-run sample
   c.train.sample_prompts = "def |import |class "  # '|'-separated prompts for end-of-run samples
@@ -102,9 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = (
-    ""  # host:port of process 0; empty: auto-detect (TPU pod, SLURM) or single process
-  )
+  c.distributed.coordinator_address = ""  # host:port of process 0; empty: single process
   c.distributed.num_processes = 0  # 0: auto
   c.distributed.process_id = -1  # -1: auto
   return c

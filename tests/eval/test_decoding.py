@@ -1,0 +1,264 @@
+"""Decoding: the KV cache reproduces the uncached model, logit filters match NumPy
+references, EOS stops a row, and long prompts are cut from the left."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import gpt, llama
+from eval.decoding import choose_tokens, filter_logits, generate
+from modeling import registry
+from modeling.transformer import Transformer, TransformerConfig, init_cache
+
+VOCAB = 97
+MAX_LEN = 16
+PRESETS = {"gpt": gpt, "llama": llama}
+NO_EOS = -1  # an id greedy decoding never produces
+
+
+def tiny(preset: str, **overrides) -> TransformerConfig:
+  """The preset's `size=tiny` model, with a small vocabulary and context."""
+  config = PRESETS[preset].get_config("size=tiny")
+  config.data.seq_len = MAX_LEN
+  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
+
+
+CONFIGS = {
+  "learned-gqa-loop": dict(preset="gpt", num_kv_heads=2, scan_layers=False),
+  "rope-gqa-scan": dict(preset="llama"),
+  "rope-mqa-window": dict(preset="llama", num_kv_heads=1, sliding_window=4),
+}
+
+
+@functools.cache
+def model_and_params(name: str, seed: int = 0):
+  """A random tiny model; params drawn in NumPy (a jitted random init compiles slowly on CPU)."""
+  cfg = tiny(**CONFIGS[name])
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    x = rng.standard_normal(leaf.shape)
+    x = 1 + 0.1 * x if name == "scale" else x * (0.5 if name.endswith("embedding") else 0.1)
+    return jnp.asarray(x, leaf.dtype)
+
+  return Transformer(cfg), jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract["params"]))
+
+
+def prompt(batch: int, length: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(8, VOCAB, (batch, length)).astype(np.int32)
+
+
+def greedy_by_recompute(model, params, prompt_BP: np.ndarray, num_tokens: int) -> np.ndarray:
+  """Runs the whole uncached model on the growing sequence and takes the argmax.
+
+  The sequence lives in a fixed [B, max_len] buffer so one compile serves every step; the
+  unwritten tail is a separate segment (0), which no real token may attend to.
+  """
+  b, p = prompt_BP.shape
+  length = model.cfg.max_len
+  pos_BL = jnp.broadcast_to(jnp.arange(length), (b, length))
+  forward = jax.jit(lambda t, s: model.apply({"params": params}, t, pos_BL, s)[0])
+  buf_BL = np.zeros((b, length), np.int32)
+  buf_BL[:, :p] = prompt_BP
+  for t in range(p, p + num_tokens):
+    seg_BL = np.broadcast_to(np.arange(length) < t, (b, length)).astype(np.int32)
+    logits_BLV = forward(jnp.asarray(buf_BL), jnp.asarray(seg_BL))
+    buf_BL[:, t] = np.argmax(np.asarray(logits_BLV[:, t - 1]), axis=-1)
+  return buf_BL[:, p : p + num_tokens]
+
+
+# --- the KV cache ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_generate_equals_recompute_without_cache(name):
+  model, params = model_and_params(name)
+  prompt_BP = prompt(2, 5)
+  out_BN = generate(model, params, prompt_BP, 9, jax.random.key(0), temperature=0.0, eos_id=NO_EOS)
+  assert out_BN.shape == (2, 9) and out_BN.dtype == np.int32
+  np.testing.assert_array_equal(out_BN, greedy_by_recompute(model, params, prompt_BP, 9))
+  assert len(np.unique(out_BN)) > 2  # not a degenerate model that repeats one token
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_prefill_and_steps_equal_full_forward(name):
+  model, params = model_and_params(name)
+  cfg = model.cfg
+  b, length, p = 2, 12, 5
+  tokens_BL = jnp.asarray(prompt(b, length, seed=1))
+  pos_BL = jnp.broadcast_to(jnp.arange(length), (b, length))
+  ones_BL = jnp.ones_like(tokens_BL)
+  apply = jax.jit(lambda t, pos, seg, cache: model.apply({"params": params}, t, pos, seg, cache))
+
+  full_BLV, none_cache = apply(tokens_BL, pos_BL, ones_BL, None)
+  assert none_cache is None
+  cache = init_cache(cfg, b, MAX_LEN)  # longer than used: the unwritten tail must stay unseen
+  prefill_BPV, cache = apply(tokens_BL[:, :p], pos_BL[:, :p], ones_BL[:, :p], cache)
+  steps = [prefill_BPV]
+  for t in range(p, length):
+    step_B1V, cache = apply(
+      tokens_BL[:, t : t + 1], pos_BL[:, t : t + 1], ones_BL[:, t : t + 1], cache
+    )
+    steps.append(step_B1V)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full_BLV, rtol=1e-5, atol=1e-5)
+  assert cache["k"].shape == (cfg.num_layers, b, MAX_LEN, cfg.num_kv_heads, cfg.head_dim)
+  k = np.asarray(cache["k"])
+  assert np.all(np.abs(k[:, :, :length]).max(axis=(-2, -1)) > 0)
+  assert np.all(k[:, :, length:] == 0)
+
+
+# --- logit filters --------------------------------------------------------------------------
+
+
+def nucleus_reference(logits_BV: np.ndarray, top_p: float) -> np.ndarray:
+  """Boolean [B, V]: the smallest set of most likely tokens whose probability reaches top_p."""
+  keep = np.zeros(logits_BV.shape, bool)
+  for row, logits in enumerate(logits_BV.astype(np.float64)):
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    cum = np.cumsum(probs[order])
+    assert np.min(np.abs(cum - top_p)) > 1e-5, "test data too close to the threshold"
+    n = int(np.searchsorted(cum, top_p)) + 1  # first prefix with mass >= top_p
+    keep[row, order[:n]] = True
+  return keep
+
+
+LOGITS_BV = np.random.default_rng(0).normal(0, 2.0, (4, 50)).astype(np.float32)
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 17])
+def test_top_k_keeps_exactly_the_k_largest(top_k):
+  out = np.asarray(filter_logits(jnp.asarray(LOGITS_BV), top_k=top_k))
+  kept = np.isfinite(out)
+  assert np.all(kept.sum(-1) == top_k)
+  largest = np.argsort(-LOGITS_BV, axis=-1)[:, :top_k]
+  for row in range(len(out)):
+    assert set(np.flatnonzero(kept[row])) == set(largest[row])
+  np.testing.assert_array_equal(out[kept], LOGITS_BV[kept])
+  assert np.all(out[~kept] == -np.inf)
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_top_p_keeps_the_smallest_nucleus(top_p):
+  out = np.asarray(filter_logits(jnp.asarray(LOGITS_BV), top_p=top_p))
+  expected = nucleus_reference(LOGITS_BV, top_p)
+  np.testing.assert_array_equal(np.isfinite(out), expected)
+  np.testing.assert_array_equal(out[expected], LOGITS_BV[expected])
+  assert np.all(expected.sum(-1) >= 1)
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+  out = np.asarray(filter_logits(jnp.asarray(LOGITS_BV), top_p=1e-9))
+  np.testing.assert_array_equal(np.isfinite(out).sum(-1), 1)
+  np.testing.assert_array_equal(np.argmax(out, -1), np.argmax(LOGITS_BV, -1))
+
+
+def test_top_k_then_top_p_renormalizes_over_the_top_k():
+  out = np.asarray(filter_logits(jnp.asarray(LOGITS_BV), top_k=8, top_p=0.7))
+  top8 = np.full_like(LOGITS_BV, -np.inf)
+  idx = np.argsort(-LOGITS_BV, axis=-1)[:, :8]
+  np.put_along_axis(top8, idx, np.take_along_axis(LOGITS_BV, idx, -1), -1)
+  np.testing.assert_array_equal(np.isfinite(out), nucleus_reference(top8, 0.7))
+
+
+def test_no_filter_is_the_identity():
+  np.testing.assert_array_equal(filter_logits(jnp.asarray(LOGITS_BV)), LOGITS_BV)
+
+
+def test_temperature_zero_is_argmax_whatever_the_rng_and_filters():
+  expected = np.argmax(LOGITS_BV, -1)
+  for seed in range(3):
+    for top_k, top_p in [(0, 1.0), (3, 0.5)]:
+      out = choose_tokens(jnp.asarray(LOGITS_BV), jax.random.key(seed), 0.0, top_k, top_p)
+      assert out.dtype == jnp.int32
+      np.testing.assert_array_equal(out, expected)
+
+
+def test_sampling_follows_the_filtered_tempered_distribution():
+  """Top-3 at temperature 2: samples stay in the top 3 with softmax(logits / 2) frequencies."""
+  logits_V = np.array([2.0, -1.0, 1.0, 0.3, 1.5, -3.0], np.float32)
+  n = 4000
+  sample = jax.jit(
+    jax.vmap(lambda rng: choose_tokens(jnp.asarray(logits_V)[None], rng, 2.0, 3, 1.0))
+  )
+  draws = np.asarray(sample(jax.random.split(jax.random.key(0), n)))[:, 0]
+  top3 = np.array([0, 4, 2])
+  assert set(np.unique(draws)) == set(top3)
+  expected = np.exp(logits_V[top3] / 2.0) / np.exp(logits_V[top3] / 2.0).sum()
+  np.testing.assert_allclose([np.mean(draws == t) for t in top3], expected, atol=0.03)
+
+
+# --- EOS, context limits -------------------------------------------------------------------
+
+
+def test_rows_stop_at_eos_and_continue_as_padding():
+  model, params = model_and_params("rope-gqa-scan")
+  prompt_BP = prompt(2, 4, seed=2)
+  n = 10
+  greedy = functools.partial(generate, model, params, prompt_BP, n, jax.random.key(0), 0.0)
+  ref_BN = greedy(eos_id=NO_EOS)
+
+  # Row 0's last new token in the middle of the run (first seen at step k), then row 1's
+  # first token (EOS straight from the prefill) each become the EOS id.
+  first_seen = [k for k in range(1, n - 1) if ref_BN[0, k] not in ref_BN[0, :k]]
+  assert first_seen, f"greedy output too repetitive for this test: {ref_BN[0]}"
+  for row, k in [(0, first_seen[-1]), (1, 0)]:
+    eos = int(ref_BN[row, k])
+    assert np.any(ref_BN[row, k + 1 :]), "nothing after the EOS to blank out"
+    out_BN = greedy(eos_id=eos)
+    np.testing.assert_array_equal(out_BN[row, : k + 1], ref_BN[row, : k + 1])
+    np.testing.assert_array_equal(out_BN[row, k + 1 :], 0)
+    other = 1 - row  # the other row stops at its own first EOS, if any
+    hits = np.flatnonzero(ref_BN[other] == eos)
+    stop = hits[0] + 1 if hits.size else n
+    np.testing.assert_array_equal(out_BN[other, :stop], ref_BN[other, :stop])
+    np.testing.assert_array_equal(out_BN[other, stop:], 0)
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_warning():
+  model, params = model_and_params("learned-gqa-loop")
+  long_BP = prompt(2, 13, seed=3)
+  num_tokens = 6
+  keep = MAX_LEN - num_tokens
+  run = functools.partial(
+    generate,
+    model,
+    params,
+    num_tokens=num_tokens,
+    rng=jax.random.key(0),
+    temperature=0.0,
+    eos_id=NO_EOS,
+  )
+  with pytest.warns(UserWarning, match=f"keeping the prompt's last {keep} tokens"):
+    out_BN = run(long_BP)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    expected_BN = run(long_BP[:, -keep:])  # fits exactly: no warning
+  np.testing.assert_array_equal(out_BN, expected_BN)
+  assert not np.array_equal(expected_BN, run(long_BP[:, :keep]))  # the cut side matters
+
+
+def test_too_many_new_tokens_are_clamped_to_the_context_with_a_warning():
+  model, params = model_and_params("learned-gqa-loop")
+  prompt_BP = prompt(1, 3, seed=4)
+  with pytest.warns(UserWarning) as record:
+    out_BN = generate(model, params, prompt_BP, 40, jax.random.key(0), 0.0, eos_id=NO_EOS)
+  messages = " | ".join(str(w.message) for w in record)
+  assert f"using {MAX_LEN - 1}" in messages and "keeping the prompt's last 1 tokens" in messages
+  assert out_BN.shape == (1, MAX_LEN - 1)
+  # All but the prompt's last token were cut to make room; what is left decodes the same.
+  np.testing.assert_array_equal(
+    out_BN, greedy_by_recompute(model, params, prompt_BP[:, -1:], MAX_LEN - 1)
+  )
