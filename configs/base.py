@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.sliding_window = 0  # >0: each query sees this many keys, itself included
   c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (Pallas, TPU)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-  c.model.scan_layers = True  # nn.scan over layers: one compiled block, faster compiles
+  c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
   c.model.quant = "none"  # none | bitnet158 | bitnet1 (quantization-aware training)
 

@@ -16,9 +16,9 @@ SIZES = {
   "tiny": dict(num_layers=2, d_model=64, num_heads=4, d_ff=256),
   "XS": dict(num_layers=4, d_model=128, num_heads=4, d_ff=512),
   "S": dict(num_layers=6, d_model=384, num_heads=6, d_ff=1536),
-  "M": dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072),
-  "L": dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096),
-  "1B": dict(num_layers=24, d_model=2048, num_heads=16, d_ff=8192),
+  "M": dict(scan_layers=True, num_layers=12, d_model=768, num_heads=12, d_ff=3072),
+  "L": dict(scan_layers=True, num_layers=24, d_model=1024, num_heads=16, d_ff=4096),
+  "1B": dict(scan_layers=True, num_layers=24, d_model=2048, num_heads=16, d_ff=8192),
 }
 
 

@@ -16,9 +16,11 @@ SIZES = {
   "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192),
   "XS": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352),
   "S": dict(num_layers=6, d_model=384, num_heads=6, num_kv_heads=2, d_ff=1024),
-  "M": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048),
-  "L": dict(num_layers=24, d_model=1024, num_heads=16, num_kv_heads=4, d_ff=2816),
-  "1B": dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, d_ff=8192),
+  "M": dict(scan_layers=True, num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048),
+  "L": dict(scan_layers=True, num_layers=24, d_model=1024, num_heads=16, num_kv_heads=4, d_ff=2816),
+  "1B": dict(
+    scan_layers=True, num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, d_ff=8192
+  ),
 }
 
 

@@ -62,23 +62,60 @@ def attend(
   v_BSGK: jax.Array,
   mask_B1LS: jax.Array,
   impl: str = "xla",
+  causal_blocks: int = 1,
 ) -> jax.Array:
-  """Softmax attention of H query heads over G kv heads (H % G == 0)."""
-  b, q_len, h, k = q_BLHK.shape
-  g = k_BSGK.shape[2]
+  """Softmax attention of H query heads over G kv heads (H % G == 0).
+
+  `causal_blocks` > 1 promises that query i never sees a key after index i (self-
+  attention with a causal mask, packed or not): the queries are then split into that
+  many blocks, and each block attends only to the keys up to its end, which skips
+  most of the masked upper triangle. The result is the same.
+  """
   if impl == "cudnn":
     return jax.nn.dot_product_attention(
       q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation="cudnn"
     )
   if impl != "xla":
     raise ValueError(f"model.attention_impl={impl!r}: allowed {ATTENTION_IMPLS}")
-  q_BLGRK = q_BLHK.reshape(b, q_len, g, h // g, k)
-  logits = jnp.einsum("blgrk,bsgk->bgrls", q_BLGRK, k_BSGK, preferred_element_type=jnp.float32)
-  logits = logits * (k**-0.5)
-  logits = jnp.where(mask_B1LS[:, :, None], logits, _NEG)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSGK.dtype)
-  out = jnp.einsum("bgrls,bsgk->blgrk", probs, v_BSGK)
-  return out.reshape(b, q_len, h, k)
+  q_len = q_BLHK.shape[1]
+  if causal_blocks <= 1:
+    return _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS)
+  if q_len % causal_blocks or k_BSGK.shape[1] != q_len:
+    raise ValueError(f"causal_blocks={causal_blocks} needs equal q/kv lengths divisible by it")
+  size = q_len // causal_blocks
+  outs = []
+  for i in range(causal_blocks):
+    q_rows, kv_end = slice(i * size, (i + 1) * size), (i + 1) * size
+    outs.append(
+      _attend_xla(
+        q_BLHK[:, q_rows],
+        k_BSGK[:, :kv_end],
+        v_BSGK[:, :kv_end],
+        mask_B1LS[:, :, q_rows, :kv_end],
+      )
+    )
+  return jnp.concatenate(outs, axis=1)
+
+
+def causal_blocks_for(q_len: int, block: int = 64) -> int:
+  """How many query blocks block-causal attention uses for a sequence length."""
+  return q_len // block if q_len % block == 0 and q_len >= 2 * block else 1
+
+
+def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
+  b, q_len, h, k = q_BLHK.shape
+  g = k_BSGK.shape[2]
+  # Heads-major layout, with the R = H / G query heads of a kv group stacked along the
+  # query axis (Q = R * L): both einsums become plain batched matmuls over [B, G].
+  r = h // g
+  q_BGQK = q_BLHK.reshape(b, q_len, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * q_len, k)
+  k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
+  logits_BGQS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32)
+  mask_B1QS = jnp.tile(mask_B1LS, (1, 1, r, 1)) if r > 1 else mask_B1LS
+  logits_BGQS = jnp.where(mask_B1QS, logits_BGQS * (k**-0.5), _NEG)
+  probs_BGQS = jax.nn.softmax(logits_BGQS, axis=-1).astype(v_BSGK.dtype)
+  out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS, v_BGSK)
+  return out_BGQK.reshape(b, g, r, q_len, k).transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, k)
 
 
 def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, pos_BL: jax.Array) -> jax.Array:
@@ -136,7 +173,10 @@ class Attention(nn.Module):
       kv_seg_BS = jnp.ones_like(kv_pos_BS, dtype=seg_BL.dtype)
       seg_BL = jnp.ones_like(seg_BL)
     mask = make_mask(pos_BL, kv_pos_BS, seg_BL, kv_seg_BS, self.mask_kind, self.window)
-    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, self.impl)
+    blocks = (
+      causal_blocks_for(x_BLD.shape[1]) if self.mask_kind == "causal" and cache is None else 1
+    )
+    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, self.impl, blocks)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     y_BLD = Dense(
       (x_BLD.shape[-1],),

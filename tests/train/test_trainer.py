@@ -61,6 +61,7 @@ def test_tiny_preset_trains_on_tfds_mock(preset, tmp_path):
     num_samples=1,
     sample_tokens=8,
   )
+  config.model.scan_layers = preset is llama  # both layer layouts train and checkpoint
   with tfds.testing.mock_data(num_examples=8):
     last = trainer.run(config, str(tmp_path))
   by_step = losses(tmp_path)
