@@ -45,7 +45,9 @@ def choose_tokens(
 @functools.partial(
   jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "eos_id")
 )
-def _generate(model, params, prompt_BP, rng, *, num_tokens, temperature, top_k, top_p, eos_id):
+def _generate(
+  model, params, prompt_BP, done_B, rng, *, num_tokens, temperature, top_k, top_p, eos_id
+):
   cfg: TransformerConfig = model.cfg
   b, p = prompt_BP.shape
   cache = init_cache(cfg, b, p + num_tokens)
@@ -54,9 +56,9 @@ def _generate(model, params, prompt_BP, rng, *, num_tokens, temperature, top_k, 
     {"params": params}, prompt_BP, pos_BP, jnp.ones_like(prompt_BP), cache
   )
   rng, sub = jax.random.split(rng)
-  first = choose_tokens(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+  first = jnp.where(done_B, 0, choose_tokens(logits_BPV[:, -1], sub, temperature, top_k, top_p))
   out_BN = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
-  done_B = first == eos_id
+  done_B = done_B | (first == eos_id)
 
   def body(i, carry):
     out_BN, cache, done_B, rng = carry
@@ -71,8 +73,8 @@ def _generate(model, params, prompt_BP, rng, *, num_tokens, temperature, top_k, 
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, nxt_B[:, None], i, axis=1)
     return out_BN, cache, done_B | (nxt_B == eos_id), rng
 
-  out_BN, *_ = jax.lax.fori_loop(1, num_tokens, body, (out_BN, cache, done_B, rng))
-  return out_BN
+  out_BN, _, done_B, _ = jax.lax.fori_loop(1, num_tokens, body, (out_BN, cache, done_B, rng))
+  return out_BN, done_B
 
 
 def generate(
@@ -88,37 +90,50 @@ def generate(
 ) -> np.ndarray:
   """New tokens [B, N] after the prompt; rows that hit EOS continue as 0 (PAD).
 
-  The prompt keeps its last tokens when prompt + N exceeds the model's context.
+  A prompt longer than the context keeps its last `max_len - 1` tokens. Past the
+  context, decoding slides: once the cache is full it restarts from the last
+  `max_len // 2` tokens (as nanoGPT crops its context), so any N can be produced.
   """
   max_len = model.cfg.max_len
-  if num_tokens >= max_len:
-    warnings.warn(
-      f"num_tokens={num_tokens} exceeds the context {max_len}; using {max_len - 1}", stacklevel=2
-    )
-    num_tokens = max_len - 1
-  keep = max_len - num_tokens
   prompt_BP = np.asarray(prompt_BP, np.int32)
-  if prompt_BP.shape[1] > keep:
+  if prompt_BP.shape[1] == 0:
+    raise ValueError("the prompt must hold at least one token")
+  if prompt_BP.shape[1] > max_len - 1:
     warnings.warn(
-      f"prompt of {prompt_BP.shape[1]} tokens + {num_tokens} new tokens exceeds the context "
-      f"{max_len}; keeping the prompt's last {keep} tokens",
+      f"prompt of {prompt_BP.shape[1]} tokens exceeds the context {max_len}; "
+      f"keeping the prompt's last {max_len - 1} tokens",
       stacklevel=2,
     )
-    prompt_BP = prompt_BP[:, -keep:]
-  if prompt_BP.shape[1] == 0:
-    raise ValueError("the prompt must hold at least one token (a BOS/EOS token works)")
-  out = _generate(
-    model,
-    params,
-    jnp.asarray(prompt_BP),
-    rng,
-    num_tokens=num_tokens,
-    temperature=float(temperature),
-    top_k=int(top_k),
-    top_p=float(top_p),
-    eos_id=eos_id,
-  )
-  return np.asarray(out)
+    prompt_BP = prompt_BP[:, -(max_len - 1) :]
+  if prompt_BP.shape[1] + num_tokens > max_len:
+    warnings.warn(
+      f"{prompt_BP.shape[1]} prompt + {num_tokens} new tokens exceed the context {max_len}: "
+      f"decoding continues from the last {max_len // 2} tokens each time the context fills",
+      stacklevel=2,
+    )
+  context_BP, done_B = prompt_BP, jnp.zeros(prompt_BP.shape[0], bool)
+  pieces, made = [], 0
+  while made < num_tokens:
+    n = min(num_tokens - made, max_len - context_BP.shape[1])
+    new_BN, done_B = _generate(
+      model,
+      params,
+      jnp.asarray(context_BP),
+      done_B,
+      jax.random.fold_in(rng, made),
+      num_tokens=n,
+      temperature=float(temperature),
+      top_k=int(top_k),
+      top_p=float(top_p),
+      eos_id=eos_id,
+    )
+    pieces.append(np.asarray(new_BN))
+    made += n
+    if bool(jnp.all(done_B)):
+      pieces.append(np.zeros((prompt_BP.shape[0], num_tokens - made), np.int32))
+      break
+    context_BP = np.concatenate([context_BP, pieces[-1]], axis=1)[:, -(max_len // 2) :]
+  return np.concatenate(pieces, axis=1)
 
 
 def complete(model, params, tokenizer, prompt: str, num_tokens: int, rng, **kw) -> str:

@@ -17,6 +17,7 @@ def get_config(arg: str | None = None):
   c = gpt.get_config("size=XS")
   c.data.name = "text:../shared/data/tinyshakespeare.txt"  # run from the repo root
   c.data.seq_len = 64
+  c.data.shuffle_window = 16384  # > the 15.7k rows of an epoch: batches drawn from the whole text
   c.model.dropout = 0.0
   c.train.steps = 2000
   c.train.batch_size = 12

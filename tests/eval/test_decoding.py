@@ -229,17 +229,10 @@ def test_rows_stop_at_eos_and_continue_as_padding():
 
 def test_long_prompt_is_cut_from_the_left_with_a_warning():
   model, params = model_and_params("learned-gqa-loop")
-  long_BP = prompt(2, 13, seed=3)
-  num_tokens = 6
-  keep = MAX_LEN - num_tokens
+  long_BP = prompt(2, 21, seed=3)
+  keep = MAX_LEN - 1
   run = functools.partial(
-    generate,
-    model,
-    params,
-    num_tokens=num_tokens,
-    rng=jax.random.key(0),
-    temperature=0.0,
-    eos_id=NO_EOS,
+    generate, model, params, num_tokens=1, rng=jax.random.key(0), temperature=0.0, eos_id=NO_EOS
   )
   with pytest.warns(UserWarning, match=f"keeping the prompt's last {keep} tokens"):
     out_BN = run(long_BP)
@@ -247,18 +240,21 @@ def test_long_prompt_is_cut_from_the_left_with_a_warning():
     warnings.simplefilter("error")
     expected_BN = run(long_BP[:, -keep:])  # fits exactly: no warning
   np.testing.assert_array_equal(out_BN, expected_BN)
-  assert not np.array_equal(expected_BN, run(long_BP[:, :keep]))  # the cut side matters
+  np.testing.assert_array_equal(out_BN, greedy_by_recompute(model, params, long_BP[:, -keep:], 1))
 
 
-def test_too_many_new_tokens_are_clamped_to_the_context_with_a_warning():
-  model, params = model_and_params("learned-gqa-loop")
-  prompt_BP = prompt(1, 3, seed=4)
-  with pytest.warns(UserWarning) as record:
-    out_BN = generate(model, params, prompt_BP, 40, jax.random.key(0), 0.0, eos_id=NO_EOS)
-  messages = " | ".join(str(w.message) for w in record)
-  assert f"using {MAX_LEN - 1}" in messages and "keeping the prompt's last 1 tokens" in messages
-  assert out_BN.shape == (1, MAX_LEN - 1)
-  # All but the prompt's last token were cut to make room; what is left decodes the same.
-  np.testing.assert_array_equal(
-    out_BN, greedy_by_recompute(model, params, prompt_BP[:, -1:], MAX_LEN - 1)
-  )
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decoding_past_the_context_slides_the_window(name):
+  """Past max_len, each refill restarts from the last max_len // 2 tokens, exactly as recompute."""
+  model, params = model_and_params(name)
+  prompt_BP = prompt(2, 3, seed=4)
+  num_tokens = 40
+  with pytest.warns(UserWarning, match=f"continues from the last {MAX_LEN // 2} tokens"):
+    out_BN = generate(model, params, prompt_BP, num_tokens, jax.random.key(0), 0.0, eos_id=NO_EOS)
+  assert out_BN.shape == (2, num_tokens)
+  context_BP, expected = prompt_BP, []
+  while sum(e.shape[1] for e in expected) < num_tokens:
+    n = min(num_tokens - sum(e.shape[1] for e in expected), MAX_LEN - context_BP.shape[1])
+    expected.append(greedy_by_recompute(model, params, context_BP, n))
+    context_BP = np.concatenate([context_BP, expected[-1]], axis=1)[:, -(MAX_LEN // 2) :]
+  np.testing.assert_array_equal(out_BN, np.concatenate(expected, axis=1))

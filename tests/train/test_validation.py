@@ -1,0 +1,107 @@
+"""Config validation: bad values fail before compiling, naming key, value and what is allowed."""
+
+import os
+import re
+
+import ml_collections
+import pytest
+
+from configs import base, gpt, llama
+from train import sharding
+from train.validation import _flat_keys, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def config(**changes):
+  c = gpt.get_config("size=tiny")
+  for key, value in changes.items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
+
+
+@pytest.mark.parametrize("preset", [gpt, llama])
+@pytest.mark.parametrize("size", ["tiny", "XS", "S", "M", "L", "1B"])
+def test_every_preset_size_is_valid(preset, size):
+  validate_config(preset.get_config(f"size={size}"))
+
+
+@pytest.mark.parametrize(
+  "changes, pattern",
+  [
+    (
+      {"model.d_model": 100, "model.num_heads": 3},
+      r"model\.d_model=100: must be divisible by model\.num_heads=3",
+    ),
+    (
+      {"model.num_heads": 4, "model.num_kv_heads": 3},
+      r"model\.num_heads=4: must be divisible by model\.num_kv_heads=3",
+    ),
+    ({"data.name": "no_such_dataset_xyz"}, r"data\.name='no_such_dataset_xyz'.*pystdlib"),
+    ({"data.eval_name": "text:/nonexistent/*.txt"}, r"data\.eval_name='text:/nonexistent/\*\.txt'"),
+    ({"data.tokenizer": "wordpiece"}, r"data\.tokenizer='wordpiece'.*byte"),
+    ({"data.tokenizer": "spm:/nonexistent.model"}, r"data\.tokenizer='spm:/nonexistent\.model'"),
+    ({"model.family": "rnn"}, r"model\.family='rnn': allowed \['decoder'\]"),
+    ({"model.norm": "batchnorm"}, r"model\.norm='batchnorm': allowed \['layernorm', 'rmsnorm'\]"),
+    ({"model.quant": "int4"}, r"model\.quant='int4': allowed"),
+    (
+      {"train.batch_size": 6, "train.grad_accum": 4},
+      r"train\.batch_size=6: must be divisible by train\.grad_accum=4",
+    ),
+    ({"train.steps": 0}, r"train\.steps=0: must be > 0"),
+    ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
+  ],
+)
+def test_bad_values_are_named(changes, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    validate_config(config(**changes))
+
+
+def test_unknown_key_is_rejected():
+  c = config()
+  c.train.lerning_rate = 1e-3
+  with pytest.raises(ValueError, match=r"train\.lerning_rate=0\.001: unknown key"):
+    validate_config(c)
+
+
+def test_preset_argument_errors():
+  with pytest.raises(
+    ValueError, match=r"size='XXL': allowed \['tiny', 'XS', 'S', 'M', 'L', '1B'\]"
+  ):
+    gpt.get_config("size=XXL")
+  with pytest.raises(ValueError, match=r"'colour=red'.*\['size'\]"):
+    llama.get_config("colour=red")
+
+
+@pytest.mark.parametrize(
+  "mesh, devices, pattern",
+  [
+    ({"data": 2, "fsdp": 2, "tensor": 1}, 8, "product 4 must equal the device count 8"),
+    ({"data": -1, "fsdp": 3, "tensor": 1}, 8, "8 devices do not divide by 3"),
+    ({"data": -1, "fsdp": -1, "tensor": 1}, 8, "at most one size may be -1"),
+    ({"data": 0, "fsdp": 1, "tensor": 1}, 8, r"mesh\.data=0"),
+  ],
+)
+def test_bad_meshes(mesh, devices, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    sharding.mesh_shape(ml_collections.ConfigDict(mesh), devices)
+
+
+def test_mesh_minus_one_takes_the_rest():
+  assert sharding.mesh_shape(
+    ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 2}), 8
+  ) == (2, 2, 2)
+
+
+def test_readme_documents_every_config_key():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  missing = [k for k in sorted(_flat_keys(base.get_config())) if f"`{k}`" not in readme]
+  assert not missing, f"README.md does not document {missing}"
+
+
+def test_readme_quickstart_is_two_commands():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  block = re.search(r"## Quickstart\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+  lines = block.strip().splitlines()
+  assert len(lines) == 2 and "train.main" in lines[0] and "pytest" in lines[1]
