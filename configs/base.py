@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "decoder"  # decoder | encoder | encdec | diffusion (see modeling/registry.py)
+  c.model.family = "decoder"  # decoder (encoder, encdec, diffusion: planned; modeling/registry.py)
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
   c.model.num_layers = 4  # transformer blocks
   c.model.num_heads = 4  # query heads
@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
   c.model.sliding_window = 0  # >0: each query sees this many keys, itself included
-  c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention) | splash (Pallas, TPU)
+  c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; Pallas splash: planned)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
-  c.model.quant = "none"  # none | bitnet158 | bitnet1 (quantization-aware training)
+  c.model.quant = "none"  # none (bitnet158, bitnet1 quantization-aware training: planned)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

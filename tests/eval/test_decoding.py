@@ -33,7 +33,7 @@ def tiny(preset: str, **overrides) -> TransformerConfig:
 
 CONFIGS = {
   "learned-gqa-loop": dict(preset="gpt", num_kv_heads=2, scan_layers=False),
-  "rope-gqa-scan": dict(preset="llama"),
+  "rope-gqa-scan": dict(preset="llama", scan_layers=True),
   "rope-mqa-window": dict(preset="llama", num_kv_heads=1, sliding_window=4),
 }
 
