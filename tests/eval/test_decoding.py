@@ -3,32 +3,20 @@ references, EOS stops a row, and long prompts are cut from the left."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt, llama
 from eval.decoding import choose_tokens, filter_logits, generate
-from modeling import registry
-from modeling.transformer import Transformer, TransformerConfig, init_cache
+from modeling.transformer import Transformer, init_cache
+from tests.tiny_models import VOCAB, random_params, tiny
 
-VOCAB = 97
 MAX_LEN = 16
-PRESETS = {"gpt": gpt, "llama": llama}
 NO_EOS = -1  # an id greedy decoding never produces
-
-
-def tiny(preset: str, **overrides) -> TransformerConfig:
-  """The preset's `size=tiny` model, with a small vocabulary and context."""
-  config = PRESETS[preset].get_config("size=tiny")
-  config.data.seq_len = MAX_LEN
-  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
 
 
 CONFIGS = {
@@ -40,19 +28,9 @@ CONFIGS = {
 
 @functools.cache
 def model_and_params(name: str, seed: int = 0):
-  """A random tiny model; params drawn in NumPy (a jitted random init compiles slowly on CPU)."""
-  cfg = tiny(**CONFIGS[name])
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    x = rng.standard_normal(leaf.shape)
-    x = 1 + 0.1 * x if name == "scale" else x * (0.5 if name.endswith("embedding") else 0.1)
-    return jnp.asarray(x, leaf.dtype)
-
-  return Transformer(cfg), jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract["params"]))
+  """A random tiny model of the named kind."""
+  cfg = tiny(seq_len=MAX_LEN, **CONFIGS[name])
+  return Transformer(cfg), random_params(cfg, seed)
 
 
 def prompt(batch: int, length: int, seed: int = 0) -> np.ndarray:

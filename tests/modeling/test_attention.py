@@ -3,8 +3,6 @@ full model may and may not see (causality, packing, sliding windows) via gradien
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 
 import flax.linen as nn
@@ -13,48 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import gpt, llama
-from modeling import registry
 from modeling.attention import Attention, apply_rope, attend, make_mask, write_cache
 from modeling.layers import Embed
 from modeling.transformer import Transformer, TransformerConfig, init_cache
-
-VOCAB = 97
-PRESETS = {"gpt": gpt, "llama": llama}
+from tests.tiny_models import VOCAB, draw_params, random_params, tiny
 
 # Two rows of 10: one whole document, and a packed row of two documents plus padding
 # (segment 0, positions 0 as the pipeline writes them).
 SEG_BL = np.array([[1] * 10, [1, 1, 1, 1, 2, 2, 2, 0, 0, 0]], np.int32)
 POS_BL = np.array([list(range(10)), [0, 1, 2, 3, 0, 1, 2, 0, 0, 0]], np.int32)
-
-
-def tiny(preset: str = "gpt", seq_len: int = 16, **overrides) -> TransformerConfig:
-  """The preset's `size=tiny` model, with a small vocabulary and context."""
-  config = PRESETS[preset].get_config("size=tiny")
-  config.data.seq_len = seq_len
-  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
-
-
-def draw_params(abstract, seed: int = 0):
-  """Random values for an abstract param tree, drawn in NumPy (jitted random init is slow
-  to compile on CPU). Norm scales near 1; biases, kernels and tables large enough that
-  every path matters."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    x = rng.standard_normal(leaf.shape)
-    x = 1 + 0.1 * x if name == "scale" else x * (0.5 if name.endswith("embedding") else 0.1)
-    return jnp.asarray(x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract))
-
-
-@functools.cache
-def random_params(cfg: TransformerConfig, seed: int = 0):
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)
-  return draw_params(abstract["params"], seed)
 
 
 def mask_reference(q_pos, kv_pos, q_seg, kv_seg, kind, window):

@@ -12,41 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, gpt, llama
-from modeling import registry
+from configs import base
 from modeling.transformer import Transformer, TransformerConfig
+from tests.tiny_models import abstract_init, random_params, tiny
 
-VOCAB = 97
-PRESETS = {"gpt": gpt, "llama": llama}
 RULE_NAMES = {name for name, _ in base.get_config().logical_axis_rules}
-
-
-def tiny(preset: str = "gpt", seq_len: int = 16, **overrides) -> TransformerConfig:
-  """The preset's `size=tiny` model, with a small vocabulary and context."""
-  config = PRESETS[preset].get_config("size=tiny")
-  config.data.seq_len = seq_len
-  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
-
-
-def abstract_init(cfg: TransformerConfig):
-  """The boxed param tree `init` returns, as shapes: no compile."""
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)["params"]
-
-
-@functools.cache
-def random_params(cfg: TransformerConfig, seed: int = 0):
-  """Plain params of the model's own tree, drawn in NumPy (a jitted random init is slow to
-  compile on CPU): norm scales near 1, everything else large enough to matter."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    x = rng.standard_normal(leaf.shape)
-    x = 1 + 0.1 * x if name == "scale" else x * (0.5 if name.endswith("embedding") else 0.1)
-    return jnp.asarray(x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_init(cfg)))
 
 
 def batch(cfg: TransformerConfig, seed: int = 0):
