@@ -1,0 +1,55 @@
+"""bench.throughput: its FLOP count and its last line, on the tiny preset."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from bench.throughput import benchmark
+from configs import gpt
+from modeling import registry
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_flops_per_token_is_6n_plus_attention():
+  c = gpt.get_config("size=S")
+  cfg = registry.transformer_config(c, 264)
+  n = 6 * (4 * 384 * 384 + 2 * 384 * 1536) + 384 * 264  # per-layer attention + MLP, then the head
+  assert registry.matmul_params(cfg) == n
+  assert registry.flops_per_token(cfg, 256) == 6 * n + 12 * 6 * 384 * 256
+
+
+def test_benchmark_reports_consistent_figures():
+  c = gpt.get_config("size=tiny")
+  c.data.seq_len, c.train.batch_size = 32, 4
+  r = benchmark(c, steps=2, warmup=0, peak_n=256)
+  flops = registry.flops_per_token(registry.transformer_config(c, 264), 32)
+  assert np.isclose(r["model_gflops_per_step"], flops * 4 * 32 / 1e9)
+  assert np.isclose(r["tokens_per_sec"], 4 * 32 / r["step_s"])
+  assert np.isclose(r["mfu"], r["tokens_per_sec"] * flops / (r["peak_gflops"] * 1e9))
+  assert 0 < r["mfu"] < 1.5 and np.isfinite(r["loss"]) and r["params"] > 100_000
+
+
+def test_cli_last_line():
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "bench.throughput",
+      "--config=configs/gpt.py:size=tiny",
+      "--config.data.seq_len=32",
+      "--config.train.batch_size=4",
+      "--steps=2",
+      "--peak_n=256",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  last = out.strip().splitlines()[-1]
+  m = re.fullmatch(r"tokens_per_sec=(\d+) mfu=([\d.]+) peak_gflops=([\d.]+)", last)
+  assert m and float(m.group(1)) > 0 and float(m.group(3)) > 0, last
