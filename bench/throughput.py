@@ -52,15 +52,13 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
     "segment_ids": np.ones((b, length), np.int32),
   }
   with mesh, nn.logical_axis_rules(rules):
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.PRNGKey(0))
+    state = sharding.sharded_init(init_fn, jax.random.PRNGKey(0), shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step = jax.jit(
-      make_train_step(
-        model, objective, tx, learning_rate_schedule(config.train), config.train.grad_accum
-      ),
-      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
+    schedule = learning_rate_schedule(config.train)
+    step = sharding.jit_train_step(
+      make_train_step(model, objective, tx, schedule, config.train.grad_accum),
+      shardings,
+      sharding.batch_sharding(mesh),
     )
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

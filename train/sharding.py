@@ -51,19 +51,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def sharded_init(
-  init_fn: Callable, rng: jax.Array, mesh: Mesh, axis_rules: tuple
-) -> tuple[object, object]:
-  """Initializes straight into its shardings: eval_shape -> specs -> jitted init.
+def sharded_init(init_fn: Callable, rng: jax.Array, shardings):
+  """Runs the (boxed) init jitted straight into its shardings: nothing full-size is
+  built on one device. Call inside the mesh and logical-axis-rules contexts."""
+  return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
 
-  Returns (state without logical boxes, its shardings). Nothing full-size is
-  built on one device.
-  """
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = state_shardings(abstract, mesh, axis_rules)
-  with mesh, nn.logical_axis_rules(axis_rules):
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-  return state, shardings
+
+def jit_train_step(train_step: Callable, shardings, batch_sharding: NamedSharding) -> Callable:
+  """The train step with explicit in/out shardings and the state donated."""
+  return jax.jit(
+    train_step,
+    in_shardings=(shardings, batch_sharding),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
 
 
 def state_shardings(abstract_boxed, mesh: Mesh, axis_rules: tuple):

@@ -120,9 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = ckpt.restore(start, abstract, train_iter)
     else:
       start = 0
-      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(
-        jax.random.PRNGKey(config.seed)
-      )
+      state = sharding.sharded_init(init_fn, jax.random.PRNGKey(config.seed), shardings)
       if config.init_from:
         logging.info("initializing params from %s", config.init_from)
         state = state.replace(params=restore_params(config.init_from, abstract.params))
@@ -134,11 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       f"model: {config.model.family}, {n_params:,} parameters; mesh {dict(mesh.shape)}", flush=True
     )
 
-  train_step = jax.jit(
-    make_train_step(model, objective, tx, schedule, t.grad_accum),
-    in_shardings=(shardings, batch_sharding),
-    out_shardings=(shardings, None),
-    donate_argnums=0,
+  train_step = sharding.jit_train_step(
+    make_train_step(model, objective, tx, schedule, t.grad_accum), shardings, batch_sharding
   )
   eval_step = jax.jit(
     make_eval_step(model, objective), in_shardings=(shardings.params, batch_sharding)
