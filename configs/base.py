@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
   c.model.sliding_window = 0  # >0: each query sees this many keys, itself included
-  c.model.attention_impl = "xla"  # xla | cudnn (GPU flash attention; Pallas splash: planned)
+  c.model.attention_impl = "xla"  # xla | cudnn (GPU) | splash (Pallas TPU; seq_len % 128 == 0)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch

@@ -14,7 +14,7 @@ from jax import lax
 from modeling.layers import Dense, DotGeneral
 
 MASK_KINDS = ("causal", "bidirectional")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -118,6 +118,79 @@ def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
   return out_BGQK.reshape(b, g, r, q_len, k).transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, k)
 
 
+def attend_splash(
+  q_BLHK: jax.Array,
+  k_BLGK: jax.Array,
+  v_BLGK: jax.Array,
+  seg_BL: jax.Array,
+  kind: str = "causal",
+  window: int = 0,
+  interpret: bool = False,
+) -> jax.Array:
+  """Self-attention with the Pallas TPU splash kernel (same result as `attend`).
+
+  Splash takes its masks as static structure (causal, full, local window) plus
+  segment ids, so it needs the mask spec, not a mask array. Within a packed row,
+  index order is position order, so the index-based masks equal `make_mask`'s.
+  `interpret=True` runs the kernel in Pallas's interpreter (any backend, slow).
+  The sequence length must be a multiple of 128 (the kernel's block).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as masks,
+  )
+
+  b, length, h, k = q_BLHK.shape
+  g = k_BLGK.shape[2]
+  if length % 128:
+    raise ValueError(
+      f"attention_impl='splash' needs a sequence length divisible by 128, got {length}"
+    )
+  shape = (length, length)
+  if window > 0:
+    mask = masks.LocalMask(shape, (window - 1, 0 if kind == "causal" else window - 1), offset=0)
+  elif kind == "causal":
+    mask = masks.CausalMask(shape)
+  else:
+    mask = masks.FullMask(shape)
+  block = min(512, length)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  r = h // g
+  make = splash.make_splash_mha if r == 1 else splash.make_splash_mqa
+  kernel = make(
+    masks.MultiHeadMask([mask] * (g if r == 1 else r)),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
+  q_BHLK = (q_BLHK * k**-0.5).transpose(0, 2, 1, 3)
+  k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
+  seg_BL = seg_BL.astype(jnp.int32)
+
+  def one_row(q_HLK, k_GLK, v_GLK, seg_L):
+    ids = splash.SegmentIds(q=seg_L, kv=seg_L)
+    if r == 1:
+      return kernel(q_HLK, k_GLK, v_GLK, segment_ids=ids)
+    q_GRLK = q_HLK.reshape(g, r, length, k)
+    per_group = jax.vmap(lambda q, kk, vv: kernel(q, kk, vv, segment_ids=ids))
+    return per_group(q_GRLK, k_GLK, v_GLK).reshape(h, length, k)
+
+  out_BHLK = jax.vmap(one_row)(q_BHLK, k_BGLK, v_BGLK, seg_BL)
+  return out_BHLK.transpose(0, 2, 1, 3).astype(q_BLHK.dtype)
+
+
 def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, pos_BL: jax.Array) -> jax.Array:
   """Scatters new keys/values into the cache at their positions."""
   b_idx = jnp.arange(cache_BSGK.shape[0])[:, None]
@@ -172,11 +245,14 @@ class Attention(nn.Module):
       kv_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=pos_BL.dtype), (x_BLD.shape[0], s))
       kv_seg_BS = jnp.ones_like(kv_pos_BS, dtype=seg_BL.dtype)
       seg_BL = jnp.ones_like(seg_BL)
-    mask = make_mask(pos_BL, kv_pos_BS, seg_BL, kv_seg_BS, self.mask_kind, self.window)
-    blocks = (
-      causal_blocks_for(x_BLD.shape[1]) if self.mask_kind == "causal" and cache is None else 1
-    )
-    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, self.impl, blocks)
+    if self.impl == "splash" and cache is None:
+      out_BLHK = attend_splash(q_BLHK, k_BSGK, v_BSGK, seg_BL, self.mask_kind, self.window)
+    else:  # decoding with a cache always takes the XLA path
+      mask = make_mask(pos_BL, kv_pos_BS, seg_BL, kv_seg_BS, self.mask_kind, self.window)
+      causal = self.mask_kind == "causal" and cache is None
+      blocks = causal_blocks_for(x_BLD.shape[1]) if causal else 1
+      impl = "xla" if self.impl == "splash" else self.impl
+      out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     y_BLD = Dense(
       (x_BLD.shape[-1],),

@@ -81,6 +81,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
+  if config.model.attention_impl == "splash" and mesh.size > 1:
+    raise ValueError(
+      f"model.attention_impl='splash' on a {mesh.size}-device mesh: splash runs on one device "
+      "so far (sharding it with shard_map is not built yet); use 'xla' on a mesh"
+    )
   tokenizer = make_tokenizer(config.data.tokenizer)
   model, objective = registry.build(config, tokenizer.vocab_size)
   if model.cfg.vocab_size < tokenizer.vocab_size:

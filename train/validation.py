@@ -107,6 +107,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.head_dim", head_dim, "must be even with model.position='rope'")
   if m.max_len and m.max_len < config.data.seq_len:
     fail("model.max_len", m.max_len, f"must be 0 or >= data.seq_len={config.data.seq_len}")
+  if m.attention_impl == "splash" and config.data.seq_len % 128:
+    fail(
+      "data.seq_len",
+      config.data.seq_len,
+      "must be a multiple of 128 with model.attention_impl='splash'",
+    )
   if t.batch_size % t.grad_accum:
     fail("train.batch_size", t.batch_size, f"must be divisible by train.grad_accum={t.grad_accum}")
   if t.min_learning_rate > t.learning_rate:

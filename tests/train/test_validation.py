@@ -51,6 +51,10 @@ def test_every_preset_size_is_valid(preset, size):
     ),
     ({"train.steps": 0}, r"train\.steps=0: must be > 0"),
     ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
+    (
+      {"model.attention_impl": "splash", "data.seq_len": 200},
+      r"data\.seq_len=200: must be a multiple of 128",
+    ),
   ],
 )
 def test_bad_values_are_named(changes, pattern):
