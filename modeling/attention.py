@@ -108,11 +108,16 @@ def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
   # Heads-major layout, with the R = H / G query heads of a kv group stacked along the
   # query axis (Q = R * L): both einsums become plain batched matmuls over [B, G].
   r = h // g
-  q_BGQK = q_BLHK.reshape(b, q_len, g, r, k).transpose(0, 2, 3, 1, 4).reshape(b, g, r * q_len, k)
+  q_BGQK = (
+    (q_BLHK * k**-0.5)
+    .reshape(b, q_len, g, r, k)
+    .transpose(0, 2, 3, 1, 4)
+    .reshape(b, g, r * q_len, k)
+  )
   k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
   logits_BGQS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32)
   mask_B1QS = jnp.tile(mask_B1LS, (1, 1, r, 1)) if r > 1 else mask_B1LS
-  logits_BGQS = jnp.where(mask_B1QS, logits_BGQS * (k**-0.5), _NEG)
+  logits_BGQS = jnp.where(mask_B1QS, logits_BGQS, _NEG)
   probs_BGQS = jax.nn.softmax(logits_BGQS, axis=-1).astype(v_BSGK.dtype)
   out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS, v_BGSK)
   return out_BGQK.reshape(b, g, r, q_len, k).transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, k)
