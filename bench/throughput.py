@@ -51,7 +51,7 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
     "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
     "segment_ids": np.ones((b, length), np.int32),
   }
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = sharding.sharded_init(init_fn, jax.random.PRNGKey(0), shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     schedule = learning_rate_schedule(config.train)

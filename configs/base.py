@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # packed sequence length in tokens
   c.data.tfds_data_dir = ""  # TFDS data dir; empty: TFDS's default (~/tensorflow_datasets)
   c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
+  c.data.shards = 0  # training-document shards, read by their processes; 0: one per process
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "decoder"  # decoder (encoder, encdec, diffusion: planned; modeling/registry.py)
@@ -99,8 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # host:port of process 0; empty: single process
-  c.distributed.num_processes = 0  # 0: auto
-  c.distributed.process_id = -1  # -1: auto
+  c.distributed.num_processes = 0  # processes in all; needed with coordinator_address
+  c.distributed.process_id = -1  # this process, 0 .. num_processes - 1; needed with it too
   return c
 
 

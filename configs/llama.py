@@ -2,7 +2,7 @@
 
 `--config=configs/llama.py:size=S`. Sizes (parameters with the byte-level
 tokenizer's 264-token vocabulary; see README):
-  tiny  2 x 64,   4 heads / 2 kv heads   tests
+  tiny  2 x 64,   16 heads / 8 kv heads  tests (legal with mesh.tensor=8)
   XS    4 x 128,  4 heads / 2 kv heads   CPU-sized
   S     6 x 384,  6 heads / 2 kv heads
   M     12 x 768, 12 heads / 4 kv heads
@@ -13,7 +13,7 @@ tokenizer's 264-token vocabulary; see README):
 from configs import base
 
 SIZES = {
-  "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, d_ff=192),
+  "tiny": dict(num_layers=2, d_model=64, num_heads=16, num_kv_heads=8, d_ff=192),
   "XS": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, d_ff=352),
   "S": dict(num_layers=6, d_model=384, num_heads=6, num_kv_heads=2, d_ff=1024),
   "M": dict(scan_layers=True, num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, d_ff=2048),

@@ -46,6 +46,75 @@ def rules(config: ml_collections.ConfigDict) -> tuple:
   return tuple((name, axes) for name, axes in config.logical_axis_rules)
 
 
+def _axes_of(rule_axes) -> tuple[str, ...]:
+  if rule_axes is None:
+    return ()
+  return (rule_axes,) if isinstance(rule_axes, str) else tuple(rule_axes)
+
+
+def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Checks the mesh against the devices, the model and the batch; compiles nothing.
+
+  Returns the resolved (data, fsdp, tensor) sizes. Errors name the key and the value.
+  """
+  for name, axes in config.logical_axis_rules:
+    for axis in _axes_of(axes):
+      if axis not in MESH_AXES:
+        raise ValueError(
+          f"logical_axis_rules[{name!r}]={axes!r}: {axis!r} is not a mesh axis; allowed {MESH_AXES}"
+        )
+  shape = mesh_shape(config.mesh, num_devices)
+  sizes = dict(zip(MESH_AXES, shape, strict=True))
+  m, t = config.model, config.train
+  for key in ("num_heads", "num_kv_heads"):
+    if m[key] % sizes["tensor"]:
+      raise ValueError(
+        f"mesh.tensor={sizes['tensor']}: must divide model.{key}={m[key]} "
+        "(heads are split over the tensor axis)"
+      )
+  batch_axes = dict(config.logical_axis_rules).get("act_batch")
+  dp = int(np.prod([sizes[a] for a in _axes_of(batch_axes)]))
+  axes = _axes_of(batch_axes)
+  eval_rows = t.eval_batch_size or t.batch_size
+  for key, value, rows, per in (
+    (
+      "train.batch_size",
+      t.batch_size,
+      t.batch_size // t.grad_accum,
+      f" / grad_accum={t.grad_accum}",
+    ),
+    ("train.eval_batch_size", t.eval_batch_size, eval_rows, f" ({eval_rows} rows)"),
+  ):
+    if rows % dp:
+      raise ValueError(
+        f"{key}={value}{per}: must be divisible by the data-parallel size {dp} "
+        f"(act_batch is split over {axes}; mesh {sizes})"
+      )
+  return shape
+
+
+def check_divisible(abstract_boxed, mesh: Mesh, axis_rules: tuple) -> None:
+  """Names the first array whose dimension does not split evenly over its mesh axes."""
+  logical = nn.get_partition_spec(abstract_boxed)
+  flat_specs = jax.tree_util.tree_flatten_with_path(
+    logical, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )[0]
+  shapes = jax.tree.leaves(nn.unbox(abstract_boxed))
+  lookup = dict(axis_rules)
+  for (path, spec), leaf in zip(flat_specs, shapes, strict=True):
+    for dim, name in zip(leaf.shape, spec, strict=False):
+      if name is None:
+        continue
+      axes = _axes_of(lookup.get(name))
+      parts = int(np.prod([mesh.shape[a] for a in axes]))
+      if dim % parts:
+        raise ValueError(
+          f"{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: its {name!r} dimension "
+          f"({dim}) does not split over mesh axes {axes} of total size {parts}. Change the mesh "
+          f"(mesh.*) or the size, or map {name!r} elsewhere in logical_axis_rules."
+        )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split over the data-parallel axes, replicated over tensor."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -69,5 +138,15 @@ def jit_train_step(train_step: Callable, shardings, batch_sharding: NamedShardin
 
 def state_shardings(abstract_boxed, mesh: Mesh, axis_rules: tuple):
   """Mesh shardings of a (boxed, abstract) state from its logical axis names."""
+  check_divisible(abstract_boxed, mesh, axis_rules)
   logical = nn.get_partition_spec(abstract_boxed)
   return nn.logical_to_mesh_sharding(logical, mesh, axis_rules)
+
+
+def bytes_per_device(tree) -> dict:
+  """{device: bytes of `tree`'s arrays held there}, from the arrays' addressable shards."""
+  held: dict = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held

@@ -41,7 +41,9 @@ def make_init(model: nn.Module, tx: optax.GradientTransformation, example_batch:
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
-  return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+  """[B, ...] -> [B/n, n, ...]: microbatch i is rows i, i+n, ...; each keeps the batch
+  dimension's data-parallel sharding, so splitting moves no data between devices."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]), batch)
 
 
 def make_train_step(
@@ -69,11 +71,13 @@ def make_train_step(
 
       def body(carry, i):
         g, s = sums_and_grads(
-          state.params, jax.tree.map(lambda x: x[i], micro), jax.random.fold_in(rng, i)
+          state.params, jax.tree.map(lambda x: x[:, i], micro), jax.random.fold_in(rng, i)
         )
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zeros = jax.eval_shape(sums_and_grads, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.eval_shape(
+        sums_and_grads, state.params, jax.tree.map(lambda x: x[:, 0], micro), rng
+      )
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(grad_accum))
     denom = jnp.maximum(sums["weight"], 1.0)

@@ -25,6 +25,7 @@ from modeling import registry
 from train import sharding
 from train.checkpoint import Checkpointer, restore_params
 from train.data import eval_batches, make_tokenizer, train_iterator
+from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
 from train.step import make_eval_step, make_init, make_train_step
@@ -33,17 +34,6 @@ from train.validation import validate_config
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss becomes NaN or Inf."""
-
-
-def init_distributed(config: ml_collections.ConfigDict) -> None:
-  """jax.distributed with an explicit coordinator; single-process otherwise."""
-  d = config.distributed
-  if d.coordinator_address:
-    jax.distributed.initialize(
-      coordinator_address=d.coordinator_address,
-      num_processes=d.num_processes or None,
-      process_id=d.process_id if d.process_id >= 0 else None,
-    )
 
 
 def abstract_state(config, model, tx, mesh, rules):
@@ -77,6 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # ---- setup
   validate_config(config)
   init_distributed(config)
+  sharding.validate_mesh(config, jax.device_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
@@ -96,10 +87,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   schedule = learning_rate_schedule(config.train)
   t = config.train
   n_proc = jax.process_count()
-  if t.batch_size % n_proc:
-    raise ValueError(
-      f"train.batch_size={t.batch_size}: must be divisible by the {n_proc} processes"
-    )
+  for key in ("batch_size", "eval_batch_size"):
+    if t[key] % n_proc:
+      raise ValueError(f"train.{key}={t[key]}: must be divisible by the {n_proc} processes")
 
   # ---- data
   train_iter = train_iterator(
@@ -119,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
   start = ckpt.latest_step()
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if start is not None:
       logging.info("resuming from %s/%d", ckpt.directory, start)
       state = ckpt.restore(start, abstract, train_iter)
@@ -133,8 +123,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    held = sharding.bytes_per_device(state)
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
     print(
-      f"model: {config.model.family}, {n_params:,} parameters; mesh {dict(mesh.shape)}", flush=True
+      f"model: {config.model.family}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
+      f"state {max(held.values()) / 2**20:.1f} MiB per device of {total / 2**20:.1f} MiB",
+      flush=True,
     )
 
   train_step = sharding.jit_train_step(
@@ -171,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   last: dict[str, float] = {}
   try:
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       t_log, step_log = time.perf_counter(), start
       for step in range(start + 1, t.steps + 1):
         state, metrics = train_step(state, to_global(next(train_iter)))

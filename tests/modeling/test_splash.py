@@ -98,7 +98,7 @@ def test_llama_train_step_with_splash_compiles_for_tpu():
   step = sharding.jit_train_step(
     make_train_step(model, objective, tx, learning_rate_schedule(c.train)), shardings, batch_sh
   )
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     compiled = step.lower(abstract, batch).compile()
   assert "tpu_custom_call" in compiled.as_text()  # the Pallas kernel, not an XLA fallback
   assert compiled.cost_analysis()["flops"] > 0

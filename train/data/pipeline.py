@@ -80,17 +80,49 @@ def _json_state_to_grain(state: Any) -> Any:
   return state
 
 
-class _RestorableIterator(grain.DatasetIterator):
-  """The pipeline's iterator, restorable from a state that went through JSON."""
+class _ShardedBatches(grain.DatasetIterator):
+  """This process's shards' batches, concatenated in shard order, restorable from JSON.
+
+  The state is one grain state per shard, after a JSON round trip as well.
+  """
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._parent)
+    parts = [next(p) for p in self._parents]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
+    return {"shards": [p.get_state() for p in self._parents]}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(_json_state_to_grain(state))
+    if len(state.get("shards", ())) != len(self._parents):
+      raise ValueError(
+        f"data iterator state holds {len(state.get('shards', ()))} shards, this process reads "
+        f"{len(self._parents)}: resume with the same data.shards and process count"
+      )
+    for p, s in zip(self._parents, state["shards"], strict=True):
+      p.set_state(_json_state_to_grain(s))
+
+
+def _shard_batches(
+  docs, shard: int, num_shards: int, data_cfg, tokenizer: Tokenizer, rows: int, seed: int
+) -> grain.DatasetIterator:
+  """Infinite batches of `rows` packed rows from documents shard, shard + num_shards, ..."""
+  mine = grain.MapDataset.source(docs)[shard::num_shards]
+  if len(mine) == 0:
+    raise ValueError(
+      f"data.name={data_cfg.name!r}: {len(docs)} documents cannot fill {num_shards} shards"
+    )
+  epochs = mine.shuffle(seed=seed).repeat()
+  packed = _packed_rows(_tokenized_docs(epochs, tokenizer).to_iter_dataset(), data_cfg.seq_len)
+  packed = grain.experimental.WindowShuffleIterDataset(
+    packed, window_size=data_cfg.shuffle_window, seed=seed
+  )
+  batches = packed.batch(rows, drop_remainder=True)
+  # Fail instead of spinning forever when (nearly) every document is empty.
+  options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
+  return iter(grain.experimental.WithOptionsIterDataset(batches, options))
 
 
 def train_iterator(
@@ -104,30 +136,36 @@ def train_iterator(
 ) -> grain.DatasetIterator:
   """Infinite packed training batches of this process's `batch_size` rows.
 
-  Each process reads its own 1/process_count of the documents; every document's tokens
-  appear once per epoch of that shard, in a new order each epoch.
+  The documents are split into `data.shards` shards (0: one per process), document
+  k going to shard k % shards. Every global batch takes an equal number of rows from
+  each shard, in shard order, and each process reads only its own consecutive shards.
+  So with `data.shards` fixed the global batches do not depend on the process count.
+  Within a shard every document's tokens appear once per epoch, in a new order each epoch.
   """
   _check_cfg(data_cfg, batch_size)
   _check_process(process_index, process_count)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
-  docs = load_documents(data_cfg.name, "train", data_cfg)
-  shard = grain.MapDataset.source(docs)[process_index::process_count]
-  if len(shard) == 0:
+  num_shards = data_cfg.shards or process_count
+  if num_shards < 0 or num_shards % process_count:
     raise ValueError(
-      f"data.name={data_cfg.name!r}: {len(docs)} documents cannot be shared by"
-      f" {process_count} processes"
+      f"data.shards={data_cfg.shards}: must be 0 (one per process) or a multiple of the "
+      f"{process_count} processes"
     )
-  epochs = shard.shuffle(seed=seed).repeat()
-  rows = _packed_rows(_tokenized_docs(epochs, tokenizer).to_iter_dataset(), data_cfg.seq_len)
-  rows = grain.experimental.WindowShuffleIterDataset(
-    rows, window_size=data_cfg.shuffle_window, seed=seed
+  per_process = num_shards // process_count
+  if batch_size % per_process:
+    raise ValueError(
+      f"data.shards={num_shards}: each process's {batch_size} rows must split evenly over its "
+      f"{per_process} shards"
+    )
+  docs = load_documents(data_cfg.name, "train", data_cfg)
+  first = process_index * per_process
+  return _ShardedBatches(
+    [
+      _shard_batches(docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed)
+      for k in range(first, first + per_process)
+    ]
   )
-  batches = rows.batch(batch_size, drop_remainder=True)
-  # Fail instead of spinning forever when (nearly) every document is empty.
-  options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
-  batches = grain.experimental.WithOptionsIterDataset(batches, options)
-  return _RestorableIterator(iter(batches))
 
 
 def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,179 @@
+"""Sharded training on 8 simulated CPU devices equals one device; checkpoints cross
+meshes; two processes on loopback equal one.
+
+The 8-device side runs in subprocesses (`tests/sharding/runner.py`), because the
+device count is fixed when JAX starts. One subprocess runs all the single-process
+8-device jobs, shared by the tests of this module.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.sharding import runner
+from train import trainer
+
+RTOL = 1e-4
+MESHES = {
+  "data8": {"mesh.data": 8},
+  "fsdp8": {"mesh.data": 1, "mesh.fsdp": 8},
+  "tensor8": {"mesh.data": 1, "mesh.tensor": 8},
+  "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
+}
+
+
+def launch(jobs: list[dict], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  env.update(extra_env or {})
+  return subprocess.Popen(
+    [sys.executable, "-m", "tests.sharding.runner", json.dumps(jobs)],
+    cwd=runner.REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def results(proc: subprocess.Popen, timeout: int = 600) -> list[dict]:
+  out, _ = proc.communicate(timeout=timeout)
+  lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, out[-4000:]
+  return json.loads(lines[-1][len("RESULT ") :])
+
+
+def steps(losses: dict) -> dict[int, float]:
+  return {int(k): v for k, v in losses.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  return runner.write_corpus(str(tmp_path_factory.mktemp("corpus") / "docs.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+  """The one-device reference: 6 steps, checkpoints at 3 and 6, eval at the end."""
+  workdir = str(tmp_path_factory.mktemp("single"))
+  cfg = runner.tiny_config(
+    corpus, {"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
+  last = trainer.run(cfg, workdir)
+  return {"workdir": workdir, "losses": runner.losses(workdir), "last": last}
+
+
+@pytest.fixture(scope="module")
+def eight(corpus, single, tmp_path_factory):
+  """All single-process 8-device jobs in one subprocess (one JAX start-up)."""
+  root = tmp_path_factory.mktemp("eight")
+  # The 1-device checkpoint at step 3, to be resumed on data=8.
+  from_single = root / "from_single"
+  shutil.copytree(single["workdir"], from_single)
+  shutil.rmtree(from_single / "checkpoints" / "6")
+  os.remove(from_single / "metrics.jsonl")
+  train = {"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 6}
+  jobs = [
+    {"kind": "train", "corpus": corpus, "workdir": str(root / name), "overrides": {**mesh, **train}}
+    for name, mesh in MESHES.items()
+  ]
+  jobs.append(
+    {
+      "kind": "train",
+      "corpus": corpus,
+      "workdir": str(from_single),
+      "overrides": {**MESHES["data8"], **train},
+    }
+  )
+  jobs.append({"kind": "memory", "corpus": corpus, "overrides": MESHES["fsdp8"]})
+  out = results(launch(jobs, devices=8))
+  return {"root": root, **dict(zip([*MESHES, "from_single", "memory"], out, strict=True))}
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_sharded_losses_equal_single_device(mesh, single, eight):
+  ref, got = steps(single["losses"]), steps(eight[mesh]["losses"])
+  assert sorted(got) == sorted(ref) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  assert ref[6] < ref[1]  # it trains: equality of a constant would prove nothing
+  np.testing.assert_allclose(
+    eight[mesh]["last"]["eval/loss"], single["last"]["eval/loss"], rtol=RTOL
+  )
+
+
+def test_fsdp_holds_an_eighth_per_device(eight):
+  mem = eight["memory"]
+  assert mem["devices"] == 8
+  # Every matrix splits over fsdp; only norm scales (a few hundred floats) are replicated.
+  assert max(mem["per_device"]) <= mem["total"] / 8 * 1.02, mem
+  assert sum(mem["per_device"]) < mem["total"] * 1.1, mem
+
+
+def test_checkpoint_from_2x2x2_resumes_on_one_device(corpus, eight, tmp_path):
+  """Saved sharded on a 2x2x2 mesh at step 3; steps 4-6 on one device match the 8-device run."""
+  workdir = tmp_path / "resumed"
+  shutil.copytree(eight["root"] / "2x2x2", workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  os.remove(workdir / "metrics.jsonl")
+  cfg = runner.tiny_config(
+    corpus, {"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 6}
+  )
+  trainer.run(cfg, str(workdir))
+  resumed, full = runner.losses(str(workdir)), steps(eight["2x2x2"]["losses"])
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose(
+    [resumed[s] for s in (4, 5, 6)], [full[s] for s in (4, 5, 6)], rtol=RTOL
+  )
+
+
+def test_checkpoint_from_one_device_resumes_on_data8(single, eight):
+  resumed, full = steps(eight["from_single"]["losses"]), steps(single["losses"])
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose(
+    [resumed[s] for s in (4, 5, 6)], [full[s] for s in (4, 5, 6)], rtol=RTOL
+  )
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(corpus, eight, tmp_path):
+  """Two processes x 4 devices on loopback (data=8) log the losses of one process x 8."""
+  port = free_port()
+  workdir = str(tmp_path / "two")
+  procs = []
+  for pid in range(2):
+    overrides = {
+      **MESHES["data8"],
+      "train.steps": 6,
+      "train.checkpoint_every": 3,
+      "train.eval_every": 6,
+      "distributed.coordinator_address": f"127.0.0.1:{port}",
+      "distributed.num_processes": 2,
+      "distributed.process_id": pid,
+    }
+    job = {"kind": "train", "corpus": corpus, "workdir": workdir, "overrides": overrides}
+    procs.append(launch([job], devices=4))
+  outs = [results(p) for p in procs]
+  got, ref = steps(outs[0][0]["losses"]), steps(eight["data8"]["losses"])
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  np.testing.assert_allclose(
+    outs[0][0]["last"]["eval/loss"], eight["data8"]["last"]["eval/loss"], rtol=RTOL
+  )
+  # Checkpoints hold both processes' data-iterator states; metrics come from process 0 only.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  data_dir = os.path.join(workdir, "checkpoints", "6", "data")
+  data_files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+  assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], data_files
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert len([line for line in f if '"train/loss"' in line]) == 6
