@@ -5,7 +5,7 @@ setup(
   version="0.1.0",
   description="One JAX/Flax codebase for encoder, decoder, encoder-decoder and diffusion LMs",
   python_requires=">=3.11",
-  packages=find_packages(include=["configs*", "modeling*", "train*", "eval*", "bench*"]),
+  packages=find_packages(include=["configs*", "modeling*", "train*", "eval*", "bench*", "launch*"]),
   install_requires=[
     "jax>=0.10.2,<0.11",
     "flax>=0.12.8,<0.13",
@@ -21,6 +21,8 @@ setup(
     "numpy>=1.26",
   ],
   extras_require={
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+    # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
+    "aot": ["jax[tpu]>=0.10.2,<0.11"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "jax[tpu]>=0.10.2,<0.11"],
   },
 )

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from eval import decoding
 from modeling import registry
@@ -34,6 +35,12 @@ from train.validation import validate_config
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss becomes NaN or Inf."""
+
+
+def print_main(*args) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(*args, flush=True)
 
 
 def abstract_state(config, model, tx, mesh, rules):
@@ -66,6 +73,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
   # ---- setup
   validate_config(config)
+  if "://" in workdir:
+    raise ValueError(
+      f"--workdir={workdir!r}: URLs are not supported; use a path. On several hosts, a "
+      "filesystem they all mount (NFS, Filestore, or a bucket mounted with gcsfuse)"
+    )
   init_distributed(config)
   sharding.validate_mesh(config, jax.device_count())
   is_main = jax.process_index() == 0
@@ -161,15 +173,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   peak = t.peak_tflops * 1e12 or measure_matmul_peak()
   flops_per_token = registry.flops_per_token(model.cfg, config.data.seq_len)
   tokens_per_step = t.batch_size * config.data.seq_len
+  # SIGTERM (preemption): one process stops at the next step; several stop together at the
+  # step JAX's preemption sync agrees on, so no process waits in a collective for the others.
+  multi = n_proc > 1
   preempted = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  previous = None if multi else signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   last: dict[str, float] = {}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       t_log, step_log = time.perf_counter(), start
       for step in range(start + 1, t.steps + 1):
         state, metrics = train_step(state, to_global(next(train_iter)))
-        is_last, stop = step == t.steps, bool(preempted)  # one read: a late signal waits a step
+        is_last = step == t.steps
+        if multi:
+          stop = multihost_utils.reached_preemption_sync_point(step)
+        else:
+          stop = bool(preempted)  # one read: a late signal waits a step
         checkpoint_due = is_last or stop or (t.checkpoint_every and step % t.checkpoint_every == 0)
         eval_due = t.eval_every and (step % t.eval_every == 0 or is_last)
         if step % t.log_every == 0 or is_last or checkpoint_due or eval_due:
@@ -194,14 +213,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           ckpt.save(step, state, train_iter, force=True)
         if stop:
           ckpt.wait()
-          print(
-            f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume",
-            flush=True,
+          print_main(
+            f"SIGTERM: saved a checkpoint at step {step}; rerun the same command to resume"
           )
           return last
     ckpt.wait()
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
     ckpt.close()
     writer.close()
 

@@ -9,9 +9,11 @@ device count is fixed when JAX starts. One subprocess runs all the single-proces
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -146,24 +148,29 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(corpus, eight, tmp_path):
-  """Two processes x 4 devices on loopback (data=8) log the losses of one process x 8."""
+def launch_two(corpus: str, workdir: str, steps: int, **train) -> list[subprocess.Popen]:
+  """Two processes x 4 simulated devices, joined over loopback, data=8."""
   port = free_port()
-  workdir = str(tmp_path / "two")
   procs = []
   for pid in range(2):
     overrides = {
       **MESHES["data8"],
-      "train.steps": 6,
-      "train.checkpoint_every": 3,
-      "train.eval_every": 6,
+      "train.steps": steps,
+      **{f"train.{k}": v for k, v in train.items()},
       "distributed.coordinator_address": f"127.0.0.1:{port}",
       "distributed.num_processes": 2,
       "distributed.process_id": pid,
     }
     job = {"kind": "train", "corpus": corpus, "workdir": workdir, "overrides": overrides}
     procs.append(launch([job], devices=4))
-  outs = [results(p) for p in procs]
+  return procs
+
+
+def test_two_processes_equal_one(corpus, eight, tmp_path):
+  """Two processes x 4 devices on loopback (data=8) log the losses of one process x 8,
+  save one checkpoint together, and resume from it."""
+  workdir = str(tmp_path / "two")
+  outs = [results(p) for p in launch_two(corpus, workdir, 6, checkpoint_every=3, eval_every=6)]
   got, ref = steps(outs[0][0]["losses"]), steps(eight["data8"]["losses"])
   assert sorted(got) == list(range(1, 7))
   np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
@@ -177,3 +184,34 @@ def test_two_processes_equal_one(corpus, eight, tmp_path):
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], data_files
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert len([line for line in f if '"train/loss"' in line]) == 6
+  # Resume both processes from step 3: steps 4-6 repeat exactly.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  os.remove(os.path.join(workdir, "metrics.jsonl"))
+  outs = [results(p) for p in launch_two(corpus, workdir, 6, checkpoint_every=3)]
+  resumed = runner.losses(workdir)
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose(
+    [resumed[s] for s in (4, 5, 6)], [ref[s] for s in (4, 5, 6)], rtol=RTOL
+  )
+
+
+def test_sigterm_stops_both_processes_at_one_step(corpus, tmp_path):
+  """A preemption notice to every process: they agree on a step, save it, and exit 0."""
+  workdir = tmp_path / "preempted"
+  procs = launch_two(corpus, str(workdir), 2000, checkpoint_every=1000)
+  deadline = time.time() + 300
+  while (
+    not (workdir / "metrics.jsonl").exists() or (workdir / "metrics.jsonl").stat().st_size < 2000
+  ):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.5)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  saved = os.listdir(workdir / "checkpoints")
+  assert len(saved) == 1 and 0 < int(saved[0]) < 2000, saved
+  assert f"SIGTERM: saved a checkpoint at step {saved[0]}" in outs[0]
+  assert "SIGTERM: saved" not in outs[1]  # only process 0 prints
+  data_files = sorted(os.listdir(workdir / "checkpoints" / saved[0] / "data"))
+  assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files
