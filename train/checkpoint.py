@@ -11,7 +11,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -68,9 +67,22 @@ class Checkpointer:
     self.check_compatible(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
+      self.check_data_state(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
+
+  def check_data_state(self, step: int) -> None:
+    """The iterator state is saved per process: the same process count must resume it."""
+    data_dir = os.path.join(self.directory, str(step), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, mine)):
+      saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+      raise ValueError(
+        f"checkpoint {self.directory}/{step}: its data-iterator state was saved by other "
+        f"processes ({', '.join(saved)}); this is {mine[:-5]}. Resume with the same number "
+        "of processes, or start a new workdir with --config.init_from to keep the weights."
+      )
 
   def save(
     self, step: int, state, data_iter: grain.DatasetIterator | None, force: bool = False
@@ -103,11 +115,17 @@ def restore_params(path: str, abstract_params):
     raise ValueError(
       f"init_from={path!r}: no checkpoint found (expected <dir>/checkpoints/<step>/state)"
     )
-  with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(os.path.join(step_dir, "state"))
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  state_dir = os.path.join(step_dir, "state")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(state_dir).item_metadata.tree
     check_same_shapes(tree["params"], abstract_params, step_dir)
-    restored = ckptr.restore(os.path.join(step_dir, "state"))
-  return jax.tree.map(
-    lambda x, a: jax.device_put(np.asarray(x), a.sharding), restored["params"], abstract_params
-  )
+    # Only the params, straight into this mesh's shardings: the saved mesh does not matter.
+    restored = ckptr.restore(
+      state_dir,
+      args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params},
+        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+        partial_restore=True,
+      ),
+    )
+  return restored["params"]

@@ -119,3 +119,17 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
   c.data.shards = 3
   with pytest.raises(ValueError, match=r"data.shards=3: must be 0 .* or a multiple of the 2"):
     train_iterator(c.data, tok, batch_size=4, seed=0, process_index=0, process_count=2)
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+  """A data-iterator state saved by two processes cannot feed one: a clear error."""
+  from train.checkpoint import Checkpointer
+
+  data = tmp_path / "checkpoints" / "3" / "data"
+  data.mkdir(parents=True)
+  for i in range(2):
+    (data / f"process_{i}-of-2.json").write_text("{}")
+  ckpt = Checkpointer(str(tmp_path))
+  with pytest.raises(ValueError, match=r"saved by other processes \(process_0-of-2.json"):
+    ckpt.check_data_state(3)
+  ckpt.close()

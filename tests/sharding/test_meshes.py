@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,6 +130,12 @@ def test_checkpoint_from_2x2x2_resumes_on_one_device(corpus, eight, tmp_path):
   trainer.run(cfg, str(workdir))
   resumed, full = runner.losses(str(workdir)), steps(eight["2x2x2"]["losses"])
   assert sorted(resumed) == [4, 5, 6]
+  # Params alone (eval.sample, init_from) also load across meshes: the 2x2x2 run's step 6
+  # on this one device equals the resumed run's step 6.
+  _, _, sharded_params, _ = trainer.load_for_inference(str(eight["root"] / "2x2x2"))
+  _, _, resumed_params, _ = trainer.load_for_inference(str(workdir))
+  for a, b in zip(jax.tree.leaves(sharded_params), jax.tree.leaves(resumed_params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
   np.testing.assert_allclose(
     [resumed[s] for s in (4, 5, 6)], [full[s] for s in (4, 5, 6)], rtol=RTOL
   )
