@@ -23,6 +23,12 @@ setup(
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
     "aot": ["jax[tpu]>=0.10.2,<0.11"],
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "jax[tpu]>=0.10.2,<0.11"],
+    "test": [
+      "pytest>=8",
+      "pytest-xdist>=3.5",
+      "ruff>=0.6",
+      "scikit-learn>=1.4",  # reference metrics the tests compare against
+      "jax[tpu]>=0.10.2,<0.11",
+    ],
   },
 )

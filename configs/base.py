@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shards = 0  # training-document shards, read by their processes; 0: one per process
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "decoder"  # decoder (encoder, encdec, diffusion: planned; modeling/registry.py)
+  c.model.family = "decoder"  # decoder | encoder (encdec, diffusion: planned; modeling/registry.py)
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
   c.model.num_layers = 4  # transformer blocks
   c.model.num_heads = 4  # query heads
@@ -50,6 +50,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
   c.model.quant = "none"  # none (bitnet158, bitnet1 quantization-aware training: planned)
+  c.model.norm_position = "pre"  # pre (x + f(norm(x))) | post (norm(x + f(x)), BERT)
+  c.model.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0: none
+  c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
+  c.model.share_layers = False  # all layers share one set of weights (ALBERT)
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "pretrain"  # pretrain (decoder: next token; encoder: MLM) | classify | regress
+  c.task.mask_prob = 0.15  # MLM: share of ordinary tokens selected for prediction
+  c.task.mask_token_prob = 0.8  # MLM: selected tokens replaced by [MASK]
+  c.task.random_token_prob = 0.1  # MLM: selected tokens replaced by a random token (rest kept)
+  c.task.num_labels = 0  # classes of a classification head
+  c.task.label_field = "label"  # the label feature / JSONL key of labeled examples
+  c.task.text_pair_field = ""  # second text of pair tasks (STS-B's sentence2); empty: none
+  c.task.pooling = "cls"  # sequence pooling: cls (first token) | mean
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps
@@ -96,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("factor", None),
+    ("labels", None),
   )
 
   c.distributed = ml_collections.ConfigDict()

@@ -1,25 +1,97 @@
-"""The one place that maps `config.model.family` to a model and its objective."""
+"""The one place that maps `config.model.family` and `config.task.name` to a model
+(its mask and head) and an objective, and says how pretraining documents are framed."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import ml_collections
 
 from modeling.transformer import Transformer, TransformerConfig
-from train import objectives
+from train import data, objectives
+from train.data import labeled
+from train.data.tokenizers import CLS_ID, EOS_ID, SEP_ID
+
+
+def _packed_train(config, tokenizer, fam, **kw):
+  frame = (fam.doc_prefix, fam.doc_suffix)
+  return data.train_iterator(config.data, tokenizer, frame=frame, **kw)
+
+
+def _packed_eval(config, tokenizer, fam, **kw):
+  return data.eval_batches(config.data, tokenizer, frame=(fam.doc_prefix, fam.doc_suffix), **kw)
+
+
+def _labeled_train(regression: bool):
+  def make(config, tokenizer, fam, **kw):
+    rows = labeled.load_labeled(config, tokenizer, "train", regression)
+    return labeled.labeled_train_iterator(rows, **kw)
+
+  return make
+
+
+def _labeled_eval(regression: bool):
+  def make(config, tokenizer, fam, **kw):
+    split = "all" if config.data.eval_name else "validation"
+    return labeled.labeled_eval_batches(
+      labeled.load_labeled(config, tokenizer, split, regression), **kw
+    )
+
+  return make
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  head: str  # TransformerConfig.head
+  objective: Callable[[ml_collections.ConfigDict, int], objectives.Objective]  # (config, vocab)
+  train_data: Callable = _packed_train  # (config, tokenizer, family, **kw) -> iterator
+  eval_data: Callable = _packed_eval  # (config, tokenizer, family, **kw) -> batches
+  summarize: Callable = objectives.summarize_lm  # (sums, rows, byte_level) -> metrics
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
   mask_kind: str
-  objective: objectives.Objective
+  tasks: dict[str, Task]
   autoregressive: bool  # can be sampled token by token with a KV cache
+  doc_prefix: tuple[int, ...]  # token ids before each pretraining document
+  doc_suffix: tuple[int, ...]  # and after it
 
 
+ENCODER_TASKS = {
+  "pretrain": Task("mlm", objectives.make_mlm),
+  "classify": Task(
+    "classify",
+    objectives.make_classify,
+    _labeled_train(False),
+    _labeled_eval(False),
+    objectives.summarize_classify,
+  ),
+  "regress": Task(
+    "classify",
+    objectives.make_regress,
+    _labeled_train(True),
+    _labeled_eval(True),
+    objectives.summarize_regress,
+  ),
+}
 FAMILIES: dict[str, Family] = {
-  "decoder": Family("causal", objectives.causal_lm, autoregressive=True),
+  "decoder": Family(
+    "causal",
+    {"pretrain": Task("lm", lambda config, vocab: objectives.causal_lm)},
+    autoregressive=True,
+    doc_prefix=(),
+    doc_suffix=(EOS_ID,),
+  ),
+  "encoder": Family(
+    "bidirectional",
+    ENCODER_TASKS,
+    autoregressive=False,
+    doc_prefix=(CLS_ID,),
+    doc_suffix=(SEP_ID,),
+  ),
 }
 
 
@@ -28,6 +100,15 @@ def family(config: ml_collections.ConfigDict) -> Family:
   if name not in FAMILIES:
     raise ValueError(f"model.family={name!r}: allowed {sorted(FAMILIES)}")
   return FAMILIES[name]
+
+
+def task(config: ml_collections.ConfigDict) -> Task:
+  tasks = family(config).tasks
+  if config.task.name not in tasks:
+    raise ValueError(
+      f"task.name={config.task.name!r}: model.family={config.model.family!r} allows {sorted(tasks)}"
+    )
+  return tasks[config.task.name]
 
 
 def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
@@ -56,25 +137,37 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     dtype=m.dtype,
     scan_layers=m.scan_layers,
     remat=m.remat,
+    norm_position=m.norm_position,
+    type_vocab_size=m.type_vocab_size,
+    embed_dim=m.embed_dim,
+    share_layers=m.share_layers,
+    head=task(config).head,
+    num_labels=1 if config.task.name == "regress" else config.task.num_labels,
+    pooling=config.task.pooling,
   )
 
 
 def build(
   config: ml_collections.ConfigDict, vocab_size: int
 ) -> tuple[nn.Module, objectives.Objective]:
-  """(model, objective) for the configured family."""
-  return Transformer(transformer_config(config, vocab_size)), family(config).objective
+  """(model, objective) for the configured family and task."""
+  model = Transformer(transformer_config(config, vocab_size))
+  return model, task(config).objective(config, vocab_size)
 
 
 def matmul_params(cfg: TransformerConfig) -> int:
   """Weights that take part in a matmul per token (the N of 6N).
 
-  Embedding lookups are not matmuls; the output head is, tied or not.
+  Embedding lookups are not matmuls; the output head is, tied or not. Shared layers
+  (ALBERT) count once per application, since each application is a matmul.
   """
   d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+  e = cfg.embed_dim or d
   attn = d * h * k * 2 + d * g * k * 2
   mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+  head = {"lm": d * cfg.vocab_size, "mlm": d * e + e * cfg.vocab_size}.get(cfg.head, 0)
+  proj = d * e if e != d else 0
+  return cfg.num_layers * (attn + mlp) + head + proj
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:

@@ -100,26 +100,24 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(path: str, abstract_params):
-  """Params from another run's checkpoint (a workdir, its checkpoints dir, or a step dir)."""
+def _step_dir(path: str) -> str:
+  """The latest step dir under a workdir or checkpoints dir, or `path` itself."""
   path = os.path.abspath(path)
   for candidate in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(candidate):
       steps = ocp.utils.checkpoint_steps(candidate)
       if steps:
-        step_dir = os.path.join(candidate, str(max(steps)))
-        break
-  else:
-    step_dir = path
-  if not os.path.isdir(os.path.join(step_dir, "state")):
+        return os.path.join(candidate, str(max(steps)))
+  if not os.path.isdir(os.path.join(path, "state")):
     raise ValueError(
       f"init_from={path!r}: no checkpoint found (expected <dir>/checkpoints/<step>/state)"
     )
-  state_dir = os.path.join(step_dir, "state")
+  return path
+
+
+def _restore_subset(state_dir: str, abstract_params):
+  """Just these params, straight into their shardings: the saved mesh does not matter."""
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.metadata(state_dir).item_metadata.tree
-    check_same_shapes(tree["params"], abstract_params, step_dir)
-    # Only the params, straight into this mesh's shardings: the saved mesh does not matter.
     restored = ckptr.restore(
       state_dir,
       args=ocp.args.PyTreeRestore(
@@ -129,3 +127,61 @@ def restore_params(path: str, abstract_params):
       ),
     )
   return restored["params"]
+
+
+def _saved_params(state_dir: str):
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.metadata(state_dir).item_metadata.tree["params"]
+
+
+def restore_params(path: str, abstract_params):
+  """Params from another run's checkpoint (a workdir, its checkpoints dir, or a step dir);
+  the model must be the same."""
+  step_dir = _step_dir(path)
+  state_dir = os.path.join(step_dir, "state")
+  check_same_shapes(_saved_params(state_dir), abstract_params, step_dir)
+  return _restore_subset(state_dir, abstract_params)
+
+
+def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], list[str]]:
+  """Starts from a checkpoint with a different head: (params, kept fresh, not used).
+
+  Every parameter whose name is in the checkpoint is loaded (its shape must match);
+  the others (a new head) keep their fresh values; checkpoint parameters this model
+  lacks (the old head) are left unused.
+  """
+  step_dir = _step_dir(path)
+  state_dir = os.path.join(step_dir, "state")
+  saved = {
+    jax.tree_util.keystr(p): x
+    for p, x in jax.tree_util.tree_flatten_with_path(_saved_params(state_dir))[0]
+  }
+  flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)
+  names = [jax.tree_util.keystr(p) for p, _ in flat]
+  shared = {n: x for n, (_, x) in zip(names, flat, strict=True) if n in saved}
+  if not shared:
+    raise ValueError(f"init_from={path!r}: no parameter of this model is in {step_dir}")
+  for name, x in shared.items():
+    if tuple(saved[name].shape) != tuple(x.shape):
+      raise ValueError(
+        f"init_from={path!r}: {name} has shape {tuple(saved[name].shape)} in {step_dir}, "
+        f"the config gives {tuple(x.shape)}. Use a config with the pretrained model's sizes."
+      )
+  # A tree of only the shared params (nested dicts, as saved), restored into their shardings.
+  subset: dict = {}
+  for (path_keys, x), name in zip(flat, names, strict=True):
+    if name in shared:
+      node = subset
+      for k in path_keys[:-1]:
+        node = node.setdefault(k.key, {})
+      node[path_keys[-1].key] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  loaded = {
+    jax.tree_util.keystr(p): x
+    for p, x in jax.tree_util.tree_flatten_with_path(_restore_subset(state_dir, subset))[0]
+  }
+  params = jax.tree_util.tree_unflatten(
+    treedef, [loaded.get(n, x) for n, (_, x) in zip(names, flat, strict=True)]
+  )
+  kept_fresh = [n for n in names if n not in shared]
+  unused = sorted(set(saved) - set(names))
+  return params, kept_fresh, unused

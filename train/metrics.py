@@ -64,6 +64,17 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) 
   return 2 * n**3 / best
 
 
+PROGRESS_KEYS = (
+  "train/loss",
+  "eval/loss",
+  "eval/bits_per_byte",
+  "eval/mlm_accuracy",
+  "eval/accuracy",
+  "eval/f1",
+  "eval/spearman",
+)
+
+
 class Progress:
   """One line per report: step, loss, tokens/s, ETA."""
 
@@ -76,7 +87,7 @@ class Progress:
     done = max(step - self.step0, 1)
     eta = elapsed / done * (self.total - step)
     parts = [f"step {step}/{self.total}"]
-    for key in ("train/loss", "eval/loss", "eval/bits_per_byte"):
+    for key in PROGRESS_KEYS:
       if key in metrics:
         parts.append(f"{key} {metrics[key]:.4f}")
     if "perf/tokens_per_sec" in metrics:

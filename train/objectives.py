@@ -7,13 +7,17 @@ step divides; evaluation divides over the whole split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import scipy.stats
 
-from train.data.tokenizers import NUM_SPECIAL
+from train.data.tokenizers import MASK_ID, NUM_SPECIAL
 
 Objective = Callable[..., dict[str, jax.Array]]
 
@@ -52,4 +56,163 @@ def causal_lm(
     "weight": jnp.sum(weights_BL),
     "correct": jnp.sum(correct_BL * weights_BL),
     "bytes": jnp.sum(weights_BL * (targets_BL >= NUM_SPECIAL)),
+  }
+
+
+def mask_tokens(
+  rng: jax.Array,
+  tokens_BL: jax.Array,
+  seg_BL: jax.Array,
+  vocab_size: int,
+  mask_prob: float,
+  mask_token_prob: float,
+  random_token_prob: float,
+) -> tuple[jax.Array, jax.Array]:
+  """BERT's corruption: (inputs, selected). Each ordinary token (not special, not padding)
+  is selected with `mask_prob`; a selected token becomes [MASK] with `mask_token_prob`,
+  a uniformly random ordinary token with `random_token_prob`, else stays."""
+  r_select, r_kind, r_token = jax.random.split(rng, 3)
+  eligible_BL = (seg_BL > 0) & (tokens_BL >= NUM_SPECIAL)
+  selected_BL = eligible_BL & (jax.random.uniform(r_select, tokens_BL.shape) < mask_prob)
+  u_BL = jax.random.uniform(r_kind, tokens_BL.shape)
+  random_BL = jax.random.randint(r_token, tokens_BL.shape, NUM_SPECIAL, vocab_size, tokens_BL.dtype)
+  inputs_BL = jnp.where(selected_BL & (u_BL < mask_token_prob), MASK_ID, tokens_BL)
+  to_random_BL = (
+    selected_BL & (u_BL >= mask_token_prob) & (u_BL < mask_token_prob + random_token_prob)
+  )
+  inputs_BL = jnp.where(to_random_BL, random_BL, inputs_BL)
+  return inputs_BL, selected_BL
+
+
+def make_mlm(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Masked language modeling; masks come from the step's rng, so every epoch is masked
+  afresh and a resumed run draws the same masks."""
+  t = config.task
+
+  def mlm(model, params, batch, rng, deterministic):
+    mask_rng, dropout_rng = jax.random.split(rng)
+    tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
+    inputs_BL, selected_BL = mask_tokens(
+      mask_rng, tokens_BL, seg_BL, vocab_size, t.mask_prob, t.mask_token_prob, t.random_token_prob
+    )
+    logits_BLV, _ = model.apply(
+      {"params": params},
+      inputs_BL,
+      batch["positions"],
+      seg_BL,
+      deterministic=deterministic,
+      rngs={"dropout": dropout_rng},
+    )
+    weights_BL = selected_BL.astype(jnp.float32)
+    nll_BL = token_nll(logits_BLV, tokens_BL)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == tokens_BL).astype(jnp.float32)
+    return {
+      "loss_sum": jnp.sum(nll_BL * weights_BL),
+      "weight": jnp.sum(weights_BL),
+      "mlm_correct": jnp.sum(correct_BL * weights_BL),
+    }
+
+  return mlm
+
+
+def _apply_labeled(model, params, batch, rng, deterministic) -> jax.Array:
+  out, _ = model.apply(
+    {"params": params},
+    batch["tokens"],
+    batch["positions"],
+    batch["segment_ids"],
+    deterministic=deterministic,
+    token_types_BL=batch["token_types"],
+    rngs={"dropout": rng},
+  )
+  return out
+
+
+def make_classify(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Sequence classification: cross-entropy on the pooled output; per-class counts for F1."""
+  del config, vocab_size
+
+  def classify(model, params, batch, rng, deterministic):
+    logits_BC = _apply_labeled(model, params, batch, rng, deterministic)
+    label_B, w_B = batch["label"], batch["weight"]
+    nll_B = token_nll(logits_BC, label_B)
+    num_classes = logits_BC.shape[-1]
+    pred_BC = jax.nn.one_hot(jnp.argmax(logits_BC, -1), num_classes) * w_B[:, None]
+    true_BC = jax.nn.one_hot(label_B, num_classes) * w_B[:, None]
+    tp_C = jnp.sum(pred_BC * true_BC, axis=0)
+    return {
+      "loss_sum": jnp.sum(nll_B * w_B),
+      "weight": jnp.sum(w_B),
+      "correct": jnp.sum(tp_C),
+      "tp": tp_C,
+      "fp": jnp.sum(pred_BC, axis=0) - tp_C,
+      "fn": jnp.sum(true_BC, axis=0) - tp_C,
+    }
+
+  return classify
+
+
+def make_regress(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Regression on the pooled output (one unit): squared error; predictions kept per row."""
+  del config, vocab_size
+
+  def regress(model, params, batch, rng, deterministic):
+    pred_B = _apply_labeled(model, params, batch, rng, deterministic)[:, 0]
+    target_B, w_B = batch["label"], batch["weight"]
+    return {
+      "loss_sum": jnp.sum(jnp.square(pred_B - target_B) * w_B),
+      "weight": jnp.sum(w_B),
+      "rows/prediction": pred_B,
+      "rows/target": target_B,
+      "rows/weight": w_B,
+    }
+
+  return regress
+
+
+# ---- evaluation summaries: (summed values, per-row values) -> metrics
+
+
+def summarize_lm(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+  """Loss per target (nats), perplexity, accuracies, and bits per byte for byte tokenizers."""
+  del rows
+  weight = max(float(sums["weight"]), 1.0)
+  loss = float(sums["loss_sum"]) / weight
+  out = {
+    "eval/loss": loss,
+    "eval/perplexity": math.exp(min(loss, 80.0)),
+    **{
+      f"eval/{k.replace('correct', 'accuracy')}": float(v) / weight
+      for k, v in sums.items()
+      if k.endswith("correct")
+    },
+  }
+  if byte_level and float(sums.get("bytes", 0)) > 0:
+    out["eval/bits_per_byte"] = float(sums["loss_sum"]) / math.log(2) / float(sums["bytes"])
+  return out
+
+
+def summarize_classify(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+  """Loss, accuracy and macro F1 over the classes that occur (as labels or predictions)."""
+  del rows, byte_level
+  weight = max(float(sums["weight"]), 1.0)
+  tp, fp, fn = (np.asarray(sums[k], np.float64) for k in ("tp", "fp", "fn"))
+  seen = (tp + fp + fn) > 0
+  f1 = 2 * tp[seen] / (2 * tp[seen] + fp[seen] + fn[seen])
+  return {
+    "eval/loss": float(sums["loss_sum"]) / weight,
+    "eval/accuracy": float(sums["correct"]) / weight,
+    "eval/f1": float(np.mean(f1)) if f1.size else 0.0,
+  }
+
+
+def summarize_regress(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+  """Mean squared error, Pearson and Spearman correlations (scipy) over the real rows."""
+  del byte_level
+  keep = np.asarray(rows["rows/weight"]) > 0
+  pred, target = np.asarray(rows["rows/prediction"])[keep], np.asarray(rows["rows/target"])[keep]
+  return {
+    "eval/loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1.0),
+    "eval/pearson": float(scipy.stats.pearsonr(pred, target)[0]),
+    "eval/spearman": float(scipy.stats.spearmanr(pred, target)[0]),
   }

@@ -115,6 +115,10 @@ def check_divisible(abstract_boxed, mesh: Mesh, axis_rules: tuple) -> None:
         )
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split over the data-parallel axes, replicated over tensor."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

@@ -25,6 +25,11 @@ class TrainState:
   rng: jax.Array
 
 
+def accuracy_name(sum_key: str) -> str:
+  """`correct` -> `accuracy`, `mlm_correct` -> `mlm_accuracy`: counts of correct targets."""
+  return sum_key.replace("correct", "accuracy")
+
+
 def make_init(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict) -> Callable:
   """rng -> TrainState; params keep their logical-axis boxes for sharding."""
 
@@ -86,7 +91,7 @@ def make_train_step(
     params = optax.apply_updates(state.params, updates)
     metrics = {
       "train/loss": sums["loss_sum"] / denom,
-      "train/accuracy": sums["correct"] / denom,
+      **{f"train/{accuracy_name(k)}": v / denom for k, v in sums.items() if k.endswith("correct")},
       "train/grad_norm": optax.tree.norm(grads),
       "train/learning_rate": schedule(state.step),
       "train/tokens": sums["weight"],

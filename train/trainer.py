@@ -8,7 +8,6 @@ checkpoint, preemption) -> finish (checkpoint, samples, plot).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -24,8 +23,8 @@ from jax.experimental import multihost_utils
 from eval import decoding
 from modeling import registry
 from train import sharding
-from train.checkpoint import Checkpointer, restore_params
-from train.data import eval_batches, make_tokenizer, train_iterator
+from train.checkpoint import Checkpointer, restore_matching_params, restore_params
+from train.data import make_tokenizer
 from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
@@ -54,19 +53,6 @@ def abstract_state(config, model, tx, mesh, rules):
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
   )
   return abstract, shardings, init_fn
-
-
-def summarize_eval(sums: dict[str, float], byte_level: bool) -> dict[str, float]:
-  weight = max(sums["weight"], 1.0)
-  loss = sums["loss_sum"] / weight
-  out = {
-    "eval/loss": loss,
-    "eval/perplexity": math.exp(min(loss, 80.0)),
-    "eval/accuracy": sums["correct"] / weight,
-  }
-  if byte_level and sums["bytes"] > 0:
-    out["eval/bits_per_byte"] = sums["loss_sum"] / math.log(2) / sums["bytes"]
-  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -104,9 +90,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       raise ValueError(f"train.{key}={t[key]}: must be divisible by the {n_proc} processes")
 
   # ---- data
-  train_iter = train_iterator(
-    config.data,
+  fam, task = registry.family(config), registry.task(config)
+  train_iter = task.train_data(
+    config,
     tokenizer,
+    fam,
     batch_size=t.batch_size // n_proc,
     seed=config.seed,
     process_index=jax.process_index(),
@@ -129,8 +117,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       start = 0
       state = sharding.sharded_init(init_fn, jax.random.PRNGKey(config.seed), shardings)
       if config.init_from:
-        logging.info("initializing params from %s", config.init_from)
-        state = state.replace(params=restore_params(config.init_from, abstract.params))
+        params, fresh, unused = restore_matching_params(config.init_from, state.params)
+        state = state.replace(params=params)
+        print_main(
+          f"init_from {config.init_from}: loaded "
+          f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
+          f"fresh: {fresh or 'none'}; in the checkpoint but unused: {unused or 'none'}"
+        )
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -146,26 +139,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = sharding.jit_train_step(
     make_train_step(model, objective, tx, schedule, t.grad_accum), shardings, batch_sharding
   )
-  eval_step = jax.jit(
-    make_eval_step(model, objective), in_shardings=(shardings.params, batch_sharding)
+  eval_step = jax.jit(  # outputs replicated: every process reads the sums and per-row values
+    make_eval_step(model, objective),
+    in_shardings=(shardings.params, batch_sharding),
+    out_shardings=sharding.replicated(mesh),
   )
 
   def evaluate(params) -> dict[str, float]:
-    sums = None
-    batches = eval_batches(
-      config.data,
+    sums, rows = None, {}
+    batches = task.eval_data(
+      config,
       tokenizer,
+      fam,
       batch_size=(t.eval_batch_size or t.batch_size) // n_proc,
       max_batches=t.eval_steps,
       process_index=jax.process_index(),
       process_count=n_proc,
     )
     for local in batches:
-      out = eval_step(params, to_global(local))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      out = jax.device_get(eval_step(params, to_global(local)))
+      for k in [k for k in out if k.startswith("rows/")]:
+        rows.setdefault(k, []).append(out.pop(k))
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
     if sums is None:
       raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
-    return summarize_eval(jax.tree.map(float, jax.device_get(sums)), tokenizer.is_byte_level)
+    rows = {k: np.concatenate(v) for k, v in rows.items()}
+    return task.summarize(sums, rows, tokenizer.is_byte_level)
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main)

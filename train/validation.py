@@ -22,8 +22,11 @@ CHOICES = {
   "model.dtype": tuple(DTYPES),
   "model.remat": tuple(REMAT_POLICIES),
   "model.quant": ("none",),
+  "model.norm_position": ("pre", "post"),
+  "task.pooling": ("cls", "mean"),
   "train.schedule": SCHEDULES,
 }
+PROBABILITIES = ("task.mask_prob", "task.mask_token_prob", "task.random_token_prob")
 POSITIVE = (
   "model.num_layers",
   "model.num_heads",
@@ -54,6 +57,10 @@ NON_NEGATIVE = (
   "train.grad_clip",
   "model.dropout",
   "data.shuffle_window",
+  "data.shards",
+  "model.type_vocab_size",
+  "model.embed_dim",
+  "task.num_labels",
 )
 
 
@@ -85,7 +92,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail(
       unknown[0], get(config, unknown[0]), "unknown key; every key is declared in configs/base.py"
     )
-  registry.family(config)
+  registry.task(config)  # the family, then the task it allows
   for key, allowed in CHOICES.items():
     if get(config, key) not in allowed:
       fail(key, get(config, key), f"allowed {list(allowed)}")
@@ -95,7 +102,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in NON_NEGATIVE:
     if get(config, key) < 0:
       fail(key, get(config, key), "must be >= 0")
+  for key in PROBABILITIES:
+    if not 0 <= get(config, key) <= 1:
+      fail(key, get(config, key), "must be a probability in [0, 1]")
+  task = config.task
+  if task.mask_token_prob + task.random_token_prob > 1:
+    fail(
+      "task.random_token_prob",
+      task.random_token_prob,
+      f"task.mask_token_prob + task.random_token_prob must be <= 1 (mask_token_prob="
+      f"{task.mask_token_prob})",
+    )
+  if task.name == "classify" and task.num_labels < 2:
+    fail("task.num_labels", task.num_labels, "must be >= 2 with task.name='classify'")
   m, t = config.model, config.train
+  if m.share_layers and m.scan_layers:
+    fail("model.scan_layers", True, "must be False with model.share_layers=True (one block)")
+  if m.share_layers and registry.family(config).autoregressive:
+    fail(
+      "model.share_layers",
+      True,
+      f"not supported with model.family={m.family!r} (the KV cache needs one block per layer)",
+    )
+  if m.embed_dim and m.embed_dim != m.d_model and registry.task(config).head == "lm":
+    if m.tie_embeddings:
+      fail(
+        "model.embed_dim",
+        m.embed_dim,
+        f"must be 0 or model.d_model={m.d_model} with a tied LM head (model.tie_embeddings)",
+      )
   if m.d_model % m.num_heads:
     fail("model.d_model", m.d_model, f"must be divisible by model.num_heads={m.num_heads}")
   if m.num_heads % m.num_kv_heads:

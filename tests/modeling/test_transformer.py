@@ -175,12 +175,12 @@ def test_every_param_has_logical_axis_names(preset, scan_layers):
 # --- GQA shapes, tied head --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("num_kv_heads", [16, 4, 1], ids=["mha", "gqa", "mqa"])
 def test_attention_param_shapes_follow_kv_heads(num_kv_heads):
   cfg = tiny("llama", num_kv_heads=num_kv_heads, scan_layers=True)
   attn = nn.unbox(abstract_init(cfg))["blocks"]["attn"]
   layers, d, h, k = cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.head_dim
-  assert (h, k) == (4, 16)
+  assert (h, k) == (16, 4)
   assert attn["query"]["kernel"].shape == (layers, d, h, k)
   assert attn["key"]["kernel"].shape == (layers, d, num_kv_heads, k)
   assert attn["value"]["kernel"].shape == (layers, d, num_kv_heads, k)

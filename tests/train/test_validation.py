@@ -42,8 +42,30 @@ def test_every_preset_size_is_valid(preset, size):
     ({"data.eval_name": "text:/nonexistent/*.txt"}, r"data\.eval_name='text:/nonexistent/\*\.txt'"),
     ({"data.tokenizer": "wordpiece"}, r"data\.tokenizer='wordpiece'.*byte"),
     ({"data.tokenizer": "spm:/nonexistent.model"}, r"data\.tokenizer='spm:/nonexistent\.model'"),
-    ({"model.family": "rnn"}, r"model\.family='rnn': allowed \['decoder'\]"),
+    ({"model.family": "rnn"}, r"model\.family='rnn': allowed \['decoder', 'encoder'\]"),
     ({"model.norm": "batchnorm"}, r"model\.norm='batchnorm': allowed \['layernorm', 'rmsnorm'\]"),
+    (
+      {"task.name": "classify"},
+      r"task\.name='classify': model\.family='decoder' allows \['pretrain'\]",
+    ),
+    (
+      {"model.norm_position": "middle"},
+      r"model\.norm_position='middle': allowed \['pre', 'post'\]",
+    ),
+    ({"task.mask_prob": 1.5}, r"task\.mask_prob=1\.5: must be a probability"),
+    (
+      {"task.mask_token_prob": 0.8, "task.random_token_prob": 0.3},
+      r"task\.random_token_prob=0\.3: task\.mask_token_prob \+ task\.random_token_prob must be <= 1",
+    ),
+    (
+      {"model.share_layers": True, "model.scan_layers": False},
+      r"model\.share_layers=True: not supported with model\.family='decoder'",
+    ),
+    ({"model.embed_dim": 16}, r"model\.embed_dim=16: must be 0 or model\.d_model=\d+ with a tied"),
+    (
+      {"model.share_layers": True, "model.scan_layers": True},
+      r"model\.scan_layers=True: must be False with model\.share_layers=True",
+    ),
     ({"model.quant": "int4"}, r"model\.quant='int4': allowed"),
     (
       {"train.batch_size": 6, "train.grad_accum": 4},

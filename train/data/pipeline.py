@@ -35,7 +35,7 @@ def _check_cfg(data_cfg: ml_collections.ConfigDict, batch_size: int) -> None:
     raise ValueError(f"batch_size={batch_size}: allowed: a positive integer")
 
 
-def _check_process(process_index: int, process_count: int) -> None:
+def check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise ValueError(
       f"process_index={process_index}, process_count={process_count}:"
@@ -43,14 +43,22 @@ def _check_process(process_index: int, process_count: int) -> None:
     )
 
 
-def _tokenized_docs(docs: grain.MapDataset, tokenizer: Tokenizer) -> grain.MapDataset:
-  """Each document as `{"tokens": ids + [EOS]}`; empty documents are dropped."""
+DECODER_FRAME = ((), (EOS_ID,))
+
+
+def _tokenized_docs(
+  docs: grain.MapDataset, tokenizer: Tokenizer, frame: tuple = DECODER_FRAME
+) -> grain.MapDataset:
+  """Each document as `{"tokens": prefix + ids + suffix}` (the family's frame: decoders end
+  documents with EOS, encoders wrap them in CLS ... SEP); empty documents are dropped."""
+  prefix, suffix = (np.asarray(ids, np.int32) for ids in frame)
 
   def tokenize(doc: str | bytes) -> dict[str, np.ndarray]:
-    ids_N = tokenizer.encode(doc)
-    return {"tokens": np.append(ids_N, np.int32(EOS_ID)).astype(np.int32)}
+    ids_N = tokenizer.encode(doc).astype(np.int32)
+    return {"tokens": np.concatenate([prefix, ids_N, suffix])}
 
-  return docs.map(tokenize).filter(lambda example: len(example["tokens"]) > 1)
+  framing = len(prefix) + len(suffix)
+  return docs.map(tokenize).filter(lambda example: len(example["tokens"]) > framing)
 
 
 def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -80,7 +88,7 @@ def _json_state_to_grain(state: Any) -> Any:
   return state
 
 
-class _ShardedBatches(grain.DatasetIterator):
+class ShardedBatches(grain.DatasetIterator):
   """This process's shards' batches, concatenated in shard order, restorable from JSON.
 
   The state is one grain state per shard, after a JSON round trip as well.
@@ -106,7 +114,7 @@ class _ShardedBatches(grain.DatasetIterator):
 
 
 def _shard_batches(
-  docs, shard: int, num_shards: int, data_cfg, tokenizer: Tokenizer, rows: int, seed: int
+  docs, shard: int, num_shards: int, data_cfg, tokenizer: Tokenizer, rows: int, seed: int, frame
 ) -> grain.DatasetIterator:
   """Infinite batches of `rows` packed rows from documents shard, shard + num_shards, ..."""
   mine = grain.MapDataset.source(docs)[shard::num_shards]
@@ -115,7 +123,8 @@ def _shard_batches(
       f"data.name={data_cfg.name!r}: {len(docs)} documents cannot fill {num_shards} shards"
     )
   epochs = mine.shuffle(seed=seed).repeat()
-  packed = _packed_rows(_tokenized_docs(epochs, tokenizer).to_iter_dataset(), data_cfg.seq_len)
+  tokenized = _tokenized_docs(epochs, tokenizer, frame).to_iter_dataset()
+  packed = _packed_rows(tokenized, data_cfg.seq_len)
   packed = grain.experimental.WindowShuffleIterDataset(
     packed, window_size=data_cfg.shuffle_window, seed=seed
   )
@@ -133,6 +142,7 @@ def train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  frame: tuple = DECODER_FRAME,
 ) -> grain.DatasetIterator:
   """Infinite packed training batches of this process's `batch_size` rows.
 
@@ -143,7 +153,7 @@ def train_iterator(
   Within a shard every document's tokens appear once per epoch, in a new order each epoch.
   """
   _check_cfg(data_cfg, batch_size)
-  _check_process(process_index, process_count)
+  check_process(process_index, process_count)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
   num_shards = data_cfg.shards or process_count
@@ -160,9 +170,11 @@ def train_iterator(
     )
   docs = load_documents(data_cfg.name, "train", data_cfg)
   first = process_index * per_process
-  return _ShardedBatches(
+  return ShardedBatches(
     [
-      _shard_batches(docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed)
+      _shard_batches(
+        docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed, frame
+      )
       for k in range(first, first + per_process)
     ]
   )
@@ -182,6 +194,7 @@ def eval_batches(
   max_batches: int = 0,
   process_index: int = 0,
   process_count: int = 1,
+  frame: tuple = DECODER_FRAME,
 ) -> Iterator[dict[str, np.ndarray]]:
   """The validation data, once, in order, as packed batches of `batch_size` rows.
 
@@ -191,14 +204,14 @@ def eval_batches(
   all-zero rows. `max_batches` > 0 stops early.
   """
   _check_cfg(data_cfg, batch_size)
-  _check_process(process_index, process_count)
+  check_process(process_index, process_count)
   if max_batches < 0:
     raise ValueError(f"max_batches={max_batches}: allowed 0 (whole split) or a positive count")
   if data_cfg.eval_name:
     docs = load_documents(data_cfg.eval_name, "all", data_cfg)
   else:
     docs = load_documents(data_cfg.name, "validation", data_cfg)
-  rows = _tokenized_docs(grain.MapDataset.source(docs), tokenizer).to_iter_dataset()
+  rows = _tokenized_docs(grain.MapDataset.source(docs), tokenizer, frame).to_iter_dataset()
   global_size = batch_size * process_count
   batches = _packed_rows(rows, data_cfg.seq_len).batch(global_size, drop_remainder=False)
   mine = slice(process_index * batch_size, (process_index + 1) * batch_size)

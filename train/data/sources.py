@@ -118,6 +118,8 @@ class _TextField(Sequence):
     return len(self._source)
 
   def __getitem__(self, index: int) -> str | bytes:
+    if not -len(self) <= index < len(self):
+      raise IndexError(index)  # some sources (TFDS mocks) never raise, and `for` never ends
     return self._source[index][self._field]
 
 
@@ -174,10 +176,14 @@ def _jsonl_spans(files: list[str], field: str, split: str, key: str, name: str) 
   return spans.select(file_N >= 0)
 
 
-def _tfds_documents(
-  name: str, split: str, data_cfg: ml_collections.ConfigDict, key: str
+def tfds_split(
+  name: str, split: str, data_cfg: ml_collections.ConfigDict, key: str, fields: dict[str, str]
 ) -> Sequence:
-  """A TFDS split (prepared on first use) as a sequence of its text field."""
+  """A TFDS split (prepared on first use) as a random-access source of example dicts.
+
+  `fields` maps config keys to the feature names they give; each must be a feature.
+  Split "validation" falls back to "test" when the dataset has no validation split.
+  """
   builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None, file_format="array_record")
   if not builder.is_prepared():
     start = time.perf_counter()
@@ -191,12 +197,20 @@ def _tfds_documents(
   if available and split not in available:
     raise ValueError(f"{key}={name!r}: no {split!r} split; the dataset has {available}")
   features = builder.info.features
-  if features is not None and data_cfg.text_field not in features:
-    raise ValueError(
-      f"data.text_field={data_cfg.text_field!r}: not a feature of {name!r};"
-      f" allowed: {sorted(features.keys())}"
-    )
-  return _TextField(builder.as_data_source(split=split), data_cfg.text_field)
+  for config_key, feature in fields.items():
+    if features is not None and feature not in features:
+      raise ValueError(
+        f"{config_key}={feature!r}: not a feature of {name!r}; allowed: {sorted(features.keys())}"
+      )
+  return builder.as_data_source(split=split)
+
+
+def _tfds_documents(
+  name: str, split: str, data_cfg: ml_collections.ConfigDict, key: str
+) -> Sequence:
+  """A TFDS split as a sequence of its text field."""
+  source = tfds_split(name, split, data_cfg, key, {"data.text_field": data_cfg.text_field})
+  return _TextField(source, data_cfg.text_field)
 
 
 def load_documents(name: str, split: str, data_cfg: ml_collections.ConfigDict) -> Sequence:

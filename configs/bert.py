@@ -1,0 +1,84 @@
+"""Encoders: BERT, RoBERTa, ALBERT and a modern pre-norm encoder, pretrained with MLM.
+
+`--config=configs/bert.py:size=tiny,arch=roberta,task=pretrain`. Tasks: pretrain (MLM on
+packed documents), classify (default glue/sst2), regress (default glue/stsb); fine-tune
+from a pretrained workdir with `--config.init_from=<workdir>`. Sizes (see README
+for parameter counts):
+  tiny  2 x 64,   4 heads    tests, CPU
+  XS    4 x 128,  4 heads    CPU-sized (default)
+  S     6 x 384,  6 heads
+  M     12 x 768, 12 heads   BERT-base's body
+  L     24 x 1024, 16 heads  BERT-large's body
+Archs:
+  bert     post-norm, learned positions, token-type embeddings, GELU, dropout 0.1
+  roberta  bert without token types (masking is dynamic for every arch: drawn in the step)
+  albert   bert with a factorized embedding (width d_model / 4, at most 128) and one set
+           of weights shared by all layers
+  modern   pre-norm, RMSNorm, RoPE, SwiGLU, no biases, no dropout
+"""
+
+from configs import base
+
+SIZES = {
+  "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, d_ff=256),
+  "XS": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512),
+  "S": dict(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, d_ff=1536),
+  "M": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, d_ff=3072),
+  "L": dict(num_layers=24, d_model=1024, num_heads=16, num_kv_heads=16, d_ff=4096),
+}
+BERT = dict(
+  norm_position="post",
+  position="learned",
+  norm="layernorm",
+  norm_eps=1e-12,
+  mlp="gelu",
+  use_bias=True,
+  type_vocab_size=2,
+  dropout=0.1,
+)
+ARCHS = {
+  "bert": BERT,
+  "roberta": {**BERT, "type_vocab_size": 0},
+  "albert": {**BERT, "share_layers": True},  # embed_dim set from the size below
+  "modern": dict(
+    norm_position="pre",
+    position="rope",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    mlp="swiglu",
+    use_bias=False,
+    type_vocab_size=0,
+    dropout=0.0,
+  ),
+}
+# task -> (task keys, data keys): the defaults name a TFDS dataset; any jsonl:<glob> works too.
+TASKS = {
+  "pretrain": (dict(name="pretrain"), {}),
+  "classify": (
+    dict(name="classify", num_labels=2, label_field="label"),
+    dict(name="glue/sst2", text_field="sentence"),
+  ),
+  "regress": (
+    dict(name="regress", label_field="label", text_pair_field="sentence2"),
+    dict(name="glue/stsb", text_field="sentence1"),
+  ),
+}
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_args(arg, {"size": "XS", "arch": "bert", "task": "pretrain"})
+  c = base.get_config()
+  c.model.family = "encoder"
+  c.model.tie_embeddings = True
+  c.model.update(base.choose("size", args["size"], SIZES))
+  c.model.update(base.choose("arch", args["arch"], ARCHS))
+  if args["arch"] == "albert":
+    c.model.embed_dim = min(128, c.model.d_model // 4)
+  task, data = base.choose("task", args["task"], TASKS)
+  c.task.update(task)
+  c.data.update(data)
+  c.data.seq_len = 128
+  c.train.update(
+    dict(batch_size=32, learning_rate=1e-3, min_learning_rate=1e-4, eval_every=200, num_samples=0)
+  )
+  return c

@@ -1,0 +1,221 @@
+"""Labeled examples for fine-tuning encoders: one example per row, not packed.
+
+Sources: a TFDS dataset (`glue/sst2`, `glue/stsb`, `imdb_reviews`, ...) or local JSONL
+(`jsonl:<glob>`, the last 10% of records are validation). Each example becomes
+
+  [CLS] text [SEP]                      (single text)
+  [CLS] text [SEP] text_pair [SEP]      (pairs: `task.text_pair_field` set)
+
+padded to `data.seq_len`. Longer examples are truncated, the longer text first, and
+counted in the log. Rows carry `tokens`, `positions`, `segment_ids` (1 on tokens, 0 on
+padding), `token_types` (0 first text, 1 second), `label` (int32 class, or float32
+target for regression) and `weight` (1, or 0 on rows that only pad the last eval batch).
+
+All examples are tokenized once, up front, into arrays (fine-tuning sets are small),
+which also makes the truncation count exact and label errors immediate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from absl import logging
+
+from train.data import sources
+from train.data.pipeline import ShardedBatches, check_process
+from train.data.tokenizers import CLS_ID, SEP_ID, Tokenizer
+
+_HELD_OUT_FRACTION = 10
+
+
+def _jsonl_records(name: str, split: str, key: str) -> list[tuple[str, dict]]:
+  """(where, record) for the split's records; `where` is `file:line`."""
+  out = []
+  for path in sources._local_files(name, key):
+    with open(path, "rb") as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except ValueError as e:
+          raise ValueError(f"{key}={name!r}: {path}:{line_no}: not valid JSON ({e})") from e
+        if not isinstance(record, dict):
+          raise ValueError(f"{key}={name!r}: {path}:{line_no}: not a JSON object")
+        out.append((f"{path}:{line_no}", record))
+  cut = len(out) - len(out) // _HELD_OUT_FRACTION
+  return {"train": out[:cut], "validation": out[cut:], "all": out}[split]
+
+
+def _records(name: str, split: str, config: ml_collections.ConfigDict, fields: dict) -> Sequence:
+  key = "data.eval_name" if split == "all" else "data.name"
+  if name.startswith("jsonl:"):
+    return _jsonl_records(name, split, key)
+  if name == "pystdlib" or name.startswith("text:"):
+    raise ValueError(
+      f"{key}={name!r}: task.name={config.task.name!r} needs labeled examples: "
+      "a TFDS dataset (glue/sst2, ...) or jsonl:<glob>"
+    )
+  source = sources.tfds_split(name, split, config.data, key, fields)
+  return [(f"{name} {split} example {i}", source[i]) for i in range(len(source))]
+
+
+def _text(value) -> str | bytes:
+  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _truncate(a_N: np.ndarray, b_N: np.ndarray | None, room: int) -> tuple:
+  """Drops tokens from the end of the longer text until both fit in `room`."""
+  la, lb = len(a_N), 0 if b_N is None else len(b_N)
+  while la + lb > room:
+    if la >= lb:
+      la -= 1
+    else:
+      lb -= 1
+  return a_N[:la], (None if b_N is None else b_N[:lb])
+
+
+def encode_rows(
+  texts: list[tuple], tokenizer: Tokenizer, seq_len: int
+) -> tuple[dict[str, np.ndarray], int]:
+  """[(text, text_pair or None)] -> (row arrays, how many were truncated)."""
+  n = len(texts)
+  tokens = np.zeros((n, seq_len), np.int32)
+  types = np.zeros((n, seq_len), np.int32)
+  truncated = 0
+  for i, (a, b) in enumerate(texts):
+    a_N = tokenizer.encode(a)
+    b_N = None if b is None else tokenizer.encode(b)
+    room = seq_len - (2 if b_N is None else 3)
+    if room < 2:
+      raise ValueError(f"data.seq_len={seq_len}: too short for [CLS] text [SEP] rows")
+    if len(a_N) + (0 if b_N is None else len(b_N)) > room:
+      truncated += 1
+      a_N, b_N = _truncate(a_N, b_N, room)
+    row = [CLS_ID, *a_N, SEP_ID]
+    tokens[i, : len(row)] = row
+    if b_N is not None:
+      tokens[i, len(row) : len(row) + len(b_N) + 1] = [*b_N, SEP_ID]
+      types[i, len(row) : len(row) + len(b_N) + 1] = 1
+  segment_ids = (tokens != 0).astype(np.int32)  # tokenizers never emit PAD_ID (0)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
+  return {
+    "tokens": tokens,
+    "token_types": types,
+    "segment_ids": segment_ids,
+    "positions": positions * segment_ids,
+  }, truncated
+
+
+def load_labeled(
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str, regression: bool
+) -> dict[str, np.ndarray]:
+  """All examples of the split as row arrays plus `label` and `weight`."""
+  d, t = config.data, config.task
+  name = d.eval_name if split == "all" else d.name
+  fields = {"data.text_field": d.text_field, "task.label_field": t.label_field}
+  if t.text_pair_field:
+    fields["task.text_pair_field"] = t.text_pair_field
+  texts, labels = [], []
+  for where, record in _records(name, split, config, fields):
+    for key, field in fields.items():
+      if field not in record:
+        raise ValueError(f"{where}: no field {field!r} ({key}={field!r})")
+    label = record[t.label_field]
+    if regression:
+      try:
+        label = float(label)
+      except (TypeError, ValueError):
+        raise ValueError(
+          f"{where}: label {label!r} is not a number (task.name='regress')"
+        ) from None
+    elif (
+      isinstance(label, bool)
+      or not isinstance(label, int | np.integer)
+      or not (0 <= label < t.num_labels)
+    ):
+      raise ValueError(
+        f"{where}: label {label!r} is not a class id in [0, {t.num_labels}) "
+        f"(task.num_labels={t.num_labels}, task.label_field={t.label_field!r})"
+      )
+    pair = _text(record[t.text_pair_field]) if t.text_pair_field else None
+    texts.append((_text(record[d.text_field]), pair))
+    labels.append(label)
+  if not texts:
+    raise ValueError(f"data.name={name!r}: the {split!r} split has no examples")
+  rows, truncated = encode_rows(texts, tokenizer, d.seq_len)
+  if truncated:
+    logging.warning(
+      "%s %s: %d of %d examples are longer than data.seq_len=%d and were truncated",
+      name,
+      split,
+      truncated,
+      len(texts),
+      d.seq_len,
+    )
+  rows["label"] = np.asarray(labels, np.float32 if regression else np.int32)
+  rows["weight"] = np.ones(len(texts), np.float32)
+  return rows
+
+
+class _Rows(Sequence):
+  """Row i of a dict of equal-length arrays, as a dict."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
+def labeled_train_iterator(
+  rows: dict[str, np.ndarray],
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.DatasetIterator:
+  """Infinite, reshuffled every epoch, checkpointable; each process reads its own examples."""
+  check_process(process_index, process_count)
+  mine = grain.MapDataset.source(_Rows(rows))[process_index::process_count]
+  if len(mine) < batch_size:
+    raise ValueError(
+      f"train.batch_size: this process's {len(mine)} training examples cannot fill a batch "
+      f"of {batch_size}"
+    )
+  batches = mine.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+  return ShardedBatches([iter(batches.to_iter_dataset())])
+
+
+def labeled_eval_batches(
+  rows: dict[str, np.ndarray],
+  *,
+  batch_size: int,
+  max_batches: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in order; each process takes its rows of each global batch; the
+  last batch is padded with weight-0 rows."""
+  check_process(process_index, process_count)
+  n = len(rows["label"])
+  global_size = batch_size * process_count
+  count = -(-n // global_size)
+  if max_batches:
+    count = min(count, max_batches)
+  for b in range(count):
+    start = b * global_size + process_index * batch_size
+    idx = np.arange(start, start + batch_size)
+    real = idx < n
+    batch = {k: v[np.where(real, idx, 0)] for k, v in rows.items()}
+    batch["weight"] = batch["weight"] * real
+    batch["segment_ids"] = batch["segment_ids"] * real[:, None]
+    yield batch
