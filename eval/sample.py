@@ -7,6 +7,7 @@ import jax
 from absl import app, flags
 
 from eval import decoding
+from modeling import registry
 from train.trainer import load_for_inference
 
 flags.DEFINE_string(
@@ -25,7 +26,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _, model, params, tokenizer = load_for_inference(FLAGS.workdir)
+  config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
+  if not registry.family(config).autoregressive:
+    raise app.UsageError(
+      f"--workdir={FLAGS.workdir}: a model.family={config.model.family!r} model does not "
+      "generate text token by token; evaluate it with python -m eval.main"
+    )
   rng = jax.random.PRNGKey(FLAGS.seed)
   for i in range(FLAGS.num_samples):
     text = decoding.complete(

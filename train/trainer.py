@@ -55,6 +55,35 @@ def abstract_state(config, model, tx, mesh, rules):
   return abstract, shardings, init_fn
 
 
+def run_eval(config, tokenizer, params, eval_step, to_global) -> dict[str, float]:
+  """The task's metrics over its evaluation split (`train.eval_steps` batches; 0: all).
+
+  `eval_step(params, batch)` returns sums, added over batches, and per-row values
+  (keys `rows/...`), concatenated; the task's summarize turns both into metrics.
+  """
+  t, n_proc = config.train, jax.process_count()
+  fam, task = registry.family(config), registry.task(config)
+  sums, rows = None, {}
+  batches = task.eval_data(
+    config,
+    tokenizer,
+    fam,
+    batch_size=(t.eval_batch_size or t.batch_size) // n_proc,
+    max_batches=t.eval_steps,
+    process_index=jax.process_index(),
+    process_count=n_proc,
+  )
+  for local in batches:
+    out = jax.device_get(eval_step(params, to_global(local)))
+    for k in [k for k in out if k.startswith("rows/")]:
+      rows.setdefault(k, []).append(out.pop(k))
+    sums = out if sums is None else jax.tree.map(np.add, sums, out)
+  if sums is None:
+    raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
+  rows = {k: np.concatenate(v) for k, v in rows.items()}
+  return task.summarize(sums, rows, tokenizer.is_byte_level)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
   # ---- setup
@@ -146,25 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
 
   def evaluate(params) -> dict[str, float]:
-    sums, rows = None, {}
-    batches = task.eval_data(
-      config,
-      tokenizer,
-      fam,
-      batch_size=(t.eval_batch_size or t.batch_size) // n_proc,
-      max_batches=t.eval_steps,
-      process_index=jax.process_index(),
-      process_count=n_proc,
-    )
-    for local in batches:
-      out = jax.device_get(eval_step(params, to_global(local)))
-      for k in [k for k in out if k.startswith("rows/")]:
-        rows.setdefault(k, []).append(out.pop(k))
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    if sums is None:
-      raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
-    rows = {k: np.concatenate(v) for k, v in rows.items()}
-    return task.summarize(sums, rows, tokenizer.is_byte_level)
+    return run_eval(config, tokenizer, params, eval_step, to_global)
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main)
