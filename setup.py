@@ -19,6 +19,8 @@ setup(
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
     "numpy>=1.26",
+    "scipy>=1.11",  # Pearson / Spearman correlations
+    "seqeval>=1.2.2",  # entity-level NER F1
   ],
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)

@@ -56,13 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.share_layers = False  # all layers share one set of weights (ALBERT)
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "pretrain"  # pretrain (decoder: next token; encoder: MLM) | classify | regress
+  c.task.name = "pretrain"  # pretrain (next token / MLM) | classify | regress | ner | embed
   c.task.mask_prob = 0.15  # MLM: share of ordinary tokens selected for prediction
   c.task.mask_token_prob = 0.8  # MLM: selected tokens replaced by [MASK]
   c.task.random_token_prob = 0.1  # MLM: selected tokens replaced by a random token (rest kept)
   c.task.num_labels = 0  # classes of a classification head
-  c.task.label_field = "label"  # the label feature / JSONL key of labeled examples
+  c.task.label_field = "label"  # the label (NER: tags) feature / JSONL key of labeled examples
   c.task.text_pair_field = ""  # second text of pair tasks (STS-B's sentence2); empty: none
+  c.task.tokens_field = "tokens"  # NER: the list-of-words feature / JSONL key
+  c.task.tag_names = ""  # NER: comma-separated tag names; empty: the TFDS feature's names
+  c.task.temperature = 0.05  # embed: softmax temperature of the in-batch contrastive loss
+  c.task.min_score = 4.0  # embed: training pairs scored below this are not positives
   c.task.pooling = "cls"  # sequence pooling: cls (first token) | mean
 
   c.train = ml_collections.ConfigDict()

@@ -1,7 +1,8 @@
 """Encoders: BERT, RoBERTa, ALBERT and a modern pre-norm encoder, pretrained with MLM.
 
 `--config=configs/bert.py:size=tiny,arch=roberta,task=pretrain`. Tasks: pretrain (MLM on
-packed documents), classify (default glue/sst2), regress (default glue/stsb); fine-tune
+packed documents), classify (default glue/sst2), regress (default glue/stsb), ner (default
+conll2003), embed (contrastive on glue/stsb pairs, scored by Spearman); fine-tune
 from a pretrained workdir with `--config.init_from=<workdir>`. Sizes (see README
 for parameter counts):
   tiny  2 x 64,   4 heads    tests, CPU
@@ -57,6 +58,11 @@ TASKS = {
   "classify": (
     dict(name="classify", num_labels=2, label_field="label"),
     dict(name="glue/sst2", text_field="sentence"),
+  ),
+  "ner": (dict(name="ner", label_field="ner", tokens_field="tokens"), dict(name="conll2003")),
+  "embed": (
+    dict(name="embed", pooling="mean", label_field="label", text_pair_field="sentence2"),
+    dict(name="glue/stsb", text_field="sentence1"),
   ),
   "regress": (
     dict(name="regress", label_field="label", text_pair_field="sentence2"),

@@ -69,6 +69,30 @@ ENCODER_TASKS = {
     _labeled_eval(False),
     objectives.summarize_classify,
   ),
+  "ner": Task(
+    "tokens",
+    objectives.make_ner,
+    lambda config, tokenizer, fam, **kw: labeled.labeled_train_iterator(
+      labeled.load_tagged(config, tokenizer, "train"), **kw
+    ),
+    lambda config, tokenizer, fam, **kw: labeled.labeled_eval_batches(
+      labeled.load_tagged(config, tokenizer, "all" if config.data.eval_name else "validation"),
+      **kw,
+    ),
+    objectives.summarize_ner,
+  ),
+  "embed": Task(
+    "pool",
+    objectives.make_embed,
+    lambda config, tokenizer, fam, **kw: labeled.labeled_train_iterator(
+      labeled.load_pairs(config, tokenizer, "train"), **kw
+    ),
+    lambda config, tokenizer, fam, **kw: labeled.labeled_eval_batches(
+      labeled.load_pairs(config, tokenizer, "all" if config.data.eval_name else "validation"),
+      **kw,
+    ),
+    objectives.summarize_embed,
+  ),
   "regress": Task(
     "classify",
     objectives.make_regress,
@@ -111,6 +135,15 @@ def task(config: ml_collections.ConfigDict) -> Task:
   return tasks[config.task.name]
 
 
+def num_labels(config: ml_collections.ConfigDict) -> int:
+  """Outputs of the task head: one for regression, the tags for NER, else task.num_labels."""
+  if config.task.name == "regress":
+    return 1
+  if config.task.name == "ner":
+    return len(labeled.tag_names(config))
+  return config.task.num_labels
+
+
 def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
   """The frozen model config; layers see only this, never the whole config."""
   m = config.model
@@ -142,7 +175,7 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     embed_dim=m.embed_dim,
     share_layers=m.share_layers,
     head=task(config).head,
-    num_labels=1 if config.task.name == "regress" else config.task.num_labels,
+    num_labels=num_labels(config),
     pooling=config.task.pooling,
   )
 

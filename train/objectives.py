@@ -170,12 +170,12 @@ def make_regress(config: ml_collections.ConfigDict, vocab_size: int) -> Objectiv
   return regress
 
 
-# ---- evaluation summaries: (summed values, per-row values) -> metrics
+# ---- evaluation summaries: (summed values, per-row values, config, byte-level) -> metrics
 
 
-def summarize_lm(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+def summarize_lm(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
   """Loss per target (nats), perplexity, accuracies, and bits per byte for byte tokenizers."""
-  del rows
+  del rows, config
   weight = max(float(sums["weight"]), 1.0)
   loss = float(sums["loss_sum"]) / weight
   out = {
@@ -192,9 +192,9 @@ def summarize_lm(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
   return out
 
 
-def summarize_classify(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+def summarize_classify(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
   """Loss, accuracy and macro F1 over the classes that occur (as labels or predictions)."""
-  del rows, byte_level
+  del rows, config, byte_level
   weight = max(float(sums["weight"]), 1.0)
   tp, fp, fn = (np.asarray(sums[k], np.float64) for k in ("tp", "fp", "fn"))
   seen = (tp + fp + fn) > 0
@@ -206,9 +206,9 @@ def summarize_classify(sums: dict, rows: dict, byte_level: bool) -> dict[str, fl
   }
 
 
-def summarize_regress(sums: dict, rows: dict, byte_level: bool) -> dict[str, float]:
+def summarize_regress(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
   """Mean squared error, Pearson and Spearman correlations (scipy) over the real rows."""
-  del byte_level
+  del config, byte_level
   keep = np.asarray(rows["rows/weight"]) > 0
   pred, target = np.asarray(rows["rows/prediction"])[keep], np.asarray(rows["rows/target"])[keep]
   return {
@@ -216,3 +216,105 @@ def summarize_regress(sums: dict, rows: dict, byte_level: bool) -> dict[str, flo
     "eval/pearson": float(scipy.stats.pearsonr(pred, target)[0]),
     "eval/spearman": float(scipy.stats.spearmanr(pred, target)[0]),
   }
+
+
+def make_ner(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Token classification: cross-entropy on each word's first piece; predictions kept
+  per row for the entity-level F1."""
+  del config, vocab_size
+
+  def ner(model, params, batch, rng, deterministic):
+    logits_BLC = _apply_labeled(model, params, batch, rng, deterministic)
+    labels_BL = batch["labels"]
+    w_BL = (labels_BL >= 0).astype(jnp.float32) * batch["weight"][:, None]
+    nll_BL = token_nll(logits_BLC, jnp.maximum(labels_BL, 0))
+    pred_BL = jnp.argmax(logits_BLC, axis=-1)
+    return {
+      "loss_sum": jnp.sum(nll_BL * w_BL),
+      "weight": jnp.sum(w_BL),
+      "correct": jnp.sum((pred_BL == labels_BL) * w_BL),
+      "rows/prediction": pred_BL,
+      "rows/labels": labels_BL,
+      "rows/dropped": batch["dropped"],
+      "rows/weight": batch["weight"],
+    }
+
+  return ner
+
+
+def tag_sequences(rows: dict, names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+  """(true, predicted) tag names per sentence: kept words, then the words truncation
+  dropped (predicted as O, so their entities count as missed)."""
+  true, pred = [], []
+  for labels, predicted, dropped, weight in zip(
+    rows["rows/labels"],
+    rows["rows/prediction"],
+    rows["rows/dropped"],
+    rows["rows/weight"],
+    strict=True,
+  ):
+    if weight <= 0:
+      continue
+    words = labels >= 0
+    lost = [names[i] for i in dropped if i >= 0]
+    true.append([names[i] for i in labels[words]] + lost)
+    pred.append([names[i] for i in predicted[words]] + ["O"] * len(lost))
+  return true, pred
+
+
+def summarize_ner(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
+  """Entity-level precision, recall and F1 (seqeval, CoNLL semantics) and word accuracy."""
+  del byte_level
+  from seqeval.metrics import f1_score, precision_score, recall_score
+
+  from train.data.labeled import tag_names
+
+  true, pred = tag_sequences(rows, tag_names(config))
+  weight = max(float(sums["weight"]), 1.0)
+  return {
+    "eval/loss": float(sums["loss_sum"]) / weight,
+    "eval/accuracy": float(sums["correct"]) / weight,
+    "eval/precision": float(precision_score(true, pred)),
+    "eval/recall": float(recall_score(true, pred)),
+    "eval/f1": float(f1_score(true, pred)),
+  }
+
+
+def make_embed(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Contrastive sentence embeddings (mean-pooled, unit length) with in-batch negatives:
+  each first text must pick its own second text among the batch's, and vice versa."""
+  del vocab_size
+  temperature = config.task.temperature
+
+  def embed(model, params, batch, rng, deterministic):
+    rng_a, rng_b = jax.random.split(rng)
+    second = {k[: -len("_b")]: v for k, v in batch.items() if k.endswith("_b")}
+    a_BD = _apply_labeled(model, params, batch, rng_a, deterministic)
+    b_BD = _apply_labeled(model, params, second, rng_b, deterministic)
+    a_BD = a_BD / jnp.linalg.norm(a_BD, axis=-1, keepdims=True).clip(1e-6)
+    b_BD = b_BD / jnp.linalg.norm(b_BD, axis=-1, keepdims=True).clip(1e-6)
+    w_B = batch["weight"]
+    sim_BB = a_BD @ b_BD.T / temperature
+    pad_BB = (1.0 - w_B)[None, :] * 1e9  # padding rows are nobody's negative
+    diag_B = jnp.diagonal(sim_BB)
+    row_B = jax.nn.logsumexp(sim_BB - pad_BB, axis=1) - diag_B
+    col_B = jax.nn.logsumexp(sim_BB - pad_BB.T, axis=0) - diag_B
+    picked_B = jnp.argmax(sim_BB - pad_BB, axis=1) == jnp.arange(len(w_B))
+    return {
+      "loss_sum": jnp.sum(0.5 * (row_B + col_B) * w_B),
+      "weight": jnp.sum(w_B),
+      "correct": jnp.sum(picked_B * w_B),
+      "rows/prediction": jnp.sum(a_BD * b_BD, axis=-1),  # cosine similarity
+      "rows/target": batch["label"],
+      "rows/weight": w_B,
+    }
+
+  return embed
+
+
+def summarize_embed(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
+  """Contrastive loss, in-batch retrieval accuracy, and the Pearson / Spearman correlation
+  of the pairs' cosine similarity with their scores."""
+  out = summarize_regress(sums, rows, config, byte_level)
+  out["eval/accuracy"] = float(sums["correct"]) / max(float(sums["weight"]), 1.0)
+  return out

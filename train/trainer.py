@@ -81,7 +81,7 @@ def run_eval(config, tokenizer, params, eval_step, to_global) -> dict[str, float
   if sums is None:
     raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
   rows = {k: np.concatenate(v) for k, v in rows.items()}
-  return task.summarize(sums, rows, tokenizer.is_byte_level)
+  return task.summarize(sums, rows, config, tokenizer.is_byte_level)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

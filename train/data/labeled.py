@@ -206,7 +206,7 @@ def labeled_eval_batches(
   """Every example once, in order; each process takes its rows of each global batch; the
   last batch is padded with weight-0 rows."""
   check_process(process_index, process_count)
-  n = len(rows["label"])
+  n = len(rows["weight"])
   global_size = batch_size * process_count
   count = -(-n // global_size)
   if max_batches:
@@ -217,5 +217,169 @@ def labeled_eval_batches(
     real = idx < n
     batch = {k: v[np.where(real, idx, 0)] for k, v in rows.items()}
     batch["weight"] = batch["weight"] * real
-    batch["segment_ids"] = batch["segment_ids"] * real[:, None]
+    for key in [k for k in batch if k.startswith("segment_ids")]:
+      batch[key] = batch[key] * real[:, None]
     yield batch
+
+
+def tag_names(config: ml_collections.ConfigDict, name: str = "") -> list[str]:
+  """Tag names from `task.tag_names`, else the TFDS feature's ClassLabel names."""
+  t = config.task
+  name = name or config.data.name
+  if t.tag_names:
+    return [n.strip() for n in t.tag_names.split(",")]
+  if not name.startswith("jsonl:"):
+    import tensorflow_datasets as tfds
+
+    feature = tfds.builder(name).info.features[t.label_field]
+    names = getattr(getattr(feature, "feature", None), "names", None)
+    if names:
+      return list(names)
+  raise ValueError(
+    f"task.tag_names='': give the tag names (comma-separated, e.g. 'O,B-PER,I-PER') for "
+    f"data.name={name!r}"
+  )
+
+
+def encode_words(
+  words: list[str], tag_ids: list[int], tokenizer: Tokenizer, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+  """[CLS] word word ... [SEP] with each word's tag on its first piece (-1 elsewhere).
+
+  Byte-level tokenizers get a space between words; SentencePiece marks word starts
+  itself. Returns (ids, labels, words kept); words past `seq_len` are dropped.
+  """
+  ids, labels, kept = [CLS_ID], [-1], 0
+  space = list(tokenizer.encode(" ")) if tokenizer.is_byte_level else []
+  for i, (word, tag) in enumerate(zip(words, tag_ids, strict=True)):
+    pieces = list(tokenizer.encode(word)) or list(tokenizer.encode("?"))
+    sep = space if i else []
+    if len(ids) + len(sep) + len(pieces) + 1 > seq_len:
+      break
+    ids += sep + pieces
+    labels += [-1] * len(sep) + [tag] + [-1] * (len(pieces) - 1)
+    kept += 1
+  return np.asarray(ids + [SEP_ID], np.int32), np.asarray(labels + [-1], np.int32), kept
+
+
+def load_tagged(
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str
+) -> dict[str, np.ndarray]:
+  """Token-classification examples (words + one tag per word) as row arrays with
+  per-token `labels` (-1: not a word's first piece) and `words` (tags of words dropped by
+  truncation are counted, as `dropped`, so the metric can count them as missed)."""
+  d, t = config.data, config.task
+  name = d.eval_name if split == "all" else d.name
+  fields = {"task.tokens_field": t.tokens_field, "task.label_field": t.label_field}
+  names = tag_names(config, name)
+  index = {n: i for i, n in enumerate(names)}
+  seq_len = d.seq_len
+  rows = {k: [] for k in ("tokens", "labels")}
+  dropped_tags, truncated = [], 0
+  for where, record in _records(name, split, config, fields):
+    for key, field in fields.items():
+      if field not in record:
+        raise ValueError(f"{where}: no field {field!r} ({key}={field!r})")
+    words = [_text(w) for w in record[t.tokens_field]]
+    tags = list(record[t.label_field])
+    if len(words) != len(tags):
+      raise ValueError(f"{where}: {len(words)} words but {len(tags)} tags")
+    tag_ids = []
+    for tag in tags:
+      tag = _text(tag) if isinstance(tag, bytes | str) else int(tag)
+      if isinstance(tag, str) and tag not in index:
+        raise ValueError(f"{where}: tag {tag!r} is not one of task.tag_names {names}")
+      if isinstance(tag, int) and not 0 <= tag < len(names):
+        raise ValueError(f"{where}: tag id {tag} is outside [0, {len(names)}) ({names})")
+      tag_ids.append(index[tag] if isinstance(tag, str) else tag)
+    ids, labels, kept = encode_words(words, tag_ids, tokenizer, seq_len)
+    truncated += kept < len(words)
+    dropped_tags.append(tag_ids[kept:])
+    rows["tokens"].append(np.pad(ids, (0, seq_len - len(ids))))
+    rows["labels"].append(np.pad(labels, (0, seq_len - len(labels)), constant_values=-1))
+  if not rows["tokens"]:
+    raise ValueError(f"data.name={name!r}: the {split!r} split has no examples")
+  if truncated:
+    logging.warning(
+      "%s %s: %d of %d sentences are longer than data.seq_len=%d; their last words are "
+      "dropped and counted as missed entities",
+      name,
+      split,
+      truncated,
+      len(dropped_tags),
+      seq_len,
+    )
+  tokens = np.stack(rows["tokens"])
+  segment_ids = (tokens != 0).astype(np.int32)
+  n = len(tokens)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape) * segment_ids
+  # Dropped words' tags travel with the rows (padded with -1) for the entity-level metric.
+  width = max(1, max(len(x) for x in dropped_tags))
+  dropped = np.full((n, width), -1, np.int32)
+  for i, tags in enumerate(dropped_tags):
+    dropped[i, : len(tags)] = tags
+  return {
+    "tokens": tokens,
+    "positions": positions,
+    "segment_ids": segment_ids,
+    "token_types": np.zeros_like(tokens),
+    "labels": np.stack(rows["labels"]),
+    "dropped": dropped,
+    "weight": np.ones(n, np.float32),
+  }
+
+
+def load_pairs(
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str
+) -> dict[str, np.ndarray]:
+  """Text pairs for sentence embeddings: rows for the first texts (`tokens`, ...) and the
+  second (`tokens_b`, ...), and `label` (the pair's score, if `task.label_field` is set).
+
+  Training keeps the pairs scored at least `task.min_score` (positives); evaluation keeps
+  every scored pair, for the correlation of cosine similarity with the score.
+  """
+  d, t = config.data, config.task
+  name = d.eval_name if split == "all" else d.name
+  if not t.text_pair_field:
+    raise ValueError("task.text_pair_field='': task.name='embed' needs text pairs")
+  fields = {"data.text_field": d.text_field, "task.text_pair_field": t.text_pair_field}
+  if t.label_field:
+    fields["task.label_field"] = t.label_field
+  training = split == "train"
+  firsts, seconds, scores = [], [], []
+  for where, record in _records(name, split, config, fields):
+    for key, field in fields.items():
+      if field not in record:
+        raise ValueError(f"{where}: no field {field!r} ({key}={field!r})")
+    score = float("nan")
+    if t.label_field:
+      try:
+        score = float(record[t.label_field])
+      except (TypeError, ValueError):
+        raise ValueError(f"{where}: score {record[t.label_field]!r} is not a number") from None
+      if training and score < t.min_score:
+        continue
+    elif not training:
+      raise ValueError("task.label_field='': evaluating embeddings needs scored pairs")
+    firsts.append((_text(record[d.text_field]), None))
+    seconds.append((_text(record[t.text_pair_field]), None))
+    scores.append(score)
+  if not firsts:
+    raise ValueError(
+      f"data.name={name!r}: the {split!r} split has no pairs (task.min_score={t.min_score})"
+    )
+  rows, truncated = encode_rows(firsts, tokenizer, d.seq_len)
+  rows_b, truncated_b = encode_rows(seconds, tokenizer, d.seq_len)
+  if truncated or truncated_b:
+    logging.warning(
+      "%s %s: %d of %d texts are longer than data.seq_len=%d and were truncated",
+      name,
+      split,
+      truncated + truncated_b,
+      2 * len(firsts),
+      d.seq_len,
+    )
+  rows.update({f"{k}_b": v for k, v in rows_b.items()})
+  rows["label"] = np.asarray(scores, np.float32)
+  rows["weight"] = np.ones(len(firsts), np.float32)
+  return rows

@@ -52,10 +52,13 @@ def _is_tfds_name(base: str) -> bool:
   if base in tfds.list_builders(with_community_datasets=False):
     return True
   for package in _TFDS_TEXT_PACKAGES:
-    try:
-      importlib.import_module(f"tensorflow_datasets.{package}")
-    except ImportError:
-      continue
+    # The package first; if its __init__ needs TensorFlow, the dataset's own module
+    # (tensorflow_datasets.text.conll2003 registers conll2003 without TensorFlow).
+    for module in (f"tensorflow_datasets.{package}", f"tensorflow_datasets.{package}.{base}"):
+      try:
+        importlib.import_module(module)
+      except ImportError:
+        continue
   return base in tfds.list_builders(with_community_datasets=False)
 
 
