@@ -60,12 +60,20 @@ def _records(name: str, split: str, config: ml_collections.ConfigDict, fields: d
       f"{key}={name!r}: task.name={config.task.name!r} needs labeled examples: "
       "a TFDS dataset (glue/sst2, ...) or jsonl:<glob>"
     )
+  sources.validate_source(name, key)  # also registers TFDS builders that need importing
   source = sources.tfds_split(name, split, config.data, key, fields)
   return [(f"{name} {split} example {i}", source[i]) for i in range(len(source))]
 
 
-def _text(value) -> str | bytes:
-  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+def _text(value, where: str = "", field: str = "") -> str:
+  """A text value (TFDS gives bytes or 0-d arrays); anything else is an error naming it."""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  if not isinstance(value, str):
+    raise ValueError(f"{where}: field {field!r} is {value!r}, not text")
+  return value
 
 
 def _truncate(a_N: np.ndarray, b_N: np.ndarray | None, room: int) -> tuple:
@@ -126,6 +134,8 @@ def load_labeled(
       if field not in record:
         raise ValueError(f"{where}: no field {field!r} ({key}={field!r})")
     label = record[t.label_field]
+    if isinstance(label, np.ndarray) and label.ndim == 0:
+      label = label.item()  # TFDS (and its mocks) may give 0-d arrays
     if regression:
       try:
         label = float(label)
@@ -142,8 +152,8 @@ def load_labeled(
         f"{where}: label {label!r} is not a class id in [0, {t.num_labels}) "
         f"(task.num_labels={t.num_labels}, task.label_field={t.label_field!r})"
       )
-    pair = _text(record[t.text_pair_field]) if t.text_pair_field else None
-    texts.append((_text(record[d.text_field]), pair))
+    pair = _text(record[t.text_pair_field], where, t.text_pair_field) if t.text_pair_field else None
+    texts.append((_text(record[d.text_field], where, d.text_field), pair))
     labels.append(label)
   if not texts:
     raise ValueError(f"data.name={name!r}: the {split!r} split has no examples")
@@ -280,13 +290,13 @@ def load_tagged(
     for key, field in fields.items():
       if field not in record:
         raise ValueError(f"{where}: no field {field!r} ({key}={field!r})")
-    words = [_text(w) for w in record[t.tokens_field]]
+    words = [_text(w, where, t.tokens_field) for w in record[t.tokens_field]]
     tags = list(record[t.label_field])
     if len(words) != len(tags):
       raise ValueError(f"{where}: {len(words)} words but {len(tags)} tags")
     tag_ids = []
     for tag in tags:
-      tag = _text(tag) if isinstance(tag, bytes | str) else int(tag)
+      tag = _text(tag, where, t.label_field) if isinstance(tag, bytes | str) else int(tag)
       if isinstance(tag, str) and tag not in index:
         raise ValueError(f"{where}: tag {tag!r} is not one of task.tag_names {names}")
       if isinstance(tag, int) and not 0 <= tag < len(names):
@@ -361,8 +371,8 @@ def load_pairs(
         continue
     elif not training:
       raise ValueError("task.label_field='': evaluating embeddings needs scored pairs")
-    firsts.append((_text(record[d.text_field]), None))
-    seconds.append((_text(record[t.text_pair_field]), None))
+    firsts.append((_text(record[d.text_field], where, d.text_field), None))
+    seconds.append((_text(record[t.text_pair_field], where, t.text_pair_field), None))
     scores.append(score)
   if not firsts:
     raise ValueError(
