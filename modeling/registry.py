@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -24,22 +25,17 @@ def _packed_eval(config, tokenizer, fam, **kw):
   return data.eval_batches(config.data, tokenizer, frame=(fam.doc_prefix, fam.doc_suffix), **kw)
 
 
-def _labeled_train(regression: bool):
-  def make(config, tokenizer, fam, **kw):
-    rows = labeled.load_labeled(config, tokenizer, "train", regression)
-    return labeled.labeled_train_iterator(rows, **kw)
+def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> Task:
+  """A fine-tuning task on examples `load(config, tokenizer, split)` gives as row arrays."""
 
-  return make
+  def train_data(config, tokenizer, fam, **kw):
+    return labeled.labeled_train_iterator(load(config, tokenizer, "train"), **kw)
 
-
-def _labeled_eval(regression: bool):
-  def make(config, tokenizer, fam, **kw):
+  def eval_data(config, tokenizer, fam, **kw):
     split = "all" if config.data.eval_name else "validation"
-    return labeled.labeled_eval_batches(
-      labeled.load_labeled(config, tokenizer, split, regression), **kw
-    )
+    return labeled.labeled_eval_batches(load(config, tokenizer, split), **kw)
 
-  return make
+  return Task(head, objective, train_data, eval_data, summarize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,43 +58,23 @@ class Family:
 
 ENCODER_TASKS = {
   "pretrain": Task("mlm", objectives.make_mlm),
-  "classify": Task(
+  "classify": _labeled_task(
     "classify",
     objectives.make_classify,
-    _labeled_train(False),
-    _labeled_eval(False),
+    functools.partial(labeled.load_labeled, regression=False),
     objectives.summarize_classify,
   ),
-  "ner": Task(
-    "tokens",
-    objectives.make_ner,
-    lambda config, tokenizer, fam, **kw: labeled.labeled_train_iterator(
-      labeled.load_tagged(config, tokenizer, "train"), **kw
-    ),
-    lambda config, tokenizer, fam, **kw: labeled.labeled_eval_batches(
-      labeled.load_tagged(config, tokenizer, "all" if config.data.eval_name else "validation"),
-      **kw,
-    ),
-    objectives.summarize_ner,
-  ),
-  "embed": Task(
-    "pool",
-    objectives.make_embed,
-    lambda config, tokenizer, fam, **kw: labeled.labeled_train_iterator(
-      labeled.load_pairs(config, tokenizer, "train"), **kw
-    ),
-    lambda config, tokenizer, fam, **kw: labeled.labeled_eval_batches(
-      labeled.load_pairs(config, tokenizer, "all" if config.data.eval_name else "validation"),
-      **kw,
-    ),
-    objectives.summarize_embed,
-  ),
-  "regress": Task(
+  "regress": _labeled_task(
     "classify",
     objectives.make_regress,
-    _labeled_train(True),
-    _labeled_eval(True),
+    functools.partial(labeled.load_labeled, regression=True),
     objectives.summarize_regress,
+  ),
+  "ner": _labeled_task(
+    "tokens", objectives.make_ner, labeled.load_tagged, objectives.summarize_ner
+  ),
+  "embed": _labeled_task(
+    "pool", objectives.make_embed, labeled.load_pairs, objectives.summarize_embed
   ),
 }
 FAMILIES: dict[str, Family] = {

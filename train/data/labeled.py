@@ -17,7 +17,6 @@ which also makes the truncation count exact and label errors immediate.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -36,17 +35,10 @@ def _jsonl_records(name: str, split: str, key: str) -> list[tuple[str, dict]]:
   """(where, record) for the split's records; `where` is `file:line`."""
   out = []
   for path in sources._local_files(name, key):
-    with open(path, "rb") as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ValueError(f"{key}={name!r}: {path}:{line_no}: not valid JSON ({e})") from e
-        if not isinstance(record, dict):
-          raise ValueError(f"{key}={name!r}: {path}:{line_no}: not a JSON object")
-        out.append((f"{path}:{line_no}", record))
+    for line_no, _, _, record in sources.jsonl_lines(path, key, name):
+      if not isinstance(record, dict):
+        raise ValueError(f"{key}={name!r}: {path}:{line_no}: not a JSON object")
+      out.append((f"{path}:{line_no}", record))
   cut = len(out) - len(out) // _HELD_OUT_FRACTION
   return {"train": out[:cut], "validation": out[cut:], "all": out}[split]
 

@@ -144,33 +144,38 @@ def _text_spans(files: list[str], split: str) -> _FileSpans:
   return spans.select(stop_N > start_N)
 
 
+def jsonl_lines(path: str, key: str, name: str):
+  """(line number, start byte, end byte, parsed record) for each non-blank line."""
+  offset = 0
+  with open(path, "rb") as f:
+    for line_no, line in enumerate(f, 1):
+      start, offset = offset, offset + len(line)
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f"{key}={name!r}: {path}:{line_no}: not valid JSON ({e})") from e
+      yield line_no, start, offset, record
+
+
 def _jsonl_spans(files: list[str], field: str, split: str, key: str, name: str) -> _FileSpans:
   """One span per non-blank line; every line is parsed once here so errors surface early."""
   file_idx, starts, stops = [], [], []
   for i, path in enumerate(files):
-    offset = 0
-    with open(path, "rb") as f:
-      for line_no, line in enumerate(f, 1):
-        start, offset = offset, offset + len(line)
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:
-          raise ValueError(f"{key}={name!r}: {path}:{line_no}: not valid JSON ({e})") from e
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-          raise ValueError(
-            f"{key}={name!r}: {path}:{line_no}: no string field {field!r}"
-            f" (data.text_field={field!r})"
-          )
-        if record[field]:
-          file_idx.append(i)
-          starts.append(start)
-          stops.append(offset)
-        else:
-          file_idx.append(-1)  # empty text: counts for the split, then dropped
-          starts.append(0)
-          stops.append(0)
+    for line_no, start, offset, record in jsonl_lines(path, key, name):
+      if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise ValueError(
+          f"{key}={name!r}: {path}:{line_no}: no string field {field!r} (data.text_field={field!r})"
+        )
+      if record[field]:
+        file_idx.append(i)
+        starts.append(start)
+        stops.append(offset)
+      else:
+        file_idx.append(-1)  # empty text: counts for the split, then dropped
+        starts.append(0)
+        stops.append(0)
   n = len(file_idx)
   cut = n - n // _HELD_OUT_FRACTION
   lo, hi = {"train": (0, cut), "validation": (cut, n), "all": (0, n)}[split]
