@@ -274,15 +274,16 @@ def summarize_ner(sums: dict, rows: dict, config, byte_level: bool) -> dict[str,
   return {
     "eval/loss": float(sums["loss_sum"]) / weight,
     "eval/accuracy": float(sums["correct"]) / weight,
-    "eval/precision": float(precision_score(true, pred)),
-    "eval/recall": float(recall_score(true, pred)),
-    "eval/f1": float(f1_score(true, pred)),
+    "eval/precision": float(precision_score(true, pred, zero_division=0)),
+    "eval/recall": float(recall_score(true, pred, zero_division=0)),
+    "eval/f1": float(f1_score(true, pred, zero_division=0)),
   }
 
 
 def make_embed(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Contrastive sentence embeddings (mean-pooled, unit length) with in-batch negatives:
-  each first text must pick its own second text among the batch's, and vice versa."""
+  each first text of a positive pair must pick its own second text among the batch's, and
+  vice versa."""
   del vocab_size
   temperature = config.task.temperature
 
@@ -294,16 +295,20 @@ def make_embed(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
     a_BD = a_BD / jnp.linalg.norm(a_BD, axis=-1, keepdims=True).clip(1e-6)
     b_BD = b_BD / jnp.linalg.norm(b_BD, axis=-1, keepdims=True).clip(1e-6)
     w_B = batch["weight"]
+    # Positives: pairs scored >= min_score (unscored pairs all are); every real row is a
+    # negative for the others, padding rows for nobody.
+    score_B = batch["label"]
+    positive_B = w_B * jnp.where(jnp.isnan(score_B), 1.0, score_B >= config.task.min_score)
     sim_BB = a_BD @ b_BD.T / temperature
-    pad_BB = (1.0 - w_B)[None, :] * 1e9  # padding rows are nobody's negative
+    pad_BB = (1.0 - w_B)[None, :] * 1e9
     diag_B = jnp.diagonal(sim_BB)
     row_B = jax.nn.logsumexp(sim_BB - pad_BB, axis=1) - diag_B
     col_B = jax.nn.logsumexp(sim_BB - pad_BB.T, axis=0) - diag_B
     picked_B = jnp.argmax(sim_BB - pad_BB, axis=1) == jnp.arange(len(w_B))
     return {
-      "loss_sum": jnp.sum(0.5 * (row_B + col_B) * w_B),
-      "weight": jnp.sum(w_B),
-      "correct": jnp.sum(picked_B * w_B),
+      "loss_sum": jnp.sum(0.5 * (row_B + col_B) * positive_B),
+      "weight": jnp.sum(positive_B),
+      "correct": jnp.sum(picked_B * positive_B),
       "rows/prediction": jnp.sum(a_BD * b_BD, axis=-1),  # cosine similarity
       "rows/target": batch["label"],
       "rows/weight": w_B,

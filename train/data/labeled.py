@@ -52,7 +52,6 @@ def _records(name: str, split: str, config: ml_collections.ConfigDict, fields: d
       f"{key}={name!r}: task.name={config.task.name!r} needs labeled examples: "
       "a TFDS dataset (glue/sst2, ...) or jsonl:<glob>"
     )
-  sources.validate_source(name, key)  # also registers TFDS builders that need importing
   source = sources.tfds_split(name, split, config.data, key, fields)
   return [(f"{name} {split} example {i}", source[i]) for i in range(len(source))]
 
@@ -233,6 +232,7 @@ def tag_names(config: ml_collections.ConfigDict, name: str = "") -> list[str]:
   if not name.startswith("jsonl:"):
     import tensorflow_datasets as tfds
 
+    sources.validate_source(name)  # registers builders that need importing (conll2003)
     feature = tfds.builder(name).info.features[t.label_field]
     names = getattr(getattr(feature, "feature", None), "names", None)
     if names:
@@ -276,6 +276,8 @@ def load_tagged(
   names = tag_names(config, name)
   index = {n: i for i, n in enumerate(names)}
   seq_len = d.seq_len
+  if seq_len < 3:
+    raise ValueError(f"data.seq_len={seq_len}: too short for [CLS] word [SEP] rows")
   rows = {k: [] for k in ("tokens", "labels")}
   dropped_tags, truncated = [], 0
   for where, record in _records(name, split, config, fields):
@@ -288,7 +290,14 @@ def load_tagged(
       raise ValueError(f"{where}: {len(words)} words but {len(tags)} tags")
     tag_ids = []
     for tag in tags:
-      tag = _text(tag, where, t.label_field) if isinstance(tag, bytes | str) else int(tag)
+      if isinstance(tag, np.ndarray) and tag.ndim == 0:
+        tag = tag.item()
+      if isinstance(tag, bytes | str):
+        tag = _text(tag, where, t.label_field)
+      elif isinstance(tag, int | np.integer) and not isinstance(tag, bool):
+        tag = int(tag)
+      else:
+        raise ValueError(f"{where}: tag {tag!r} is neither a tag name nor an integer tag id")
       if isinstance(tag, str) and tag not in index:
         raise ValueError(f"{where}: tag {tag!r} is not one of task.tag_names {names}")
       if isinstance(tag, int) and not 0 <= tag < len(names):
@@ -358,7 +367,9 @@ def load_pairs(
       try:
         score = float(record[t.label_field])
       except (TypeError, ValueError):
-        raise ValueError(f"{where}: score {record[t.label_field]!r} is not a number") from None
+        score = float("nan")
+      if not np.isfinite(score):
+        raise ValueError(f"{where}: score {record[t.label_field]!r} is not a finite number")
       if training and score < t.min_score:
         continue
     elif not training:

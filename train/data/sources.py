@@ -192,6 +192,7 @@ def tfds_split(
   `fields` maps config keys to the feature names they give; each must be a feature.
   Split "validation" falls back to "test" when the dataset has no validation split.
   """
+  validate_source(name, key)  # registers builders that need importing (glue, conll2003)
   builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None, file_format="array_record")
   if not builder.is_prepared():
     start = time.perf_counter()
