@@ -217,3 +217,23 @@ def test_bert_pretrains_and_resumes_exactly(tmp_path):
   assert resumed_loss == {s: loss[s] for s in range(16, 31)}
   assert resumed_last["eval/loss"] == last["eval/loss"]
   assert resumed_last["eval/mlm_accuracy"] == last["eval/mlm_accuracy"]
+
+
+def test_unigram_baseline_counts_the_most_frequent_ordinary_token(tmp_path):
+  """On a corpus where 'a' is 3/4 of the bytes, the baseline is about 3/4 on train and eval,
+  and the framing tokens ([CLS], [SEP]) are never counted."""
+  from train.data.unigram_baseline import count_tokens, unigram_baseline
+
+  (tmp_path / "docs.txt").write_text("aaab" * 2000)
+  c = bert.get_config("size=tiny")
+  c.data.update(name=f"text:{tmp_path / 'docs.txt'}", seq_len=32, shuffle_window=8)
+  c.train.update(batch_size=4, eval_steps=4)
+  top, train_share, eval_share = unigram_baseline(c, train_batches=20)
+  assert top == ord("a") + 8  # byte ids follow the 8 special ids
+  assert train_share == pytest.approx(0.75, abs=0.02)
+  assert eval_share == pytest.approx(0.75, abs=0.02)
+  batch = {
+    "tokens": np.array([[4, 20, 20, 5, 0]]),
+    "segment_ids": np.array([[1, 1, 1, 1, 0]]),
+  }
+  assert count_tokens([batch]) == {20: 2}
