@@ -39,7 +39,7 @@ def evaluate_workdir(
   eval_step = jax.jit(make_eval_step(model, objective), out_shardings=sharding.replicated(mesh))
 
   def to_global(local):
-    return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+    return sharding.to_global(local, batch_sh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return {own: run_eval(config, tokenizer, params, eval_step, to_global)}

@@ -58,8 +58,8 @@ def topology_devices(topology: str) -> list:
     ) from e
 
 
-def _compile(config: ml_collections.ConfigDict, devices: list):
-  """(compiled train step, abstract state, model) for the config on these devices."""
+def _lower(config: ml_collections.ConfigDict, devices: list):
+  """(lowered train step, abstract state, model) for the config on these devices."""
   tokenizer = make_tokenizer(config.data.tokenizer)
   model, objective = registry.build(config, tokenizer.vocab_size)
   mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config)
@@ -76,6 +76,12 @@ def _compile(config: ml_collections.ConfigDict, devices: list):
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = sharding.jit_train_step(step, shardings, batch_sh).lower(abstract, batch)
+  return lowered, abstract, model
+
+
+def _compile(config: ml_collections.ConfigDict, devices: list):
+  """(compiled train step, abstract state, model) for the config on these devices."""
+  lowered, abstract, model = _lower(config, devices)
   return lowered.compile(), abstract, model
 
 
@@ -112,9 +118,9 @@ def compile_train_step(
   """
   validate_config(config)
   sharding.validate_mesh(config, len(devices))
+  lowered, abstract, model = _lower(config, devices)
   try:
-    compiled, abstract, model = _compile(config, devices)
-    mem = compiled.memory_analysis()
+    mem = lowered.compile().memory_analysis()
     state_bytes, temp_bytes = mem.argument_size_in_bytes, mem.temp_size_in_bytes
     hbm = (
       state_bytes
@@ -129,10 +135,6 @@ def compile_train_step(
     needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
       raise
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    model, _ = registry.build(config, tokenizer.vocab_size)
-    mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config)
-    abstract, _, _ = abstract_state(config, model, make_optimizer(config.train), mesh, rules)
     state_bytes = _state_bytes_per_chip(abstract)
     temp_bytes = float(needed.group(1)) * GIB
     hbm, fits = state_bytes + temp_bytes, False

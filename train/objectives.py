@@ -22,6 +22,11 @@ from train.data.tokenizers import MASK_ID, NUM_SPECIAL
 Objective = Callable[..., dict[str, jax.Array]]
 
 
+def accuracy_name(sum_key: str) -> str:
+  """`correct` -> `accuracy`, `mlm_correct` -> `mlm_accuracy`: counts of correct targets."""
+  return sum_key.replace("correct", "accuracy")
+
+
 def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   """Per-token negative log-likelihood in float32."""
   logits_BLV = logits_BLV.astype(jnp.float32)
@@ -182,7 +187,7 @@ def summarize_lm(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, 
     "eval/loss": loss,
     "eval/perplexity": math.exp(min(loss, 80.0)),
     **{
-      f"eval/{k.replace('correct', 'accuracy')}": float(v) / weight
+      f"eval/{accuracy_name(k)}": float(v) / weight
       for k, v in sums.items()
       if k.endswith("correct")
     },

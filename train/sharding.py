@@ -124,6 +124,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def to_global(local: dict, sharding: NamedSharding) -> dict:
+  """This process's rows of a batch -> global arrays sharded like `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
 def sharded_init(init_fn: Callable, rng: jax.Array, shardings):
   """Runs the (boxed) init jitted straight into its shardings: nothing full-size is
   built on one device. Call inside the mesh and logical-axis-rules contexts."""

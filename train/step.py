@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.objectives import Objective
+from train.objectives import Objective, accuracy_name
 
 
 @flax.struct.dataclass
@@ -23,11 +23,6 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   rng: jax.Array
-
-
-def accuracy_name(sum_key: str) -> str:
-  """`correct` -> `accuracy`, `mlm_correct` -> `mlm_accuracy`: counts of correct targets."""
-  return sum_key.replace("correct", "accuracy")
 
 
 def make_init(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict) -> Callable:

@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh)
 
   def to_global(local: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+    return sharding.to_global(local, batch_sharding)
 
   # ---- state: latest checkpoint, else init_from, else fresh
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)

@@ -100,14 +100,19 @@ def encode_rows(
     if b_N is not None:
       tokens[i, len(row) : len(row) + len(b_N) + 1] = [*b_N, SEP_ID]
       types[i, len(row) : len(row) + len(b_N) + 1] = 1
+  return _row_arrays(tokens, types), truncated
+
+
+def _row_arrays(tokens: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
+  """Padded rows of one example each: segment 1 on tokens, 0 on padding; positions 0.."""
   segment_ids = (tokens != 0).astype(np.int32)  # tokenizers never emit PAD_ID (0)
-  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy()
+  positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   return {
     "tokens": tokens,
     "token_types": types,
     "segment_ids": segment_ids,
     "positions": positions * segment_ids,
-  }, truncated
+  }
 
 
 def load_labeled(
@@ -321,19 +326,14 @@ def load_tagged(
       seq_len,
     )
   tokens = np.stack(rows["tokens"])
-  segment_ids = (tokens != 0).astype(np.int32)
   n = len(tokens)
-  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape) * segment_ids
   # Dropped words' tags travel with the rows (padded with -1) for the entity-level metric.
   width = max(1, max(len(x) for x in dropped_tags))
   dropped = np.full((n, width), -1, np.int32)
   for i, tags in enumerate(dropped_tags):
     dropped[i, : len(tags)] = tags
   return {
-    "tokens": tokens,
-    "positions": positions,
-    "segment_ids": segment_ids,
-    "token_types": np.zeros_like(tokens),
+    **_row_arrays(tokens, np.zeros_like(tokens)),
     "labels": np.stack(rows["labels"]),
     "dropped": dropped,
     "weight": np.ones(n, np.float32),
