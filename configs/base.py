@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shards = 0  # training-document shards, read by their processes; 0: one per process
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "decoder"  # decoder | encoder (encdec, diffusion: planned; modeling/registry.py)
+  c.model.family = (
+    "decoder"  # decoder | encoder | diffusion (encdec: planned; modeling/registry.py)
+  )
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
   c.model.num_layers = 4  # transformer blocks
   c.model.num_heads = 4  # query heads
@@ -54,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0: none
   c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
   c.model.share_layers = False  # all layers share one set of weights (ALBERT)
+  c.model.time_conditioning = False  # diffusion: the model sees the time t (MDLM works without)
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "pretrain"  # pretrain (next token / MLM) | classify | regress | ner | embed
@@ -68,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.temperature = 0.05  # embed: softmax temperature of the in-batch contrastive loss
   c.task.min_score = 4.0  # embed: training pairs scored below this are not positives
   c.task.pooling = "cls"  # sequence pooling: cls (first token) | mean
+  c.task.schedule = "loglinear"  # diffusion noise schedule: loglinear | cosine | polynomial
+  c.task.schedule_exponent = 1.0  # diffusion: the exponent of the polynomial schedule 1 - t^w
+  c.task.eval_t_samples = 4  # diffusion: time draws averaged per evaluation batch
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

@@ -1,12 +1,17 @@
-"""Sample from a trained checkpoint.
+"""Sample from a trained checkpoint: one CLI for autoregressive and diffusion models.
 
 python -m eval.sample --workdir=runs/x --prompt="def " --num_tokens=200 --temperature=0.8 [--top_k=40] [--top_p=0.95]
+python -m eval.sample --workdir=runs/mdlm --prompt="ROMEO:" --num_tokens=100 --steps=200 [--sampler=llada --block_length=32] [--suffix=...]
+
+Each family reads the flags its sampler knows (modeling/registry.py); setting another is an
+error, not silently ignored.
 """
+
+import time
 
 import jax
 from absl import app, flags
 
-from eval import decoding
 from modeling import registry
 from train.trainer import load_for_inference
 
@@ -14,38 +19,75 @@ flags.DEFINE_string(
   "workdir", None, "a training workdir (config.json + checkpoints/)", required=True
 )
 flags.DEFINE_string("prompt", "\n", "text the samples continue; read as the start of a document")
-flags.DEFINE_integer("num_tokens", 200, "new tokens per sample (stops early at EOS)")
+flags.DEFINE_integer("num_tokens", 200, "new tokens per sample (AR: stops early at EOS)")
 flags.DEFINE_float("temperature", 0.8, "0 is greedy")
-flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens; 0 keeps all")
+flags.DEFINE_integer("top_k", 0, "AR: keep the k most likely tokens; 0 keeps all")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling: keep the smallest set with this much mass")
 flags.DEFINE_integer("num_samples", 1, "samples to draw")
 flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_integer("steps", 0, "diffusion: denoising steps; 0: one per generated token")
+flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "llada"], "diffusion sampler")
+flags.DEFINE_integer(
+  "block_length", 0, "diffusion, llada: semi-autoregressive block length; 0: one block"
+)
+flags.DEFINE_enum(
+  "grid", "uniform", ["uniform", "alpha"], "diffusion, ancestral: time grid (uniform in t or alpha)"
+)
+flags.DEFINE_bool("cache", True, "diffusion, ancestral: skip the network when no token changed")
+flags.DEFINE_string("suffix", "", "diffusion: text clamped after the generated span (infilling)")
+flags.DEFINE_enum(
+  "remasking", "low_confidence", ["low_confidence", "random"], "diffusion, llada: what to remask"
+)
 FLAGS = flags.FLAGS
+SAMPLER_FLAGS = (
+  "temperature",
+  "top_k",
+  "top_p",
+  "steps",
+  "sampler",
+  "block_length",
+  "grid",
+  "cache",
+  "suffix",
+  "remasking",
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
-  if not registry.family(config).autoregressive:
+  fam = registry.family(config)
+  if fam.sample is None:
     raise app.UsageError(
       f"--workdir={FLAGS.workdir}: a model.family={config.model.family!r} model does not "
-      "generate text token by token; evaluate it with python -m eval.main"
+      "generate text; evaluate it with python -m eval.main"
     )
+  for name in SAMPLER_FLAGS:
+    if name not in fam.sample_options and FLAGS[name].present:
+      raise app.UsageError(
+        f"--{name}: model.family={config.model.family!r} samplers read only "
+        f"{['--' + o for o in fam.sample_options]}"
+      )
+  options = {name: FLAGS[name].value for name in fam.sample_options}
   rng = jax.random.PRNGKey(FLAGS.seed)
   for i in range(FLAGS.num_samples):
-    text = decoding.complete(
+    start = time.perf_counter()
+    text, calls = fam.sample(
+      config,
       model,
       params,
       tokenizer,
       FLAGS.prompt,
       FLAGS.num_tokens,
       jax.random.fold_in(rng, i),
-      temperature=FLAGS.temperature,
-      top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p,
+      **options,
     )
-    print(f"---- sample {i}\n{text}", flush=True)
+    seconds = time.perf_counter() - start
+    print(
+      f"---- sample {i + 1}/{FLAGS.num_samples} ({calls} network calls, {seconds:.2f} s)\n{text}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

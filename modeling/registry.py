@@ -10,6 +10,8 @@ from collections.abc import Callable
 import flax.linen as nn
 import ml_collections
 
+from eval import decoding
+from modeling import diffusion
 from modeling.transformer import Transformer, TransformerConfig
 from train import data, objectives
 from train.data import labeled
@@ -47,6 +49,19 @@ class Task:
   summarize: Callable = objectives.summarize_lm  # (sums, rows, byte_level) -> metrics
 
 
+def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  del config
+  text = decoding.complete(model, params, tokenizer, prompt, num_tokens, rng, **opts)
+  return text, num_tokens  # a prefill, then one call per further token
+
+
+def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  schedule = diffusion.make_schedule(config.task.schedule, config.task.schedule_exponent)
+  return diffusion.complete(
+    model, params, tokenizer, prompt, num_tokens, rng, schedule=schedule, **opts
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   mask_kind: str
@@ -54,6 +69,10 @@ class Family:
   autoregressive: bool  # can be sampled token by token with a KV cache
   doc_prefix: tuple[int, ...]  # token ids before each pretraining document
   doc_suffix: tuple[int, ...]  # and after it
+  # (config, model, params, tokenizer, prompt, num_tokens, rng, **options) -> (text, network
+  # calls); None: the family does not generate text
+  sample: Callable | None = None
+  sample_options: tuple[str, ...] = ()  # the eval.sample flags its sampler reads
 
 
 ENCODER_TASKS = {
@@ -84,6 +103,8 @@ FAMILIES: dict[str, Family] = {
     autoregressive=True,
     doc_prefix=(),
     doc_suffix=(EOS_ID,),
+    sample=_sample_ar,
+    sample_options=("temperature", "top_k", "top_p"),
   ),
   "encoder": Family(
     "bidirectional",
@@ -91,6 +112,27 @@ FAMILIES: dict[str, Family] = {
     autoregressive=False,
     doc_prefix=(CLS_ID,),
     doc_suffix=(SEP_ID,),
+  ),
+  # masked diffusion (MDLM / MD4 / LLaDA): the encoder's bidirectional stack with an LM head,
+  # trained on the NELBO, sampled by unmasking (modeling/diffusion.py)
+  "diffusion": Family(
+    "bidirectional",
+    {"pretrain": Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion)},
+    autoregressive=False,
+    doc_prefix=(),
+    doc_suffix=(EOS_ID,),
+    sample=_sample_diffusion,
+    sample_options=(
+      "temperature",
+      "top_p",
+      "steps",
+      "sampler",
+      "block_length",
+      "grid",
+      "cache",
+      "suffix",
+      "remasking",
+    ),
   ),
 }
 
@@ -153,6 +195,7 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     head=task(config).head,
     num_labels=num_labels(config),
     pooling=config.task.pooling,
+    time_conditioning=m.time_conditioning,
   )
 
 

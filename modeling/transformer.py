@@ -67,6 +67,7 @@ class TransformerConfig:
   head: str = "lm"  # lm | mlm | classify | tokens | pool
   num_labels: int = 0  # outputs of the classify / tokens heads
   pooling: str = "cls"  # cls (first token) | mean (over the sequence's tokens)
+  time_conditioning: bool = False  # diffusion: add an embedding of the time t to the input
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -134,6 +135,26 @@ def pool(x_BLD: jax.Array, seg_BL: jax.Array, kind: str) -> jax.Array:
   return jnp.einsum("bld,bl->bd", x_BLD, w_BL) / jnp.maximum(w_BL.sum(-1, keepdims=True), 1.0)
 
 
+class TimeEmbedding(nn.Module):
+  """[B] times in [0, 1] -> [B, width]: sinusoidal features of 1000 t, then dense, SiLU, dense
+  (the diffusion time conditioning of DiT/MDLM, added to the token embeddings)."""
+
+  width: int
+  axis: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t_B: jax.Array) -> jax.Array:
+    half = 128
+    freqs = jnp.exp(-jnp.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BH = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs
+    feats_BF = jnp.concatenate([jnp.cos(angles_BH), jnp.sin(angles_BH)], axis=-1)
+    h = Dense((self.width,), (None,), ("factor",), True, self.dtype, name="time_in")(feats_BF)
+    return Dense((self.width,), ("factor",), (self.axis,), True, self.dtype, name="time_out")(
+      nn.silu(h)
+    )
+
+
 class Transformer(nn.Module):
   """Token ids -> the head's output (float32), with an optional KV cache."""
 
@@ -148,6 +169,7 @@ class Transformer(nn.Module):
     cache: dict | None = None,
     deterministic: bool = True,
     token_types_BL: jax.Array | None = None,
+    time_B: jax.Array | None = None,
   ) -> tuple[jax.Array, dict | None]:
     c = self.cfg
     dtype = c.jnp_dtype
@@ -175,6 +197,9 @@ class Transformer(nn.Module):
       )
       ids_BL = jnp.zeros_like(tokens_BL) if token_types_BL is None else token_types_BL
       x_BLE = x_BLE + jnp.take(types, ids_BL, axis=0).astype(dtype)
+    if c.time_conditioning:
+      t_B = jnp.zeros(tokens_BL.shape[:1], jnp.float32) if time_B is None else time_B
+      x_BLE = x_BLE + TimeEmbedding(width, width_axis, dtype, name="time_embed")(t_B)[:, None, :]
     if c.norm_position == "post":  # BERT normalizes the embeddings, not the last block
       x_BLE = Norm(name="embed_norm", **norm)(x_BLE)
     if factorized:

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
+from modeling import diffusion
 from train.data.tokenizers import MASK_ID, NUM_SPECIAL
 
 Objective = Callable[..., dict[str, jax.Array]]
@@ -175,6 +176,49 @@ def make_regress(config: ml_collections.ConfigDict, vocab_size: int) -> Objectiv
   return regress
 
 
+def make_diffusion(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Masked diffusion's continuous-time NELBO (modeling/diffusion.py), in nats, summed.
+
+  Training: one time t per row, antithetic across the batch, and masks, both drawn from
+  the step's rng. Evaluation (`deterministic`): `task.eval_t_samples` draws per batch,
+  averaged, from an rng keyed on the batch's content, so every batch gets its own times;
+  each draw's sum is kept (`loss_draws`) to report the estimate's spread. `weight`
+  counts every real token (all are modeled), so loss_sum / weight is the bound per token.
+  """
+  del vocab_size
+  t_cfg = config.task
+  schedule = diffusion.make_schedule(t_cfg.schedule, t_cfg.schedule_exponent)
+
+  def one_draw(model, params, batch, rng, deterministic):
+    r_drop, rng = jax.random.split(rng)
+
+    def logits_fn(z_BL, t_B):
+      pos_BL, seg_BL = batch["positions"], batch["segment_ids"]
+      return diffusion.denoise(
+        model, params, z_BL, pos_BL, seg_BL, t_B, deterministic, {"dropout": r_drop}
+      )
+
+    return diffusion.nelbo_sum(logits_fn, rng, batch["tokens"], batch["segment_ids"], schedule)
+
+  def objective(model, params, batch, rng, deterministic):
+    tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
+    real_BL = (seg_BL > 0).astype(jnp.float32)
+    out = {"weight": jnp.sum(real_BL), "bytes": jnp.sum(real_BL * (tokens_BL >= NUM_SPECIAL))}
+    if not deterministic:
+      return {"loss_sum": one_draw(model, params, batch, rng, False), **out}
+    key = jnp.sum(tokens_BL * (batch["positions"] + 1) * (seg_BL > 0))
+    rng = jax.random.fold_in(rng, key)
+    draws_K = jnp.stack(
+      [
+        one_draw(model, params, batch, jax.random.fold_in(rng, k), True)
+        for k in range(t_cfg.eval_t_samples)
+      ]
+    )
+    return {"loss_sum": jnp.mean(draws_K), "loss_draws": draws_K, **out}
+
+  return objective
+
+
 # ---- evaluation summaries: (summed values, per-row values, config, byte-level) -> metrics
 
 
@@ -194,6 +238,17 @@ def summarize_lm(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, 
   }
   if byte_level and float(sums.get("bytes", 0)) > 0:
     out["eval/bits_per_byte"] = float(sums["loss_sum"]) / math.log(2) / float(sums["bytes"])
+  return out
+
+
+def summarize_diffusion(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
+  """summarize_lm of the NELBO (eval/loss is the bound in nats per token, eval/perplexity its
+  exponential: an upper bound on the model's perplexity), plus the spread of the estimate:
+  eval/loss_draw_std is the standard deviation over the `task.eval_t_samples` draws of
+  one-draw estimates of eval/loss, each over the whole evaluated split."""
+  out = summarize_lm({k: v for k, v in sums.items() if k != "loss_draws"}, rows, config, byte_level)
+  per_draw = np.asarray(sums["loss_draws"], np.float64) / max(float(sums["weight"]), 1.0)
+  out["eval/loss_draw_std"] = float(np.std(per_draw, ddof=1)) if per_draw.size > 1 else 0.0
   return out
 
 

@@ -20,7 +20,6 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from eval import decoding
 from modeling import registry
 from train import sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
@@ -243,11 +242,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def finish(config, model, params, tokenizer, workdir: str) -> None:
   """Prints samples and writes the loss plot."""
   t = config.train
-  if t.num_samples and registry.family(config).autoregressive:
+  sample = registry.family(config).sample
+  if t.num_samples and sample:
     prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
     rng = jax.random.PRNGKey(config.seed)
     for i, prompt in enumerate(prompts):
-      text = decoding.complete(
+      text, _ = sample(
+        config,
         model,
         params,
         tokenizer,

@@ -24,6 +24,7 @@ CHOICES = {
   "model.quant": ("none",),
   "model.norm_position": ("pre", "post"),
   "task.pooling": ("cls", "mean"),
+  "task.schedule": ("loglinear", "cosine", "polynomial"),
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = ("task.mask_prob", "task.mask_token_prob", "task.random_token_prob")
@@ -38,6 +39,8 @@ POSITIVE = (
   "train.batch_size",
   "train.grad_accum",
   "train.log_every",
+  "task.eval_t_samples",
+  "task.schedule_exponent",
 )
 NON_NEGATIVE = (
   "model.vocab_size",
@@ -159,4 +162,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   validate_source(config.data.name, "data.name")
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
-  make_tokenizer(config.data.tokenizer)
+  tokenizer = make_tokenizer(config.data.tokenizer)
+  fam = registry.family(config)
+  if t.num_samples and fam.sample and not fam.autoregressive:  # one window: no sliding
+    context = m.max_len or config.data.seq_len
+    prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
+    longest = max((tokenizer.encode(p).size for p in prompts), default=0)
+    if longest + t.sample_tokens > context:
+      fail(
+        "train.sample_tokens",
+        t.sample_tokens,
+        f"the end-of-run samples of model.family={m.family!r} must fit the context "
+        f"({context}) with their longest prompt ({longest} tokens); lower it or set "
+        "train.num_samples=0",
+      )

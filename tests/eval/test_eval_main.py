@@ -65,4 +65,4 @@ def test_eval_main_refuses_a_task_the_checkpoint_has_no_head_for(classify_workdi
 def test_sampling_refuses_an_encoder(classify_workdir):
   out = run_cli("eval.sample", f"--workdir={classify_workdir}")
   assert out.returncode != 0
-  assert "does not generate text token by token" in out.stderr
+  assert "does not generate text; evaluate it with python -m eval.main" in out.stderr

@@ -29,7 +29,13 @@ def test_sample_cli_greedy_is_deterministic_and_continues_the_prompt(tmp_path):
   b = sample(
     tmp_path, "--prompt=abc", "--num_tokens=20", "--temperature=1.0", "--top_k=5", "--top_p=0.9"
   )
-  assert b.returncode == 0 and "---- sample 0" in b.stdout
+  assert b.returncode == 0 and "---- sample 1/1 (20 network calls, " in b.stdout
+  # --steps belongs to the diffusion samplers: an AR model refuses it, naming its own flags.
+  c = sample(tmp_path, "--prompt=abc", "--num_tokens=20", "--steps=8")
+  assert c.returncode != 0 and "---- sample" not in c.stdout
+  assert (
+    "--steps: model.family='decoder' samplers read only ['--temperature', '--top_k'" in c.stderr
+  )
 
 
 def test_sample_cli_rejects_a_workdir_without_a_run(tmp_path):

@@ -42,7 +42,10 @@ def test_every_preset_size_is_valid(preset, size):
     ({"data.eval_name": "text:/nonexistent/*.txt"}, r"data\.eval_name='text:/nonexistent/\*\.txt'"),
     ({"data.tokenizer": "wordpiece"}, r"data\.tokenizer='wordpiece'.*byte"),
     ({"data.tokenizer": "spm:/nonexistent.model"}, r"data\.tokenizer='spm:/nonexistent\.model'"),
-    ({"model.family": "rnn"}, r"model\.family='rnn': allowed \['decoder', 'encoder'\]"),
+    (
+      {"model.family": "rnn"},
+      r"model\.family='rnn': allowed \['decoder', 'diffusion', 'encoder'\]",
+    ),
     ({"model.norm": "batchnorm"}, r"model\.norm='batchnorm': allowed \['layernorm', 'rmsnorm'\]"),
     (
       {"task.name": "classify"},

@@ -1,0 +1,186 @@
+"""Masked diffusion training (configs/mdlm.py, train/objectives.py make_diffusion): the NELBO
+objective's sums, summarize_diffusion, validation, and a tiny model trained on the default
+corpus end to end (metrics, exact resume)."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import mdlm
+from modeling import registry
+from tests.tiny_models import random_params
+from train import trainer
+from train.data.tokenizers import MASK_ID, NUM_SPECIAL, ByteTokenizer
+from train.metrics import read_metrics
+from train.objectives import summarize_diffusion
+from train.validation import validate_config
+
+VOCAB = ByteTokenizer.vocab_size
+STEPS = 40
+
+
+def tiny_mdlm(tfds_dir: str, **train):
+  """mdlm `size=tiny` on the default data (the embedded pystdlib corpus), built into
+  `tfds_dir`; 2 time draws per evaluation batch."""
+  c = mdlm.get_config("size=tiny")
+  c.data.tfds_data_dir = tfds_dir
+  c.data.seq_len = 32
+  c.data.shuffle_window = 16
+  c.task.eval_t_samples = 2
+  c.train.update(
+    dict(
+      steps=STEPS,
+      batch_size=8,
+      learning_rate=3e-3,
+      min_learning_rate=3e-4,
+      warmup_steps=0,
+      schedule="constant",
+      log_every=1,
+      eval_every=STEPS // 2,
+      eval_steps=2,
+      checkpoint_every=STEPS // 2,
+      num_samples=0,
+      peak_tflops=1.0,
+    )
+  )
+  c.train.update(train)
+  return c
+
+
+def by_step(workdir, key: str) -> dict[int, float]:
+  return {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
+
+
+def test_mdlm_tiny_trains_on_the_default_corpus(mdlm_run):
+  """The run of the session fixture `mdlm_run` (tests/conftest.py): tiny_mdlm() as is."""
+  workdir, _, last = mdlm_run
+  assert mdlm.get_config("size=tiny").data.name == "pystdlib"
+  loss = by_step(workdir, "train/loss")
+  assert sorted(loss) == list(range(1, STEPS + 1))
+  early = np.mean([loss[s] for s in range(1, 4)])
+  late = np.mean([loss[s] for s in range(STEPS - 4, STEPS + 1)])
+  assert early == pytest.approx(math.log(VOCAB), abs=1.0)  # near uniform at the start
+  assert late < early - 1.0, loss
+  evals = {r["step"]: r for r in read_metrics(workdir) if "eval/loss" in r}
+  assert sorted(evals) == [STEPS // 2, STEPS]
+  first, final = evals[STEPS // 2], evals[STEPS]
+  # A uniform guess scores log(V - 1) (never [MASK]); the model learned far more than that.
+  assert final["eval/loss"] < first["eval/loss"] < math.log(VOCAB) - 2.0, (first, final)
+  assert {k: v for k, v in final.items() if k != "step"} == last
+  for m in (first, final):
+    assert m["eval/perplexity"] == pytest.approx(math.exp(m["eval/loss"]), rel=1e-6)
+    # The bound per byte: a byte-level model's tokens are bytes, plus one EOS per document.
+    assert m["eval/bits_per_byte"] == pytest.approx(m["eval/loss"] / math.log(2), rel=0.05)
+    assert m["eval/bits_per_byte"] >= m["eval/loss"] / math.log(2)
+    assert 0 < m["eval/loss_draw_std"] < 0.5 * m["eval/loss"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(STEPS // 2), str(STEPS)]
+
+
+def test_mdlm_resumes_exactly(mdlm_run, tmp_path):
+  workdir, tfds_dir, last = mdlm_run
+  # Resume from the mid-run checkpoint: a copy of the run as it was after step STEPS / 2.
+  mid = str(STEPS // 2)
+  shutil.copytree(workdir / "checkpoints" / mid, tmp_path / "checkpoints" / mid)
+  resumed_last = trainer.run(tiny_mdlm(tfds_dir), str(tmp_path))
+  # Times and masks of a step come from fold_in(seed, step): the resumed steps see the same.
+  loss, resumed = by_step(workdir, "train/loss"), by_step(tmp_path, "train/loss")
+  assert sorted(resumed) == list(range(STEPS // 2 + 1, STEPS + 1))
+  assert resumed == {s: loss[s] for s in resumed}
+  for key in ("eval/loss", "eval/loss_draw_std", "eval/bits_per_byte"):
+    assert resumed_last[key] == last[key], key
+
+
+class Recorder:
+  """A model whose `apply` records the input tokens of every call."""
+
+  def __init__(self, model):
+    self.cfg, self.calls = model.cfg, []
+    self._apply = jax.jit(model.apply, static_argnames="deterministic")
+
+  def apply(self, variables, tokens_BL, *args, **kwargs):
+    self.calls.append(np.asarray(tokens_BL))
+    return self._apply(variables, tokens_BL, *args, **kwargs)
+
+
+def test_eval_objective_averages_draws_keyed_on_the_batch():
+  config = mdlm.get_config("size=tiny")
+  config.data.seq_len = 16
+  config.task.eval_t_samples = 3
+  model, objective = registry.build(config, VOCAB)
+  model, params = Recorder(model), random_params(model.cfg)
+  rng = np.random.default_rng(0)
+  tokens_BL = rng.integers(0, VOCAB, (4, 16)).astype(np.int32)
+  seg_BL = np.ones((4, 16), np.int32)
+  seg_BL[1, 10:] = 0
+  pos_BL = np.broadcast_to(np.arange(16, dtype=np.int32), (4, 16))
+  batch = {"tokens": tokens_BL, "segment_ids": seg_BL, "positions": pos_BL}
+
+  def evaluate(b):
+    model.calls.clear()
+    sums = objective(model, params, b, jax.random.key(0), deterministic=True)
+    return {k: np.asarray(v) for k, v in sums.items()}, [z == MASK_ID for z in model.calls]
+
+  sums, masks = evaluate(batch)
+  draws = sums["loss_draws"]
+  assert draws.shape == (3,) and len(masks) == 3
+  assert float(sums["loss_sum"]) == pytest.approx(draws.mean(), rel=1e-6)
+  assert float(sums["weight"]) == (seg_BL > 0).sum()
+  assert float(sums["bytes"]) == ((seg_BL > 0) & (tokens_BL >= NUM_SPECIAL)).sum()
+  assert not any(m[seg_BL == 0].any() for m in masks)  # padding is never masked
+  assert len({m.tobytes() for m in masks}) == 3  # each draw its own times and masks
+  again, masks_again = evaluate(batch)
+  np.testing.assert_array_equal(again["loss_draws"], draws)  # evaluation is reproducible
+  # Another batch (same layout, other tokens) gets other times and masks.
+  _, other_masks = evaluate(dict(batch, tokens=np.roll(tokens_BL, 1, axis=1)))
+  assert all((o != m).any() for o, m in zip(other_masks, masks, strict=True))
+
+
+def test_summarize_diffusion_reports_the_spread_of_the_draws():
+  draws = np.array([410.0, 395.0, 430.0, 402.0])
+  sums = {"loss_sum": draws.mean(), "loss_draws": draws, "weight": 100.0, "bytes": 90.0}
+  out = summarize_diffusion(sums, {}, None, byte_level=True)
+  assert out["eval/loss"] == pytest.approx(draws.mean() / 100)
+  assert out["eval/perplexity"] == pytest.approx(math.exp(draws.mean() / 100))
+  assert out["eval/loss_draw_std"] == pytest.approx(np.std(draws / 100, ddof=1), rel=1e-12)
+  assert out["eval/bits_per_byte"] == pytest.approx(draws.mean() / math.log(2) / 90)
+  one = summarize_diffusion(dict(sums, loss_draws=draws[:1]), {}, None, byte_level=False)
+  assert one["eval/loss_draw_std"] == 0.0 and "eval/bits_per_byte" not in one
+
+
+@pytest.mark.parametrize("size", ["tiny", "XS", "S", "M", "L", "1B"])
+def test_every_mdlm_size_is_valid(size):
+  validate_config(mdlm.get_config(f"size={size}"))
+
+
+@pytest.mark.parametrize(
+  "key, value, pattern",
+  [
+    ("schedule", "foo", r"task\.schedule='foo': allowed \['loglinear', 'cosine', 'polynomial'\]"),
+    ("eval_t_samples", 0, r"task\.eval_t_samples=0: must be > 0"),
+    ("schedule_exponent", 0.0, r"task\.schedule_exponent=0\.0: must be > 0"),
+  ],
+)
+def test_validation_names_the_diffusion_keys(key, value, pattern):
+  c = mdlm.get_config("size=tiny")
+  c.task[key] = value
+  with pytest.raises(ValueError, match=pattern):
+    validate_config(c)
+
+
+def test_end_of_run_samples_must_fit_the_diffusion_context():
+  c = mdlm.get_config("size=tiny")
+  c.data.seq_len = 32
+  c.train.sample_tokens = 26
+  c.train.num_samples = 1  # 'def ' (4 bytes) + 26 fits 32
+  validate_config(c)
+  c.train.num_samples = 3  # 'import ' (7 bytes) + 26 does not
+  with pytest.raises(ValueError, match=r"train.sample_tokens=26: .*context \(32\).*\(7 tokens\)"):
+    validate_config(c)
+  c.train.num_samples = 0
+  validate_config(c)
