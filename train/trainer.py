@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from configs import base
 from modeling import registry
 from train import sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
@@ -269,7 +270,9 @@ def load_for_inference(workdir: str):
   if not os.path.exists(path):
     raise ValueError(f"--workdir={workdir!r}: no config.json; is it a fourfold training workdir?")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = base.get_config()  # keys added since the run was saved keep their defaults
+  config.update(saved)
   config.logical_axis_rules = tuple(
     (k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules
   )

@@ -4,6 +4,7 @@ corpus end to end (metrics, exact resume)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -184,3 +185,18 @@ def test_end_of_run_samples_must_fit_the_diffusion_context():
     validate_config(c)
   c.train.num_samples = 0
   validate_config(c)
+
+
+def test_a_workdir_saved_before_a_key_existed_still_loads(mdlm_workdir, tmp_path):
+  """config.json of an older run lacks keys added since: they take base.py's defaults."""
+  old = tmp_path / "old"
+  shutil.copytree(mdlm_workdir, old)
+  path = old / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["model"]["time_conditioning"], saved["task"]["eval_t_samples"]
+  path.write_text(json.dumps(saved))
+  config, model, params, _ = trainer.load_for_inference(str(old))
+  assert config.model.time_conditioning is False and config.task.eval_t_samples == 4
+  assert config.model.family == "diffusion" and not model.cfg.time_conditioning
+  _, _, ref_params, _ = trainer.load_for_inference(str(mdlm_workdir))
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), params, ref_params)))
