@@ -100,7 +100,7 @@ def main(argv):
 
   def ar_run(i):
     key = jax.random.fold_in(rng, i)
-    return decoding.generate(amodel, aparams, prompt_11, n, key, temperature=1.0, eos_id=-1)
+    return decoding.generate(amodel, aparams, prompt_11, n - 1, key, temperature=1.0, eos_id=-1)
 
   sec, _ = timed(ar_run, FLAGS.speed_samples)
   print(f"| AR, KV cache | {n} tokens | {n} | {1 / sec:.2f} | {n / sec:.0f} |", flush=True)

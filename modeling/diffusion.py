@@ -167,20 +167,22 @@ def _ancestral(model, params, z_BL, alphas_N, ts_N, rng, *, temperature, top_p, 
   def body(i, carry):
     z, logits, cache_valid, nfe = carry
     a_t, a_s = alphas_N[i], alphas_N[i + 1]
-    logits, nfe = jax.lax.cond(
-      cache_valid,
-      lambda: (logits, nfe),
-      lambda: (net(z, ts_N[i]), nfe + 1),
-    )
     r_unmask, r_tok = jax.random.split(jax.random.fold_in(rng, i))
     p_unmask = jnp.where(a_t >= 1.0, 1.0, (a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-12))
-    masked = z == MASK_ID
-    unmask = masked & (jax.random.uniform(r_unmask, z.shape) < p_unmask)
-    x0 = _sample_tokens(r_tok, logits, temperature, top_p)
-    new_z = jnp.where(unmask, x0, z)
-    # the cached output stays valid while z does not change (a time-independent denoiser)
-    cache_valid = jnp.logical_and(use_cache, ~jnp.any(unmask))
-    return new_z, logits, cache_valid, nfe
+    unmask = (z == MASK_ID) & (jax.random.uniform(r_unmask, z.shape) < p_unmask)
+    if not use_cache:  # the baseline: the network at every step
+      logits, nfe, cache_valid = net(z, ts_N[i]), nfe + 1, jnp.bool_(True)
+
+    def reveal(logits, nfe):
+      logits, nfe = jax.lax.cond(
+        cache_valid, lambda: (logits, nfe), lambda: (net(z, ts_N[i]), nfe + 1)
+      )
+      return jnp.where(unmask, _sample_tokens(r_tok, logits, temperature, top_p), z), logits, nfe
+
+    revealed = jnp.any(unmask)  # the network is needed only when a token is revealed
+    z, logits, nfe = jax.lax.cond(revealed, reveal, lambda lg, k: (z, lg, k), logits, nfe)
+    # a time-independent denoiser's output stays valid while z does not change
+    return z, logits, cache_valid & ~revealed, nfe
 
   logits0 = jnp.zeros((b, n, model.cfg.vocab_size), jnp.float32)
   z_BL, _, _, nfe = jax.lax.fori_loop(0, steps, body, (z_BL, logits0, jnp.bool_(False), 0))
@@ -204,9 +206,12 @@ def ancestral_sample(
   From t to s < t each masked token is revealed with probability
   (alpha(s) - alpha(t)) / (1 - alpha(t)), drawn from the denoiser's distribution (top-p
   optional); at s = 0 every remaining mask is revealed. Tokens given in `z_BL` (not
-  [MASK]) are clamped: only masked positions ever change. With `use_cache` the network
-  is skipped when no token changed in the previous step, since a time-independent
-  denoiser then gives the same output; a time-conditioned model is always recomputed.
+  [MASK]) are clamped: only masked positions ever change. Which tokens a step reveals
+  does not depend on the network, so with `use_cache` the network runs only at steps that
+  reveal a token and only if a token changed since its last run (a time-independent
+  denoiser then gives the same output): at most one call per generated token, however
+  many steps. Without the cache (and always for a time-conditioned model) it runs at every
+  step. Both draw the same tokens from the same rng.
   """
   ts = time_grid(steps, grid, schedule)
   alphas = np.array(schedule.alpha(jnp.asarray(ts, jnp.float32)))
