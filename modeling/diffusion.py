@@ -285,7 +285,7 @@ def llada_sample(
   """LLaDA's sampler with remasking: (tokens [B, L], network calls = steps).
 
   The span from the first to the last [MASK] is cut into blocks of `block_length` (0: one
-  block), generated left to right (semi-autoregressive); each block gets steps / blocks
+  block; it must divide the span), generated left to right (semi-autoregressive); each block gets steps / blocks
   steps. Each step predicts every masked token, then keeps the predictions of the
   `counts[i]` masked positions of the current block with the highest confidence
   (`low_confidence` remasking: the least confident are masked again) or random ones
@@ -302,13 +302,16 @@ def llada_sample(
     raise ValueError(f"--remasking={remasking!r}: allowed ['low_confidence', 'random']")
   where = np.flatnonzero(masked[0])
   start, stop = int(where[0]), int(where[-1]) + 1
-  block_length = block_length or stop - start
-  if block_length < 1:
-    raise ValueError(f"--block_length={block_length}: must be >= 0 (0: one block)")
-  num_blocks = -(-(stop - start) // block_length)
-  if steps % num_blocks:
+  span = stop - start
+  block_length = block_length or span
+  if block_length < 1 or span % block_length:
     raise ValueError(
-      f"--steps={steps}: must be a multiple of the {num_blocks} blocks of --block_length="
+      f"--block_length={block_length}: must divide the {span} generated positions (0: one block)"
+    )
+  num_blocks = span // block_length
+  if steps < 1 or steps % num_blocks:
+    raise ValueError(
+      f"--steps={steps}: must be a positive multiple of the {num_blocks} blocks of --block_length="
       f"{block_length} over the {stop - start} generated positions"
     )
   per_block = steps // num_blocks

@@ -205,7 +205,7 @@ def test_nelbo_equals_the_entropy_with_an_exact_denoiser(name, exponent):
 # --- samplers on a tiny random model ---------------------------------------------------------
 
 LEN, STEPS = 16, 64
-GIVEN_L = np.r_[0:3, 13:16]  # a 3-token prompt and a 3-token suffix around 10 masks
+GIVEN_L = np.r_[0:2, 14:16]  # a 2-token prompt and a 2-token suffix around 12 masks
 
 
 def diffusion_cfg(**overrides) -> TransformerConfig:
@@ -335,7 +335,7 @@ def test_transfer_counts_are_as_even_as_possible():
   assert diffusion.transfer_counts(10, 4).tolist() == [3, 3, 2, 2]
 
 
-LLADA_STEPS, LLADA_BLOCK = 6, 4  # 10 masks: blocks of 4, 4 and 2, two steps each
+LLADA_STEPS, LLADA_BLOCK = 6, 4  # 12 masks: three blocks of 4, two steps each
 
 
 def run_llada(model, params, z_BL, block_BL, counts_BN, block_of_step_N, rng):
@@ -403,7 +403,7 @@ def test_llada_blocks_go_left_to_right(monkeypatch):
   np.testing.assert_array_equal(out[:, GIVEN_L], z_BL[:, GIVEN_L])
 
   ((_, _, _, block_BL, counts_BN, block_of_step_N, _),) = seen
-  blocks = [np.r_[3:7], np.r_[7:11], np.r_[11:13]]
+  blocks = [np.r_[2:6], np.r_[6:10], np.r_[10:14]]
   for j, positions in enumerate(blocks):
     assert (np.asarray(block_BL)[:, positions] == j).all()
     steps = np.flatnonzero(np.asarray(block_of_step_N) == j)
@@ -426,8 +426,12 @@ def test_llada_blocks_go_left_to_right(monkeypatch):
 
 def test_llada_errors():
   model, params = model_and_params()
-  with pytest.raises(ValueError, match=r"--steps=4: must be a multiple of the 3 blocks"):
+  with pytest.raises(ValueError, match=r"--steps=4: must be a positive multiple of the 3 blocks"):
     diffusion.llada_sample(model, params, layout(), jax.random.key(0), 4, LLADA_BLOCK)
+  with pytest.raises(ValueError, match=r"--block_length=5: must divide the 12 generated"):
+    diffusion.llada_sample(model, params, layout(), jax.random.key(0), 6, 5)
+  with pytest.raises(ValueError, match=r"--steps=0: must be a positive multiple"):
+    diffusion.llada_sample(model, params, layout(), jax.random.key(0), 0, LLADA_BLOCK)
   z_BL = layout()
   z_BL[1, 5] = NUM_SPECIAL  # the rows' masks differ
   with pytest.raises(ValueError, match="same places"):
