@@ -29,6 +29,7 @@ MESHES = {
   "tensor8": {"mesh.data": 1, "mesh.tensor": 8},
   "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
 }
+DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2}
 
 
 def launch(jobs: list[dict], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
@@ -95,8 +96,17 @@ def eight(corpus, single, tmp_path_factory):
     }
   )
   jobs.append({"kind": "memory", "corpus": corpus, "overrides": MESHES["fsdp8"]})
+  jobs.append(
+    {
+      "kind": "train",
+      "corpus": corpus,
+      "workdir": str(root / "diffusion_2x2x2"),
+      "overrides": {**MESHES["2x2x2"], **train, **DIFFUSION},
+    }
+  )
   out = results(launch(jobs, devices=8))
-  return {"root": root, **dict(zip([*MESHES, "from_single", "memory"], out, strict=True))}
+  names = [*MESHES, "from_single", "memory", "diffusion_2x2x2"]
+  return {"root": root, **dict(zip(names, out, strict=True))}
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -108,6 +118,20 @@ def test_sharded_losses_equal_single_device(mesh, single, eight):
   np.testing.assert_allclose(
     eight[mesh]["last"]["eval/loss"], single["last"]["eval/loss"], rtol=RTOL
   )
+
+
+def test_sharded_diffusion_equals_single_device(corpus, eight, tmp_path):
+  """The diffusion objective's times and masks (drawn in the step, antithetic across the
+  global batch) are the same on a 2x2x2 mesh as on one device."""
+  cfg = runner.tiny_config(corpus, {"train.steps": 6, "train.eval_every": 6, **DIFFUSION})
+  last = trainer.run(cfg, str(tmp_path))
+  ref, got = steps(runner.losses(str(tmp_path))), steps(eight["diffusion_2x2x2"]["losses"])
+  assert sorted(got) == sorted(ref) == list(range(1, 7))
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  assert ref[6] < ref[1]
+  got_last = eight["diffusion_2x2x2"]["last"]
+  np.testing.assert_allclose(got_last["eval/loss"], last["eval/loss"], rtol=RTOL)
+  assert "eval/loss_draw_std" in got_last
 
 
 def test_fsdp_holds_an_eighth_per_device(eight):
