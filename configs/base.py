@@ -51,7 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
-  c.model.quant = "none"  # none (bitnet158, bitnet1 quantization-aware training: planned)
+  c.model.quant = (
+    "none"  # none | bitnet158 (ternary weights) | bitnet1 (binary): 8-bit activations, QAT
+  )
   c.model.norm_position = "pre"  # pre (x + f(norm(x))) | post (norm(x + f(x)), BERT)
   c.model.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0: none
   c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
@@ -82,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.learning_rate = 1e-3  # peak learning rate
   c.train.min_learning_rate = 1e-4  # learning rate at the end of the decay
   c.train.warmup_steps = 50  # linear warmup from 0
-  c.train.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.train.schedule = "cosine"  # cosine | linear | constant (after warmup) | two_stage (BitNet)
+  c.train.cooldown_start = 0.5  # two_stage: share of the steps before the cooldown (stage 2)
+  c.train.cooldown_learning_rate = 3e-4  # two_stage: stage 2's peak rate; weight decay is 0 then
   c.train.b1 = 0.9  # AdamW beta1
   c.train.b2 = 0.99  # AdamW beta2
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only

@@ -1,6 +1,7 @@
 """Sample from a trained checkpoint: one CLI for autoregressive and diffusion models.
 
 python -m eval.sample --workdir=runs/x --prompt="def " --num_tokens=200 --temperature=0.8 [--top_k=40] [--top_p=0.95]
+python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
 python -m eval.sample --workdir=runs/mdlm --prompt="ROMEO:" --num_tokens=100 --steps=200 [--sampler=llada --block_length=32] [--suffix=...]
 
 Each family reads the flags its sampler knows (modeling/registry.py); setting another is an
@@ -12,12 +13,12 @@ import time
 import jax
 from absl import app, flags
 
+from eval.packed import load_packed
 from modeling import registry
 from train.trainer import load_for_inference
 
-flags.DEFINE_string(
-  "workdir", None, "a training workdir (config.json + checkpoints/)", required=True
-)
+flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
+flags.DEFINE_string("packed", None, "instead of --workdir: a packed file from eval.export")
 flags.DEFINE_string("prompt", "\n", "text the samples continue; read as the start of a document")
 flags.DEFINE_integer("num_tokens", 200, "new tokens per sample (AR: stops early at EOS)")
 flags.DEFINE_float("temperature", 0.8, "0 is greedy")
@@ -56,11 +57,16 @@ SAMPLER_FLAGS = (
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
+  if bool(FLAGS.workdir) == bool(FLAGS.packed):
+    raise app.UsageError("give one of --workdir or --packed")
+  if FLAGS.packed:
+    config, model, params, tokenizer = load_packed(FLAGS.packed)
+  else:
+    config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
   fam = registry.family(config)
   if fam.sample is None:
     raise app.UsageError(
-      f"--workdir={FLAGS.workdir}: a model.family={config.model.family!r} model does not "
+      f"--workdir={FLAGS.workdir or FLAGS.packed}: a model.family={config.model.family!r} model does not "
       "generate text; evaluate it with python -m eval.main"
     )
   for name in SAMPLER_FLAGS:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from modeling.layers import Dense, DotGeneral
+from modeling.layers import Dense, DotGeneral, Norm
 
 MASK_KINDS = ("causal", "bidirectional")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
@@ -218,6 +218,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   out_init_scale: float = 0.02
   dot_general: DotGeneral = lax.dot_general
+  sub_norm: dict | None = None  # Norm kwargs: SubLN before the output projection (BitNet)
 
   @nn.compact
   def __call__(
@@ -259,6 +260,10 @@ class Attention(nn.Module):
       impl = "xla" if self.impl == "splash" else self.impl
       out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
+    if self.sub_norm is not None:  # over all heads at once, as the fused projection sees them
+      b, n = out_BLHK.shape[:2]
+      out_BLF = Norm(name="sub_norm", **self.sub_norm)(out_BLHK.reshape(b, n, h * k))
+      out_BLHK = out_BLF.reshape(b, n, h, k)
     y_BLD = Dense(
       (x_BLD.shape[-1],),
       ("heads", "head_dim"),

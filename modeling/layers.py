@@ -110,6 +110,7 @@ class Mlp(nn.Module):
   dtype: jnp.dtype = jnp.float32
   out_init_scale: float = 0.02
   dot_general: DotGeneral = lax.dot_general
+  sub_norm: dict | None = None  # Norm kwargs: SubLN before the down projection (BitNet)
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -121,6 +122,8 @@ class Mlp(nn.Module):
     else:
       h_BLF = nn.gelu(up, approximate=True)
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
+    if self.sub_norm is not None:
+      h_BLF = Norm(name="sub_norm", **self.sub_norm)(h_BLF)
     out = Dense(
       (x_BLD.shape[-1],),
       ("mlp",),

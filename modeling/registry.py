@@ -196,6 +196,7 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     num_labels=num_labels(config),
     pooling=config.task.pooling,
     time_conditioning=m.time_conditioning,
+    quant=m.quant,
   )
 
 

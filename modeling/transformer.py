@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from modeling.attention import Attention
 from modeling.layers import Dense, Embed, Mlp, Norm, param_with_axes
+from modeling.quant import make_dot_general
 
 REMAT_POLICIES = {
   "none": None,
@@ -68,6 +69,8 @@ class TransformerConfig:
   num_labels: int = 0  # outputs of the classify / tokens heads
   pooling: str = "cls"  # cls (first token) | mean (over the sequence's tokens)
   time_conditioning: bool = False  # diffusion: add an embedding of the time t to the input
+  quant: str = "none"  # none | bitnet158 | bitnet1: the body's linear layers (modeling/quant.py)
+  quant_deployed: bool = False  # kernels hold already-quantized weights (a packed checkpoint)
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -91,6 +94,11 @@ class Block(nn.Module):
     norm = dict(kind=c.norm, eps=c.norm_eps, use_bias=c.use_bias, dtype=dtype)
     pre = c.norm_position == "pre"
     attn_norm, mlp_norm = Norm(name="attn_norm", **norm), Norm(name="mlp_norm", **norm)
+    quantized = c.quant != "none"
+    linear = dict(
+      dot_general=make_dot_general(c.quant, c.quant_deployed),
+      sub_norm=norm if quantized else None,  # SubLN (BitNet b1.58 2B4T)
+    )
     h_BLD, cache = Attention(
       num_heads=c.num_heads,
       num_kv_heads=c.num_kv_heads,
@@ -105,6 +113,7 @@ class Block(nn.Module):
       dtype=dtype,
       out_init_scale=out_scale,
       name="attn",
+      **linear,
     )(attn_norm(x_BLD) if pre else x_BLD, pos_BL, seg_BL, cache, self.deterministic)
     x_BLD = x_BLD + h_BLD if pre else attn_norm(x_BLD + h_BLD)
     h_BLD = Mlp(
@@ -115,6 +124,7 @@ class Block(nn.Module):
       dtype=dtype,
       out_init_scale=out_scale,
       name="mlp",
+      **linear,
     )(mlp_norm(x_BLD) if pre else x_BLD, self.deterministic)
     x_BLD = x_BLD + h_BLD if pre else mlp_norm(x_BLD + h_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))

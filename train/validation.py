@@ -10,6 +10,7 @@ import ml_collections
 from configs import base
 from modeling import registry
 from modeling.attention import ATTENTION_IMPLS
+from modeling.quant import QUANT_KINDS
 from modeling.transformer import DTYPES, REMAT_POLICIES
 from train.data import make_tokenizer, validate_source
 from train.optim import SCHEDULES
@@ -21,13 +22,18 @@ CHOICES = {
   "model.attention_impl": ATTENTION_IMPLS,
   "model.dtype": tuple(DTYPES),
   "model.remat": tuple(REMAT_POLICIES),
-  "model.quant": ("none",),
+  "model.quant": QUANT_KINDS,
   "model.norm_position": ("pre", "post"),
   "task.pooling": ("cls", "mean"),
   "task.schedule": ("loglinear", "cosine", "polynomial"),
   "train.schedule": SCHEDULES,
 }
-PROBABILITIES = ("task.mask_prob", "task.mask_token_prob", "task.random_token_prob")
+PROBABILITIES = (
+  "task.mask_prob",
+  "task.mask_token_prob",
+  "task.random_token_prob",
+  "train.cooldown_start",
+)
 POSITIVE = (
   "model.num_layers",
   "model.num_heads",
@@ -64,6 +70,7 @@ NON_NEGATIVE = (
   "model.type_vocab_size",
   "model.embed_dim",
   "task.num_labels",
+  "train.cooldown_learning_rate",
 )
 
 
@@ -158,6 +165,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "train.min_learning_rate",
       t.min_learning_rate,
       f"must be <= train.learning_rate={t.learning_rate}",
+    )
+  if t.schedule == "two_stage" and not (
+    t.min_learning_rate <= t.cooldown_learning_rate <= t.learning_rate
+  ):
+    fail(
+      "train.cooldown_learning_rate",
+      t.cooldown_learning_rate,
+      f"must lie between train.min_learning_rate={t.min_learning_rate} and "
+      f"train.learning_rate={t.learning_rate} with train.schedule='two_stage'",
     )
   validate_source(config.data.name, "data.name")
   if config.data.eval_name:
