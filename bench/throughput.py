@@ -7,6 +7,9 @@ appendix B, as in nanoGPT's estimate_mfu), N = the weights used in matmuls.
 The peak is the best float32 (or model.dtype) square-matmul rate measured in
 the same run. The batch is synthetic (full-length documents), so data
 loading is excluded. Last line: tokens_per_sec=... mfu=... peak_gflops=...
+
+With --compare=key=value,... a variant is timed in the same process, alternating with the
+config for --rounds rounds; the last line is then ratio_step_s=<variant / config>.
 """
 
 import time
@@ -33,6 +36,13 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_integer("steps", 10, "timed steps")
 flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 flags.DEFINE_integer("peak_n", 2048, "matmul size for the peak measurement")
+flags.DEFINE_list(
+  "compare",
+  [],
+  "key=value overrides of a variant timed in the same run, alternating with the config "
+  "(e.g. model.quant=bitnet158); prints the variant's step time over the config's",
+)
+flags.DEFINE_integer("rounds", 3, "--compare: alternating timings of each side")
 FLAGS = flags.FLAGS
 
 
@@ -89,10 +99,24 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   }
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n)
+def variant_of(config, overrides: list[str]):
+  """A copy of `config` with `key=value` overrides, each parsed as the key's current type."""
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    for item in overrides:
+      key, sep, value = item.partition("=")
+      if not sep:
+        raise app.UsageError(f"--compare={item!r}: expected key=value")
+      *parents, leaf = key.split(".")
+      node = out
+      for part in parents:
+        node = node[part]
+      old = node[leaf]
+      node[leaf] = value.lower() in ("1", "true") if isinstance(old, bool) else type(old)(value)
+  return out
+
+
+def report(r: dict) -> None:
   print(
     f"params={r['params']:,} compile_s={r['compile_s']:.1f} step_s={r['step_s']:.4f} "
     f"model_gflops_per_step={r['model_gflops_per_step']:.1f} devices={jax.device_count()}"
@@ -100,6 +124,26 @@ def main(argv):
   print(
     f"tokens_per_sec={r['tokens_per_sec']:.0f} mfu={r['mfu']:.3f} peak_gflops={r['peak_gflops']:.1f}"
   )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.compare:
+    report(benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n))
+    return
+  variant = variant_of(FLAGS.config, FLAGS.compare)
+  times = {"config": [], "variant": []}
+  for i in range(FLAGS.rounds):
+    for name, cfg in (("config", FLAGS.config), ("variant", variant)):
+      r = benchmark(cfg, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n)
+      times[name].append(r["step_s"])
+      print(
+        f"round {i + 1} {name}: step_s={r['step_s']:.4f} tokens_per_sec={r['tokens_per_sec']:.0f}"
+      )
+  base, var = (float(np.median(times[k])) for k in ("config", "variant"))
+  print(f"config step_s={base:.4f} variant ({','.join(FLAGS.compare)}) step_s={var:.4f}")
+  print(f"ratio_step_s={var / base:.3f}")
 
 
 if __name__ == "__main__":
