@@ -21,10 +21,13 @@ setup(
     "numpy>=1.26",
     "scipy>=1.11",  # Pearson / Spearman correlations
     "seqeval>=1.2.2",  # entity-level NER F1
+    "gguf>=0.17",  # GGUF export for llama.cpp (eval.export --format=gguf)
   ],
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
     "aot": ["jax[tpu]>=0.10.2,<0.11"],
+    # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement
+    "llamacpp": ["llama-cpp-python>=0.3.9"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",

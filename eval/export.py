@@ -1,19 +1,27 @@
-"""Export a trained checkpoint: `--format=packed` writes BitNet weights at 2 (or 1.6) bits.
+"""Export a trained BitNet checkpoint: the project's packed format, or GGUF for llama.cpp.
 
 python -m eval.export --workdir=runs/bitnet --format=packed --output=runs/bitnet/model.packed.npz [--base3]
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
+python -m eval.export --workdir=runs/bitnet --format=gguf --output=runs/bitnet/model.gguf [--gguf_type=TQ1_0]
 
-The file format is described in eval/packed.py. The command prints the sizes it measured:
-the quantized weights packed against the same weights in float32 and bfloat16, and the
-whole file against all weights in float32.
+The formats are described in eval/packed.py and eval/gguf_export.py. The command prints the
+sizes it measured: packed, the quantized weights against the same weights in float32 and
+bfloat16; GGUF, the bits per ternary weight read back from the file with `gguf`'s reader.
 """
 
+import os
+
+import numpy as np
 from absl import app, flags
 
+from eval.gguf_export import read_tensors, write_gguf
 from eval.packed import write_packed
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
-flags.DEFINE_enum("format", "packed", ["packed"], "packed: the project's own packed checkpoint")
+flags.DEFINE_enum(
+  "format", "packed", ["packed", "gguf"], "packed: the project's own format; gguf: llama.cpp"
+)
+flags.DEFINE_enum("gguf_type", "TQ2_0", ["TQ2_0", "TQ1_0"], "gguf: the ternary tensor type")
 flags.DEFINE_string("output", None, "the file to write")
 flags.DEFINE_bool(
   "base3", False, "packed: five ternary weights per byte (1.6 bits) instead of four"
@@ -30,6 +38,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
+  if FLAGS.format == "gguf":
+    write_gguf(FLAGS.workdir, FLAGS.output, FLAGS.gguf_type)
+    tensors = read_tensors(FLAGS.output)
+    ternary = [v for v in tensors.values() if v[0].startswith("TQ")]
+    n = sum(int(np.prod(shape)) for _, shape, _ in ternary)
+    size = sum(b for _, _, b in ternary)
+    print(f"wrote {FLAGS.output}: {mib(os.path.getsize(FLAGS.output))}, {len(tensors)} tensors")
+    print(
+      f"read back: {len(ternary)} ternary tensors ({FLAGS.gguf_type}), {n:,} weights in "
+      f"{mib(size)}: {8 * size / n:.4f} bits per weight (their float32 scales are separate "
+      "1-element tensors)"
+    )
+    return
   sizes = write_packed(FLAGS.workdir, FLAGS.output, FLAGS.base3)
   n = sizes["quantized_weights"]
   print(f"wrote {FLAGS.output}: {mib(sizes['file_bytes'])}")

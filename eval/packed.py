@@ -36,7 +36,7 @@ def is_quantized(path: tuple[str, ...]) -> bool:
   return path[-1] == "kernel" and any(p in QUANTIZED_PARENTS for p in path[:-2])
 
 
-def _quantize(kind: str, w: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+def quantize_kernel(kind: str, w: jax.Array) -> tuple[np.ndarray, np.ndarray]:
   wq, scale = jax.jit(quant.WEIGHT_QUANTIZERS[kind])(w)
   return np.asarray(wq), np.asarray(scale, np.float32)
 
@@ -53,7 +53,7 @@ def pack_params(params, kind: str, scanned: bool, base3: bool = False) -> dict[s
     slices = list(w) if scanned and path[0] == "blocks" else [w]  # one scale per layer
     codes, scales = [], []
     for s in slices:
-      wq, scale = _quantize(kind, jnp.asarray(s))
+      wq, scale = quantize_kernel(kind, jnp.asarray(s))
       packed = quant.pack_binary(wq) if kind == "bitnet1" else quant.pack_ternary(wq, base3)
       codes.append(packed)
       scales.append(scale)
