@@ -40,18 +40,7 @@ flags.DEFINE_enum(
   "remasking", "low_confidence", ["low_confidence", "random"], "diffusion, llada: what to remask"
 )
 FLAGS = flags.FLAGS
-SAMPLER_FLAGS = (
-  "temperature",
-  "top_k",
-  "top_p",
-  "steps",
-  "sampler",
-  "block_length",
-  "grid",
-  "cache",
-  "suffix",
-  "remasking",
-)
+SAMPLER_FLAGS = sorted({o for fam in registry.FAMILIES.values() for o in fam.sample_options})
 
 
 def main(argv):
