@@ -18,14 +18,12 @@ import os
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from configs import base
 from modeling import quant, registry
 from modeling.transformer import Transformer
 from train.data import make_tokenizer
-from train.trainer import load_for_inference
+from train.trainer import load_for_inference, saved_config
 
 QUANTIZED_PARENTS = ("attn", "mlp")  # BitLinear layers: their kernels are quantized
 SEP = "/"
@@ -126,8 +124,7 @@ def load_packed(path: str):
   if "config" not in arrays:
     raise ValueError(f"--packed={path!r}: not a fourfold packed file (no config)")
   meta = json.loads(arrays["config"].tobytes().decode())
-  config = base.get_config()
-  config.update(ml_collections.ConfigDict(meta["config"]))
+  config = saved_config(meta["config"])
   tokenizer = make_tokenizer(config.data.tokenizer)
   cfg = registry.transformer_config(config, tokenizer.vocab_size)
   model = Transformer(dataclasses.replace(cfg, quant_deployed=True))

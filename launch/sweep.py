@@ -43,11 +43,20 @@ def load_ablation(path: str):
 
 def run_point(ablation, arg: str, workdir: str) -> dict:
   config = ablation.get_config(arg)
-  done = [r for r in read_metrics(workdir) if r.get("step") == config.train.steps]
-  if done and "eval/loss" in done[-1]:
-    last = done[-1]
-  else:
-    last = trainer.run(config, workdir)
+
+  def finished() -> list[dict]:
+    return [
+      r for r in read_metrics(workdir) if r.get("step") == config.train.steps and "eval/loss" in r
+    ]
+
+  if not finished():
+    trainer.run(config, workdir)
+  if not finished():
+    raise RuntimeError(
+      f"{arg}: the run in {workdir} stopped before step {config.train.steps} or has no "
+      "eval/loss there (train.eval_every must be > 0); rerun the sweep to continue it"
+    )
+  last = finished()[-1]  # read back either way: one shape in results.json
   _, _, params, _ = trainer.load_for_inference(workdir)
   return {"params": int(sum(x.size for x in jax.tree.leaves(params))), "metrics": last}
 

@@ -29,3 +29,78 @@ def mdlm_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mdlm_workdir(mdlm_run):
   return mdlm_run[0]
+
+
+STEPS = 24  # per run of TINY_ABLATION
+BITNET_TRAIN = dict(  # TINY_ABLATION's bitnet158 run: the two-stage schedule
+  schedule="two_stage",
+  learning_rate=1e-2,
+  min_learning_rate=1e-3,
+  warmup_steps=3,
+  cooldown_start=0.5,
+  cooldown_learning_rate=3e-3,
+  weight_decay=0.1,
+)
+TINY_ABLATION = f'''"""A tiny ablation for the sweep tests: gpt size=tiny, full precision against bitnet158
+(with the two-stage schedule)."""
+
+from configs import gpt
+
+GRID = ["quant=none", "quant=bitnet158"]
+
+
+def get_config(arg):
+  c = gpt.get_config("size=tiny")
+  c.model.quant = arg.split("=")[1]
+  c.data.tfds_data_dir = TFDS_DIR  # the embedded pystdlib corpus, built here
+  c.data.seq_len = 32
+  c.data.shuffle_window = 16
+  c.train.update(
+    dict(
+      steps={STEPS},
+      batch_size=4,
+      learning_rate=1e-2,
+      min_learning_rate=1e-3,
+      warmup_steps=0,
+      schedule="constant",
+      log_every=1,
+      eval_every={STEPS},
+      eval_steps=1,
+      checkpoint_every={STEPS},
+      num_samples=0,
+      peak_tflops=1.0,
+    )
+  )
+  if c.model.quant == "bitnet158":
+    c.train.update({BITNET_TRAIN!r})
+  return c
+
+
+def summarize(results, outdir):
+  return "\\n".join(
+    f"SUMMARY {{arg}} params={{r['params']}} eval_loss={{r['metrics']['eval/loss']:.4f}}"
+    for arg, r in sorted(results.items())
+  )
+'''
+
+
+def run_sweep(module: str, workdir: str, *flags: str):
+  """python -m launch.sweep, from the repository root."""
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "launch.sweep", f"--config={module}", f"--workdir={workdir}"]
+  return subprocess.run([*cmd, *flags], cwd=repo, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def sweep_run(tmp_path_factory):
+  """(ablation module, sweep workdir, completed process): TINY_ABLATION swept once, shared by
+  the sweep tests, the two-stage training test and the packed-export tests (one pair of
+  trainings, not one per module)."""
+  root = tmp_path_factory.mktemp("sweep")
+  module = root / "tiny_ablation.py"
+  module.write_text(TINY_ABLATION.replace("TFDS_DIR", repr(str(root / "tfds"))))
+  workdir = root / "runs"
+  return module, workdir, run_sweep(str(module), str(workdir))

@@ -60,8 +60,8 @@ def decay_mask(params):
 
 
 def weight_decay_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
-  """`weight_decay`, constant; two_stage: a cosine from `weight_decay` over stage 1
-  (as the one-stage learning rate decays), then 0 in stage 2 (BitNet b1.58 2B4T)."""
+  """`weight_decay`, constant; two_stage: a cosine from `weight_decay` at step 0 over all the
+  steps, cut at the split, then 0 in stage 2 (BitNet b1.58 2B4T)."""
   if t.schedule != "two_stage":
     return optax.constant_schedule(t.weight_decay)
   split = cooldown_step(t)
@@ -71,7 +71,7 @@ def weight_decay_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
   if t.schedule == "two_stage":  # weight decay on a schedule: a hyperparameter in the state
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
       learning_rate=learning_rate_schedule(t),
       b1=t.b1,
       b2=t.b2,

@@ -264,21 +264,27 @@ def finish(config, model, params, tokenizer, workdir: str) -> None:
     print(f"loss curve: {path}", flush=True)
 
 
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """A run's config from its JSON: keys added since it was saved keep base.py's defaults, the
+  axis rules are tuples again, and the mesh is one replica per device (for inference)."""
+  config = base.get_config()
+  config.update(saved)
+  config.logical_axis_rules = tuple(
+    (k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules
+  )
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  return config
+
+
 def load_for_inference(workdir: str):
   """(config, model, params, tokenizer) from a workdir's config.json and latest checkpoint."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"--workdir={workdir!r}: no config.json; is it a fourfold training workdir?")
   with open(path) as f:
-    saved = json.load(f)
-  config = base.get_config()  # keys added since the run was saved keep their defaults
-  config.update(saved)
-  config.logical_axis_rules = tuple(
-    (k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules
-  )
+    config = saved_config(json.load(f))
   tokenizer = make_tokenizer(config.data.tokenizer)
   model, _ = registry.build(config, tokenizer.vocab_size)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   mesh = sharding.make_mesh(config.mesh)
   abstract, _, _ = abstract_state(
     config, model, make_optimizer(config.train), mesh, sharding.rules(config)
