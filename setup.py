@@ -27,7 +27,7 @@ setup(
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
     "aot": ["jax[tpu]>=0.10.2,<0.11"],
     # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement
-    "llamacpp": ["llama-cpp-python>=0.3.9"],
+    "llamacpp": ["llama-cpp-python>=0.3.36"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",
