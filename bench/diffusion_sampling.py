@@ -17,6 +17,7 @@ Sequences are `--length` tokens, one document each, with no prompt (AR: one newl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -42,11 +43,16 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 FLAGS = flags.FLAGS
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _apply(model, params, tokens_BL, pos_BL):
+  return model.apply({"params": params}, tokens_BL, pos_BL, jnp.ones_like(pos_BL))
+
+
 def ar_nll(model, params, tokens_BL: np.ndarray) -> np.ndarray:
   """[B] mean NLL (nats) per token of tokens 2..L under the AR model."""
   b, n = tokens_BL.shape
   pos_BL = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  logits_BLV, _ = jax.jit(model.apply)({"params": params}, tokens_BL, pos_BL, jnp.ones_like(pos_BL))
+  logits_BLV, _ = _apply(model, params, tokens_BL, pos_BL)
   nll_BL = objectives.token_nll(logits_BLV[:, :-1], jnp.asarray(tokens_BL[:, 1:]))
   return np.asarray(nll_BL.mean(-1))
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.decoding import filter_logits
+from eval.decoding import choose_tokens
 from train.data.tokenizers import EOS_ID, MASK_ID
 
 
@@ -142,23 +142,21 @@ def time_grid(steps: int, grid: str, schedule: Schedule) -> np.ndarray:
   raise ValueError(f"--grid={grid!r}: allowed ['uniform', 'alpha']")
 
 
-def _choose(rng, logits_NV, temperature: float, top_p: float) -> jax.Array:
-  if temperature == 0.0:
-    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
-  logits_NV = filter_logits(logits_NV / temperature, 0, top_p)
-  return jax.random.categorical(rng, logits_NV, axis=-1).astype(jnp.int32)
-
-
 def _sample_tokens(rng, logits_BLV, temperature: float, top_p: float) -> jax.Array:
   b, n, v = logits_BLV.shape
-  return _choose(rng, logits_BLV.reshape(b * n, v), temperature, top_p).reshape(b, n)
+  return choose_tokens(logits_BLV.reshape(b * n, v), rng, temperature, 0, top_p).reshape(b, n)
+
+
+def _one_document(z_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(positions, segment ids) of rows that are each one document from position 0."""
+  b, n = z_BL.shape
+  return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), jnp.ones_like(z_BL)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "temperature", "top_p", "use_cache"))
 def _ancestral(model, params, z_BL, alphas_N, ts_N, rng, *, temperature, top_p, use_cache):
   b, n = z_BL.shape
-  pos_BL = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  seg_BL = jnp.ones_like(z_BL)
+  pos_BL, seg_BL = _one_document(z_BL)
   steps = alphas_N.shape[0] - 1
 
   def net(z, t):
@@ -249,9 +247,7 @@ def select_confident(confidence_BL: jax.Array, k_B: jax.Array) -> jax.Array:
 def _llada(
   model, params, z_BL, block_BL, counts_BN, block_of_step_N, rng, *, temperature, top_p, remasking
 ):
-  b, n = z_BL.shape
-  pos_BL = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-  seg_BL = jnp.ones_like(z_BL)
+  pos_BL, seg_BL = _one_document(z_BL)
 
   def body(i, z):
     r_tok, r_conf = jax.random.split(jax.random.fold_in(rng, i))
