@@ -22,6 +22,8 @@ setup(
     "scipy>=1.11",  # Pearson / Spearman correlations
     "seqeval>=1.2.2",  # entity-level NER F1
     "gguf>=0.17",  # GGUF export for llama.cpp (eval.export --format=gguf)
+    "rouge-score>=0.1.2",  # ROUGE-1/2/L of decoded text (encoder-decoder family)
+    "sacrebleu>=2.4",  # BLEU of decoded translations
   ],
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)

@@ -1,7 +1,9 @@
 """Attention: one function for MHA / GQA / MQA, masks, RoPE, and a KV cache.
 
 Masks are built from positions and segment ids, so packed sequences never
-attend across documents, and a KV cache is just keys at known positions.
+attend across documents, and a KV cache is just keys at known positions. An
+additive bias [B, H, L, S] (T5's relative positions) joins the logits; cross-
+attention takes its keys and values from another sequence (the encoder's).
 """
 
 from __future__ import annotations
@@ -63,23 +65,25 @@ def attend(
   mask_B1LS: jax.Array,
   impl: str = "xla",
   causal_blocks: int = 1,
+  bias_BHLS: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention of H query heads over G kv heads (H % G == 0).
 
   `causal_blocks` > 1 promises that query i never sees a key after index i (self-
   attention with a causal mask, packed or not): the queries are then split into that
   many blocks, and each block attends only to the keys up to its end, which skips
-  most of the masked upper triangle. The result is the same.
+  most of the masked upper triangle. The result is the same. `bias_BHLS` (float) is added
+  to the scaled logits.
   """
   if impl == "cudnn":
     return jax.nn.dot_product_attention(
-      q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation="cudnn"
+      q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS, implementation="cudnn"
     )
   if impl != "xla":
     raise ValueError(f"model.attention_impl={impl!r}: allowed {ATTENTION_IMPLS}")
   q_len = q_BLHK.shape[1]
   if causal_blocks <= 1:
-    return _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS)
+    return _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS)
   if q_len % causal_blocks or k_BSGK.shape[1] != q_len:
     raise ValueError(f"causal_blocks={causal_blocks} needs equal q/kv lengths divisible by it")
   size = q_len // causal_blocks
@@ -92,6 +96,7 @@ def attend(
         k_BSGK[:, :kv_end],
         v_BSGK[:, :kv_end],
         mask_B1LS[:, :, q_rows, :kv_end],
+        None if bias_BHLS is None else bias_BHLS[:, :, q_rows, :kv_end],
       )
     )
   return jnp.concatenate(outs, axis=1)
@@ -102,7 +107,7 @@ def causal_blocks_for(q_len: int, block: int = 64) -> int:
   return q_len // block if q_len % block == 0 and q_len >= 2 * block else 1
 
 
-def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
+def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS=None) -> jax.Array:
   b, q_len, h, k = q_BLHK.shape
   g = k_BSGK.shape[2]
   # Heads-major layout, with the R = H / G query heads of a kv group stacked along the
@@ -116,6 +121,10 @@ def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS) -> jax.Array:
   )
   k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
   logits_BGQS = jnp.einsum("bgqk,bgsk->bgqs", q_BGQK, k_BGSK, preferred_element_type=jnp.float32)
+  if bias_BHLS is not None:  # [B, H, L, S] -> [B, G, R * L, S], the layout of the logits
+    s_len = k_BSGK.shape[1]
+    bias_BGQS = jnp.broadcast_to(bias_BHLS, (b, h, q_len, s_len)).reshape(b, g, r * q_len, s_len)
+    logits_BGQS = logits_BGQS + bias_BGQS.astype(jnp.float32)
   mask_B1QS = jnp.tile(mask_B1LS, (1, 1, r, 1)) if r > 1 else mask_B1LS
   logits_BGQS = jnp.where(mask_B1QS, logits_BGQS, _NEG)
   probs_BGQS = jax.nn.softmax(logits_BGQS, axis=-1).astype(v_BSGK.dtype)
@@ -203,7 +212,12 @@ def write_cache(cache_BSGK: jax.Array, new_BLGK: jax.Array, pos_BL: jax.Array) -
 
 
 class Attention(nn.Module):
-  """Self-attention with q/k/v/o projections, optional RoPE and KV cache."""
+  """Self- or cross-attention with q/k/v/o projections, optional RoPE, bias and KV cache.
+
+  Cross-attention (`cross=True`) projects keys and values from `kv_BSD` (the encoder's
+  output, with `kv_pos_BS`, `kv_seg_BS`); with a cache, those keys and values are written
+  once, when `kv_BSD` is given, and read from the cache when it is None.
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -219,6 +233,7 @@ class Attention(nn.Module):
   out_init_scale: float = 0.02
   dot_general: DotGeneral = lax.dot_general
   sub_norm: dict | None = None  # Norm kwargs: SubLN before the output projection (BitNet)
+  cross: bool = False
 
   @nn.compact
   def __call__(
@@ -228,10 +243,16 @@ class Attention(nn.Module):
     seg_BL: jax.Array,
     cache: dict[str, jax.Array] | None = None,
     deterministic: bool = True,
+    bias_BHLS: jax.Array | None = None,
+    kv_BSD: jax.Array | None = None,
+    kv_pos_BS: jax.Array | None = None,
+    kv_seg_BS: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
     h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
     q_BLHK = Dense((h, k), ("embed",), ("heads", "head_dim"), name="query", **dense)(x_BLD)
+    if self.cross:
+      return self._cross(q_BLHK, x_BLD, pos_BL, seg_BL, cache, deterministic, kv_BSD, kv_seg_BS)
     k_BLGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="key", **dense)(x_BLD)
     v_BLGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="value", **dense)(x_BLD)
     if self.rope:
@@ -258,7 +279,30 @@ class Attention(nn.Module):
       causal = self.mask_kind == "causal" and cache is None
       blocks = causal_blocks_for(x_BLD.shape[1]) if causal else 1
       impl = "xla" if self.impl == "splash" else self.impl
-      out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks)
+      out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks, bias_BHLS)
+    return self._output(out_BLHK, x_BLD, deterministic), cache
+
+  def _cross(self, q_BLHK, x_BLD, pos_BL, seg_BL, cache, deterministic, kv_BSD, kv_seg_BS):
+    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    g, k = self.num_kv_heads, self.head_dim
+    if kv_BSD is not None:  # project the encoder's output (training, or the first decode call)
+      k_BSGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="key", **dense)(kv_BSD)
+      v_BSGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="value", **dense)(kv_BSD)
+      if cache is not None:
+        cache = {"k": k_BSGK.astype(cache["k"].dtype), "v": v_BSGK.astype(cache["v"].dtype)}
+    else:
+      k_BSGK, v_BSGK = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+    kv_pos_BS = jnp.zeros(k_BSGK.shape[:2], pos_BL.dtype)  # positions do not matter here
+    q_seg_BL = jnp.ones_like(seg_BL) if cache is not None else seg_BL  # decoding: one example
+    mask = make_mask(pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, "bidirectional")
+    impl = "xla" if self.impl == "splash" else self.impl
+    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl)
+    return self._output(out_BLHK, x_BLD, deterministic), cache
+
+  def _output(self, out_BLHK, x_BLD, deterministic) -> jax.Array:
+    """SubLN (quantized blocks), the output projection and dropout."""
+    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    h, k = self.num_heads, self.head_dim
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     if self.sub_norm is not None:  # over all heads at once, as the fused projection sees them
       b, n = out_BLHK.shape[:2]
@@ -272,4 +316,4 @@ class Attention(nn.Module):
       kernel_init=nn.initializers.normal(self.out_init_scale),
       **dense,
     )(out_BLHK)
-    return nn.Dropout(self.dropout)(y_BLD, deterministic=deterministic), cache
+    return nn.Dropout(self.dropout)(y_BLD, deterministic=deterministic)

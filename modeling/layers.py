@@ -100,8 +100,13 @@ class Norm(nn.Module):
     return y.astype(self.dtype)
 
 
+MLP_KINDS = ("gelu", "relu", "swiglu", "geglu")
+GATED = {"swiglu": nn.silu, "geglu": lambda x: nn.gelu(x, approximate=True)}
+
+
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2, BERT) or gated SwiGLU (Llama)."""
+  """GELU MLP (GPT-2, BERT), ReLU (the original T5), or gated: SwiGLU (Llama), GeGLU
+  (T5 v1.1's gated-GELU)."""
 
   d_ff: int
   kind: str = "gelu"
@@ -116,9 +121,11 @@ class Mlp(nn.Module):
   def __call__(self, x_BLD: jax.Array, deterministic: bool = True) -> jax.Array:
     dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
     up = Dense((self.d_ff,), ("embed",), ("mlp",), name="up", **dense)(x_BLD)
-    if self.kind == "swiglu":
+    if self.kind in GATED:
       gate = Dense((self.d_ff,), ("embed",), ("mlp",), name="gate", **dense)(x_BLD)
-      h_BLF = nn.silu(gate) * up
+      h_BLF = GATED[self.kind](gate) * up
+    elif self.kind == "relu":
+      h_BLF = nn.relu(up)
     else:
       h_BLF = nn.gelu(up, approximate=True)
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))

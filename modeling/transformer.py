@@ -2,6 +2,8 @@
 
 `Transformer` is one stack of blocks with a token embedding and a head; the mask
 kind decides whether it is a decoder (causal) or an encoder (bidirectional).
+`EncoderDecoder` (T5) is two stacks of the same blocks sharing one embedding: a
+bidirectional encoder, and a causal decoder whose blocks add cross-attention.
 Layers may be scanned (`nn.scan`), rematerialized, or all share one set of weights
 (ALBERT). Blocks are pre-norm (GPT-2, Llama, modern encoders) or post-norm (BERT).
 
@@ -17,6 +19,7 @@ their names under any head:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -71,6 +74,9 @@ class TransformerConfig:
   time_conditioning: bool = False  # diffusion: add an embedding of the time t to the input
   quant: str = "none"  # none | bitnet158 | bitnet1: the body's linear layers (modeling/quant.py)
   quant_deployed: bool = False  # kernels hold already-quantized weights (a packed checkpoint)
+  num_decoder_layers: int = 0  # encoder-decoder: decoder blocks; 0: num_layers
+  rel_buckets: int = 32  # position="relative": T5's log-spaced buckets
+  rel_max_distance: int = 128  # position="relative": distances beyond share the last bucket
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -79,16 +85,28 @@ class TransformerConfig:
 
 class Block(nn.Module):
   """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
-  Post-norm: norm(x + attn(x)), then norm(x + mlp(x))."""
+  Post-norm: norm(x + attn(x)), then norm(x + mlp(x)).
+
+  With `cross`, a cross-attention sublayer over the encoder's output sits between the two
+  (T5's decoder). `ctx` holds what every layer shares: the relative-position `bias`, and
+  the encoder's output `enc` (None when decoding from a cache) and `enc_seg`.
+  """
 
   cfg: TransformerConfig
   deterministic: bool = True
+  cross: bool = False
 
   @nn.compact
   def __call__(
-    self, x_BLD: jax.Array, pos_BL: jax.Array, seg_BL: jax.Array, cache: dict | None
+    self,
+    x_BLD: jax.Array,
+    pos_BL: jax.Array,
+    seg_BL: jax.Array,
+    cache: dict | None,
+    ctx: dict | None = None,
   ) -> tuple[jax.Array, dict | None]:
     c = self.cfg
+    ctx = ctx or {}
     dtype = c.jnp_dtype
     out_scale = 0.02 / (2 * c.num_layers) ** 0.5  # GPT-2's scaled init of residual outputs
     norm = dict(kind=c.norm, eps=c.norm_eps, use_bias=c.use_bias, dtype=dtype)
@@ -99,23 +117,51 @@ class Block(nn.Module):
       dot_general=make_dot_general(c.quant, c.quant_deployed),
       sub_norm=norm if quantized else None,  # SubLN (BitNet b1.58 2B4T)
     )
-    h_BLD, cache = Attention(
+    attention = dict(
       num_heads=c.num_heads,
       num_kv_heads=c.num_kv_heads,
       head_dim=c.head_dim,
-      mask_kind=c.mask_kind,
-      window=c.sliding_window,
-      rope=c.position == "rope",
-      rope_theta=c.rope_theta,
       impl=c.attention_impl,
       use_bias=c.use_bias,
       dropout=c.dropout,
       dtype=dtype,
       out_init_scale=out_scale,
-      name="attn",
       **linear,
-    )(attn_norm(x_BLD) if pre else x_BLD, pos_BL, seg_BL, cache, self.deterministic)
+    )
+    self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    h_BLD, self_cache = Attention(
+      mask_kind=c.mask_kind,
+      window=c.sliding_window,
+      rope=c.position == "rope",
+      rope_theta=c.rope_theta,
+      name="attn",
+      **attention,
+    )(
+      attn_norm(x_BLD) if pre else x_BLD,
+      pos_BL,
+      seg_BL,
+      self_cache,
+      self.deterministic,
+      ctx.get("bias"),
+    )
     x_BLD = x_BLD + h_BLD if pre else attn_norm(x_BLD + h_BLD)
+    if self.cross:
+      cross_norm = Norm(name="cross_norm", **norm)
+      cross_cache = None if cache is None else {"k": cache["ck"], "v": cache["cv"]}
+      h_BLD, cross_cache = Attention(cross=True, name="cross_attn", **attention)(
+        cross_norm(x_BLD) if pre else x_BLD,
+        pos_BL,
+        seg_BL,
+        cross_cache,
+        self.deterministic,
+        kv_BSD=ctx.get("enc"),
+        kv_seg_BS=ctx["enc_seg"],
+      )
+      x_BLD = x_BLD + h_BLD if pre else cross_norm(x_BLD + h_BLD)
+    if cache is not None:
+      cache = dict(self_cache)
+      if self.cross:
+        cache.update(ck=cross_cache["k"], cv=cross_cache["v"])
     h_BLD = Mlp(
       d_ff=c.d_ff,
       kind=c.mlp,
@@ -135,6 +181,126 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int) -> dict[str, jax
   """An empty KV cache, stacked over layers: k, v of [layers, B, S, G, K]."""
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
+
+
+def init_encdec_cache(cfg: TransformerConfig, batch: int, src_len: int, length: int) -> dict:
+  """An empty encoder-decoder cache: the decoder's self-attention k, v [layers, B, length,
+  G, K], cross-attention ck, cv [layers, B, src_len, G, K] (written by the first call,
+  which runs the encoder) and the source's segment ids."""
+  layers = cfg.num_decoder_layers or cfg.num_layers
+  self_shape = (layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  cross_shape = (layers, batch, src_len, cfg.num_kv_heads, cfg.head_dim)
+  dt = cfg.jnp_dtype
+  return {
+    "k": jnp.zeros(self_shape, dt),
+    "v": jnp.zeros(self_shape, dt),
+    "ck": jnp.zeros(cross_shape, dt),
+    "cv": jnp.zeros(cross_shape, dt),
+    "src_segment_ids": jnp.zeros((batch, src_len), jnp.int32),
+  }
+
+
+def relative_buckets(
+  rel_BLS: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+  """T5's bucket of each relative position (key position - query position).
+
+  Half the buckets (all of them, one-sided) hold the exact distances 0 .. n/2 - 1; the
+  rest cover n/2 .. max_distance with logarithmically growing widths, and every longer
+  distance shares the last. Bidirectional buckets give keys after the query the upper
+  half. A causal stack only looks back, so later keys fall into bucket 0 (masked anyway).
+  """
+  n = num_buckets // 2 if bidirectional else num_buckets
+  offset_BLS = jnp.where(rel_BLS > 0, n, 0) if bidirectional else jnp.zeros_like(rel_BLS)
+  dist_BLS = jnp.abs(rel_BLS) if bidirectional else jnp.maximum(-rel_BLS, 0)
+  exact = n // 2
+  safe_BLS = jnp.maximum(dist_BLS, exact).astype(jnp.float32)
+  log_BLS = jnp.log(safe_BLS / exact) / jnp.log(max_distance / exact) * (n - exact)
+  far_BLS = jnp.minimum(exact + log_BLS.astype(jnp.int32), n - 1)
+  return offset_BLS + jnp.where(dist_BLS < exact, dist_BLS, far_BLS)
+
+
+class RelativeBias(nn.Module):
+  """[B, H, L, S] additive attention bias: one learned scalar per (bucket, head), shared by
+  every layer of a stack (T5)."""
+
+  num_heads: int
+  bidirectional: bool
+  num_buckets: int = 32
+  max_distance: int = 128
+
+  @nn.compact
+  def __call__(self, q_pos_BL: jax.Array, kv_pos_BS: jax.Array) -> jax.Array:
+    table = param_with_axes(
+      self,
+      "embedding",
+      nn.initializers.normal(0.1),
+      (self.num_buckets, self.num_heads),
+      (None, "heads"),
+    )
+    rel_BLS = kv_pos_BS[:, None, :] - q_pos_BL[:, :, None]
+    buckets_BLS = relative_buckets(rel_BLS, self.bidirectional, self.num_buckets, self.max_distance)
+    return jnp.take(table, buckets_BLS, axis=0).transpose(0, 3, 1, 2)
+
+
+def run_stack(
+  c: TransformerConfig,
+  deterministic: bool,
+  x_BLD: jax.Array,
+  pos_BL: jax.Array,
+  seg_BL: jax.Array,
+  cache: dict | None,
+  ctx: dict | None = None,
+  prefix: str = "",
+  cross: bool = False,
+) -> tuple[jax.Array, dict | None]:
+  """The blocks (scanned, looped, or one shared) and the final norm, as submodules of the
+  calling module named `{prefix}blocks` / `{prefix}block_{i}` / `{prefix}final_norm`.
+  With `position="relative"` it adds `{prefix}rel_bias`, computed once for all layers."""
+  ctx = dict(ctx or {})
+  if c.position == "relative":
+    kv_pos_BS = pos_BL
+    if cache is not None:  # keys sit at their positions in the cache
+      s = cache["k"].shape[2]
+      kv_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=pos_BL.dtype), (pos_BL.shape[0], s))
+    ctx["bias"] = RelativeBias(
+      c.num_heads,
+      c.mask_kind != "causal",
+      c.rel_buckets,
+      c.rel_max_distance,
+      name=f"{prefix}rel_bias",
+    )(pos_BL, kv_pos_BS).astype(c.jnp_dtype)
+  block = Block
+  if c.remat != "none":
+    block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+  if c.share_layers:  # one block, applied num_layers times
+    shared = block(c, deterministic, cross, name=f"{prefix}shared_block")
+    for _ in range(c.num_layers):
+      x_BLD, _ = shared(x_BLD, pos_BL, seg_BL, None, ctx)
+  elif c.scan_layers:
+    stack = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      length=c.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, deterministic, cross, name=f"{prefix}blocks")
+    x_BLD, cache = stack(x_BLD, pos_BL, seg_BL, cache, ctx)
+  else:
+    new_layers = []
+    for i in range(c.num_layers):
+      layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+      x_BLD, layer_cache = block(c, deterministic, cross, name=f"{prefix}block_{i}")(
+        x_BLD, pos_BL, seg_BL, layer_cache, ctx
+      )
+      new_layers.append(layer_cache)
+    if cache is not None:
+      cache = jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
+  if c.norm_position == "pre":
+    norm = dict(kind=c.norm, eps=c.norm_eps, use_bias=c.use_bias, dtype=c.jnp_dtype)
+    x_BLD = Norm(name=f"{prefix}final_norm", **norm)(x_BLD)
+  return x_BLD, cache
 
 
 def pool(x_BLD: jax.Array, seg_BL: jax.Array, kind: str) -> jax.Array:
@@ -217,36 +383,7 @@ class Transformer(nn.Module):
     x_BLD = nn.Dropout(c.dropout)(x_BLE, deterministic=deterministic)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
 
-    block = Block
-    policy = REMAT_POLICIES[c.remat]
-    if c.remat != "none":
-      block = nn.remat(Block, policy=policy, prevent_cse=not c.scan_layers)
-    if c.share_layers:  # one block, applied num_layers times
-      shared = block(c, deterministic, name="shared_block")
-      for _ in range(c.num_layers):
-        x_BLD, _ = shared(x_BLD, positions_BL, segment_ids_BL, None)
-    elif c.scan_layers:
-      stack = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
-        length=c.num_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, deterministic, name="blocks")
-      x_BLD, cache = stack(x_BLD, positions_BL, segment_ids_BL, cache)
-    else:
-      new_layers = []
-      for i in range(c.num_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-        x_BLD, layer_cache = block(c, deterministic, name=f"block_{i}")(
-          x_BLD, positions_BL, segment_ids_BL, layer_cache
-        )
-        new_layers.append(layer_cache)
-      if cache is not None:
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *new_layers)
-    if c.norm_position == "pre":
-      x_BLD = Norm(name="final_norm", **norm)(x_BLD)
+    x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache)
     return self.head(x_BLD, segment_ids_BL, embed, deterministic), cache
 
   def head(self, x_BLD, seg_BL, embed: Embed, deterministic: bool) -> jax.Array:
@@ -286,3 +423,77 @@ class Transformer(nn.Module):
     pooled_BD = nn.Dropout(c.dropout)(pooled_BD, deterministic=deterministic)
     out = Dense((c.num_labels,), ("factor",), ("labels",), True, dtype, name="classifier")
     return out(pooled_BD).astype(jnp.float32)
+
+
+class EncoderDecoder(nn.Module):
+  """T5: token ids of the source (encoder) and of the decoder's input -> logits [B, L, V].
+
+  Training passes both sides; the decoder's input (`targets_in_BL`, the targets shifted
+  right) defaults to the source, which `init` uses. Decoding passes a cache
+  (`init_encdec_cache`): the first call gives the source, runs the encoder once and writes
+  every layer's cross-attention keys and values; later calls pass `tokens_BS=None` and
+  read them from the cache.
+  """
+
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    tokens_BS: jax.Array | None,
+    positions_BS: jax.Array | None,
+    segment_ids_BS: jax.Array | None,
+    cache: dict | None = None,
+    deterministic: bool = True,
+    *,
+    targets_in_BL: jax.Array | None = None,
+    targets_positions_BL: jax.Array | None = None,
+    targets_segment_ids_BL: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict | None]:
+    c = self.cfg
+    dtype = c.jnp_dtype
+    embed = Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed")
+    drop = nn.Dropout(c.dropout)
+    constrain = functools.partial(
+      nn.with_logical_constraint, logical_axis_resources=("act_batch", "act_length", "act_embed")
+    )
+    enc_cfg = dataclasses.replace(c, mask_kind="bidirectional")
+    dec_cfg = dataclasses.replace(
+      c, mask_kind="causal", num_layers=c.num_decoder_layers or c.num_layers
+    )
+    layers = None if cache is None else {k: v for k, v in cache.items() if k != "src_segment_ids"}
+    ctx = {"enc": None}
+    if tokens_BS is not None:
+      x_BSD = constrain(drop(embed(tokens_BS), deterministic=deterministic))
+      ctx["enc"], _ = run_stack(
+        enc_cfg, deterministic, x_BSD, positions_BS, segment_ids_BS, None, prefix="encoder_"
+      )
+      ctx["enc_seg"] = segment_ids_BS
+    else:
+      ctx["enc_seg"] = cache["src_segment_ids"]
+    if targets_in_BL is None:  # init: the source stands in for the decoder's input
+      targets_in_BL, targets_positions_BL, targets_segment_ids_BL = (
+        tokens_BS,
+        positions_BS,
+        segment_ids_BS,
+      )
+    y_BLD = constrain(drop(embed(targets_in_BL), deterministic=deterministic))
+    y_BLD, layers = run_stack(
+      dec_cfg,
+      deterministic,
+      y_BLD,
+      targets_positions_BL,
+      targets_segment_ids_BL,
+      layers,
+      ctx,
+      prefix="decoder_",
+      cross=True,
+    )
+    if c.tie_embeddings:  # the original T5 rescales before its tied output layer
+      logits_BLV = embed.attend(y_BLD * c.d_model**-0.5)
+    else:
+      logits_BLV = Dense((c.vocab_size,), ("embed",), ("vocab",), dtype=dtype, name="head")(y_BLD)
+    logits_BLV = nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+    if cache is not None:
+      cache = {**layers, "src_segment_ids": ctx["enc_seg"]}
+    return logits_BLV.astype(jnp.float32), cache
