@@ -25,24 +25,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""  # TFDS data dir; empty: TFDS's default (~/tensorflow_datasets)
   c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
   c.data.shards = 0  # training-document shards, read by their processes; 0: one per process
+  c.data.target_len = 0  # encdec: decoder length; 0: what span corruption needs / data.seq_len
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = (
-    "decoder"  # decoder | encoder | diffusion (encdec: planned; modeling/registry.py)
-  )
+  c.model.family = "decoder"  # decoder | encoder | encdec (T5) | diffusion (modeling/registry.py)
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
-  c.model.num_layers = 4  # transformer blocks
+  c.model.num_layers = 4  # transformer blocks (encdec: of the encoder)
+  c.model.num_decoder_layers = 0  # encdec: decoder blocks; 0: model.num_layers
   c.model.num_heads = 4  # query heads
   c.model.num_kv_heads = 4  # key/value heads: = num_heads is MHA, 1 is MQA, in between is GQA
   c.model.d_model = 128  # model width
   c.model.d_ff = 512  # MLP hidden width
   c.model.head_dim = 0  # 0: d_model // num_heads
   c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
-  c.model.position = "learned"  # learned | rope | none
+  c.model.position = "learned"  # learned | rope | relative (T5 buckets) | none
+  c.model.rel_buckets = 32  # relative: buckets of T5's log-spaced relative positions
+  c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
   c.model.rope_theta = 10000.0  # RoPE base frequency
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5  # epsilon of the norms
-  c.model.mlp = "gelu"  # gelu | swiglu
+  c.model.mlp = "gelu"  # gelu | relu (T5) | swiglu (Llama) | geglu (T5 v1.1 gated-GELU)
   c.model.use_bias = True  # biases in dense layers and LayerNorm
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
@@ -61,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # diffusion: the model sees the time t (MDLM works without)
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "pretrain"  # pretrain (next token / MLM) | classify | regress | ner | embed
+  c.task.name = (
+    "pretrain"  # pretrain (next token / MLM / spans) | classify | regress | ner | embed | seq2seq
+  )
   c.task.mask_prob = 0.15  # MLM: share of ordinary tokens selected for prediction
   c.task.mask_token_prob = 0.8  # MLM: selected tokens replaced by [MASK]
   c.task.random_token_prob = 0.1  # MLM: selected tokens replaced by a random token (rest kept)
@@ -76,6 +80,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.schedule = "loglinear"  # diffusion noise schedule: loglinear | cosine | polynomial
   c.task.schedule_exponent = 1.0  # diffusion: the exponent of the polynomial schedule 1 - t^w
   c.task.eval_t_samples = 4  # diffusion: time draws averaged per evaluation batch
+  c.task.noise_density = 0.15  # encdec pretrain: share of tokens hidden in spans (T5)
+  c.task.mean_span_length = 3.0  # encdec pretrain: mean length of a hidden span
+  c.task.num_sentinels = 100  # encdec: sentinel ids appended after the tokenizer's vocabulary
+  c.task.mixture = ""  # seq2seq: 'source@rate;source@rate' (Flan-style mixture); empty: data.name
+  c.task.templates = (
+    "t5"  # seq2seq on TFDS: t5 (task prefix) | flan (instructions, one per example)
+  )
+  c.task.inputs_field = "inputs"  # seq2seq: the JSONL key (or TFDS feature) of the input text
+  c.task.targets_field = "targets"  # seq2seq: the JSONL key (or TFDS feature) of the target text
+  c.task.eval_decode = 256  # seq2seq: eval examples decoded for exact match, ROUGE, BLEU; 0: none
+  c.task.beam_size = 1  # seq2seq evaluation decoding: 1 is greedy
+  c.task.length_penalty = 0.6  # beam search: GNMT length penalty exponent alpha
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

@@ -1,7 +1,10 @@
-"""Autoregressive decoding with a KV cache: greedy, temperature, top-k, top-p.
+"""Autoregressive decoding with a KV cache: greedy, temperature, top-k, top-p, beams.
 
-Prefill writes the prompt's keys and values into the cache; then a jitted
-loop feeds one token per step and stops at EOS or after N tokens.
+Prefill writes the prompt's keys and values into the cache (for an encoder-decoder: runs
+the encoder once and writes every layer's cross-attention keys and values); then a
+jitted loop feeds one token per step and stops at EOS or after N tokens. The loops
+take a `step(tokens_B1, pos_B1, cache) -> (logits_BV, cache)`, so both families (and
+tests with a hand-made step) share them.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modeling.transformer import TransformerConfig, init_cache
-from train.data.tokenizers import EOS_ID
+from modeling.transformer import TransformerConfig, init_cache, init_encdec_cache
+from train.data.tokenizers import BOS_ID, EOS_ID
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -42,6 +45,102 @@ def choose_tokens(
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def sample_loop(
+  step,
+  logits_BV,
+  cache,
+  start: int,
+  num_tokens: int,
+  done_B,
+  rng,
+  temperature,
+  top_k,
+  top_p,
+  eos_id,
+):
+  """Tokens [B, N] drawn one at a time from `logits_BV` (the prefill's) on; a row's tokens
+  after its EOS are 0. Token i is fed at position `start + i`."""
+  b = logits_BV.shape[0]
+  rng, sub = jax.random.split(rng)
+  first = jnp.where(done_B, 0, choose_tokens(logits_BV, sub, temperature, top_k, top_p))
+  out_BN = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
+  done_B = done_B | (first == eos_id)
+
+  def body(i, carry):
+    out_BN, cache, done_B, rng = carry
+    tok_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
+    logits_BV, cache = step(tok_B1, jnp.full((b, 1), start + i - 1, jnp.int32), cache)
+    rng, sub = jax.random.split(rng)
+    nxt_B = jnp.where(done_B, 0, choose_tokens(logits_BV, sub, temperature, top_k, top_p))
+    out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, nxt_B[:, None], i, axis=1)
+    return out_BN, cache, done_B | (nxt_B == eos_id), rng
+
+  out_BN, _, done_B, _ = jax.lax.fori_loop(1, num_tokens, body, (out_BN, cache, done_B, rng))
+  return out_BN, done_B
+
+
+def _take_rows(cache, rows_R):
+  """The cache's rows `rows_R` (batch axis 1 of layer-stacked leaves, 0 of the source's
+  segment ids)."""
+
+  def take(path, a):
+    axis = 0 if jax.tree_util.keystr(path).endswith("['src_segment_ids']") else 1
+    return jnp.take(a, rows_R, axis=axis)
+
+  return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def length_penalty(length, alpha: float):
+  """GNMT's ((5 + length) / 6) ** alpha: scores are divided by it to compare lengths."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(
+  step, logits_BV, cache, start: int, num_tokens: int, beam: int, alpha: float, eos_id: int
+) -> tuple[jax.Array, jax.Array]:
+  """(best sequence [B, N], its log-probability [B]) of a beam search of width `beam`.
+
+  Hypotheses are ranked by log-probability / length_penalty(length, alpha); a finished
+  one (EOS) keeps its score and pads with 0, competing with the live ones. `cache` holds
+  B rows; each is repeated per beam. Beam 1 is greedy decoding.
+  """
+  b, v = logits_BV.shape
+  logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32))
+  k = min(beam, v)
+  score_BK, tok_BK = jax.lax.top_k(logp_BV, k)
+  seqs_BKN = jnp.zeros((b, k, num_tokens), jnp.int32).at[:, :, 0].set(tok_BK)
+  done_BK = tok_BK == eos_id
+  len_BK = jnp.ones((b, k), jnp.float32)
+  cache = _take_rows(cache, jnp.repeat(jnp.arange(b), k))
+  pad_V = jnp.full((v,), -jnp.inf).at[0].set(0.0)  # a finished hypothesis only pads
+
+  def body(i, carry):
+    seqs_BKN, score_BK, done_BK, len_BK, cache = carry
+    tok = seqs_BKN[:, :, i - 1].reshape(b * k, 1)
+    logits, cache = step(tok, jnp.full((b * k, 1), start + i - 1, jnp.int32), cache)
+    logp_BKV = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, v)
+    logp_BKV = jnp.where(done_BK[..., None], pad_V, logp_BKV)
+    total_BKV = score_BK[..., None] + logp_BKV
+    new_len_BK = len_BK + ~done_BK
+    rank_BKV = total_BKV / length_penalty(new_len_BK, alpha)[..., None]
+    _, flat_BK = jax.lax.top_k(rank_BKV.reshape(b, k * v), k)
+    parent_BK, tok_BK = flat_BK // v, flat_BK % v
+    pick = functools.partial(jnp.take_along_axis, axis=1)
+    score_BK = pick(total_BKV.reshape(b, k * v), flat_BK)
+    seqs_BKN = pick(seqs_BKN, parent_BK[..., None]).at[:, :, i].set(tok_BK)
+    was_done_BK = pick(done_BK, parent_BK)
+    len_BK = pick(new_len_BK, parent_BK)
+    done_BK = was_done_BK | (tok_BK == eos_id)
+    rows = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
+    return seqs_BKN, score_BK, done_BK, len_BK, _take_rows(cache, rows)
+
+  carry = (seqs_BKN, score_BK, done_BK, len_BK, cache)
+  seqs_BKN, score_BK, done_BK, len_BK, _ = jax.lax.fori_loop(1, num_tokens, body, carry)
+  best_B = jnp.argmax(score_BK / length_penalty(len_BK, alpha), axis=1)
+  rows_B = jnp.arange(b)
+  return seqs_BKN[rows_B, best_B], score_BK[rows_B, best_B]
+
+
 @functools.partial(
   jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "eos_id")
 )
@@ -55,26 +154,16 @@ def _generate(
   logits_BPV, cache = model.apply(
     {"params": params}, prompt_BP, pos_BP, jnp.ones_like(prompt_BP), cache
   )
-  rng, sub = jax.random.split(rng)
-  first = jnp.where(done_B, 0, choose_tokens(logits_BPV[:, -1], sub, temperature, top_k, top_p))
-  out_BN = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
-  done_B = done_B | (first == eos_id)
 
-  def body(i, carry):
-    out_BN, cache, done_B, rng = carry
-    tok_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-    pos_B1 = jnp.full((b, 1), p + i - 1, jnp.int32)
+  def step(tok_B1, pos_B1, cache):
     logits_B1V, cache = model.apply(
       {"params": params}, tok_B1, pos_B1, jnp.ones_like(tok_B1), cache
     )
-    rng, sub = jax.random.split(rng)
-    nxt_B = choose_tokens(logits_B1V[:, 0], sub, temperature, top_k, top_p)
-    nxt_B = jnp.where(done_B, 0, nxt_B)
-    out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, nxt_B[:, None], i, axis=1)
-    return out_BN, cache, done_B | (nxt_B == eos_id), rng
+    return logits_B1V[:, 0], cache
 
-  out_BN, _, done_B, _ = jax.lax.fori_loop(1, num_tokens, body, (out_BN, cache, done_B, rng))
-  return out_BN, done_B
+  return sample_loop(
+    step, logits_BPV[:, -1], cache, p, num_tokens, done_B, rng, temperature, top_k, top_p, eos_id
+  )
 
 
 def generate(
@@ -146,3 +235,108 @@ def complete(model, params, tokenizer, prompt: str, num_tokens: int, rng, **kw) 
   if end.size:
     out = out[: end[0]]
   return prompt + tokenizer.decode(out)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "beam", "alpha"),
+)
+def _seq2seq(model, params, src_BS, rng, *, num_tokens, temperature, top_k, top_p, beam, alpha):
+  b, s = src_BS.shape
+  seg_BS = (src_BS != 0).astype(jnp.int32)
+  pos_BS = jnp.cumsum(seg_BS, axis=1) - 1
+  cache = init_encdec_cache(model.cfg, b, s, num_tokens)
+
+  def decoder_call(tokens, tok_B1, pos_B1, cache):
+    logits_B1V, cache = model.apply(
+      {"params": params},
+      tokens,
+      pos_BS if tokens is not None else None,
+      seg_BS if tokens is not None else None,
+      cache,
+      targets_in_BL=tok_B1,
+      targets_positions_BL=pos_B1,
+      targets_segment_ids_BL=jnp.ones_like(tok_B1),
+    )
+    return logits_B1V[:, 0], cache
+
+  bos_B1 = jnp.full((b, 1), BOS_ID, jnp.int32)
+  logits_BV, cache = decoder_call(src_BS, bos_B1, jnp.zeros_like(bos_B1), cache)  # the encoder
+
+  def step(tok_B1, pos_B1, cache):  # the decoder alone, on the cached cross keys / values
+    return decoder_call(None, tok_B1, pos_B1 + 1, cache)
+
+  if beam > 1:
+    return beam_search(step, logits_BV, cache, 0, num_tokens, beam, alpha, EOS_ID)[0]
+  done_B = jnp.zeros((b,), bool)
+  out_BN, _ = sample_loop(
+    step, logits_BV, cache, 0, num_tokens, done_B, rng, temperature, top_k, top_p, EOS_ID
+  )
+  return out_BN
+
+
+def seq2seq_generate(
+  model: nn.Module,
+  params,
+  src_BS: np.ndarray,
+  num_tokens: int,
+  rng: jax.Array,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
+) -> np.ndarray:
+  """Encoder-decoder output tokens [B, N] for source rows `src_BS` (0-padded on the right);
+  after EOS a row holds 0. `beam_size` > 1 is beam search (temperature, top-k, top-p are
+  for sampling and do not apply to it)."""
+  if beam_size < 1:
+    raise ValueError(f"beam_size={beam_size}: allowed a positive integer")
+  if num_tokens < 1:
+    raise ValueError(f"num_tokens={num_tokens}: allowed a positive integer")
+  out = _seq2seq(
+    model,
+    params,
+    jnp.asarray(src_BS, jnp.int32),
+    rng,
+    num_tokens=int(num_tokens),
+    temperature=float(temperature),
+    top_k=int(top_k),
+    top_p=float(top_p),
+    beam=int(beam_size),
+    alpha=float(length_penalty),
+  )
+  return np.asarray(out)
+
+
+def text_of(tokenizer, ids_N: np.ndarray) -> str:
+  """Text of generated ids up to the first EOS; ids outside the tokenizer (sentinels) are
+  dropped."""
+  ids_N = np.asarray(ids_N)
+  end = np.flatnonzero(ids_N == EOS_ID)
+  ids_N = ids_N[: end[0]] if end.size else ids_N
+  return tokenizer.decode(ids_N[ids_N < tokenizer.vocab_size])
+
+
+def seq2seq_texts(
+  model,
+  params,
+  tokenizer,
+  sources: list[np.ndarray],
+  num_tokens: int,
+  rng,
+  batch_size: int = 32,
+  **options,
+) -> list[str]:
+  """Decoded text of every source (token ids), `batch_size` at a time, padded to the
+  longest source of the batch."""
+  out = []
+  for i in range(0, len(sources), batch_size):
+    chunk = sources[i : i + batch_size]
+    src = np.zeros((batch_size, max(len(x) for x in chunk)), np.int32)
+    for j, ids in enumerate(chunk):
+      src[j, : len(ids)] = ids
+    src[len(chunk) :, 0] = EOS_ID  # filler rows keep one real token
+    ids_BN = seq2seq_generate(model, params, src, num_tokens, jax.random.fold_in(rng, i), **options)
+    out += [text_of(tokenizer, ids_BN[j]) for j in range(len(chunk))]
+  return out

@@ -42,4 +42,4 @@ def evaluate_workdir(
     return sharding.to_global(local, batch_sh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return {own: run_eval(config, tokenizer, params, eval_step, to_global)}
+    return {own: run_eval(config, tokenizer, params, eval_step, to_global, model)}

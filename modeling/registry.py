@@ -8,13 +8,16 @@ import functools
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import ml_collections
+import numpy as np
 
 from eval import decoding
 from modeling import diffusion
-from modeling.transformer import Transformer, TransformerConfig
+from modeling.layers import GATED
+from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from train import data, objectives
-from train.data import labeled
+from train.data import labeled, seq2seq
 from train.data.tokenizers import CLS_ID, EOS_ID, SEP_ID
 
 
@@ -47,6 +50,53 @@ class Task:
   train_data: Callable = _packed_train  # (config, tokenizer, family, **kw) -> iterator
   eval_data: Callable = _packed_eval  # (config, tokenizer, family, **kw) -> batches
   summarize: Callable = objectives.summarize_lm  # (sums, rows, byte_level) -> metrics
+  # (config, model, params, tokenizer) -> metrics of decoded text, added to each evaluation
+  decode_metrics: Callable | None = None
+
+
+def _span_rows(config, tokenizer):
+  return seq2seq.span_rows_fn(config, tokenizer.vocab_size)
+
+
+def _span_train(config, tokenizer, fam, **kw):
+  return _packed_train(config, tokenizer, fam, rows_fn=_span_rows(config, tokenizer), **kw)
+
+
+def _span_eval(config, tokenizer, fam, **kw):
+  return _packed_eval(config, tokenizer, fam, rows_fn=_span_rows(config, tokenizer), **kw)
+
+
+def _seq2seq_train(config, tokenizer, fam, **kw):
+  return seq2seq.seq2seq_train_iterator(config, tokenizer, **kw)
+
+
+def _seq2seq_eval(config, tokenizer, fam, **kw):
+  return seq2seq.seq2seq_eval_batches(config, tokenizer, **kw)
+
+
+def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
+  """Exact match, ROUGE and BLEU of the first `task.eval_decode` evaluation examples,
+  decoded greedily (or with `task.beam_size` beams) up to `data.target_len` tokens."""
+  from eval.metrics import text_metrics
+
+  t = config.task
+  if not t.eval_decode:
+    return {}
+  sources, _, refs = seq2seq.decode_examples(config, tokenizer, t.eval_decode)
+  preds = decoding.seq2seq_texts(
+    model,
+    params,
+    tokenizer,
+    sources,
+    seq2seq.target_len(config),
+    jax.random.PRNGKey(config.seed),
+    batch_size=config.train.eval_batch_size or config.train.batch_size,
+    src_len=config.data.seq_len,
+    temperature=0.0,
+    beam_size=t.beam_size,
+    length_penalty=t.length_penalty,
+  )
+  return text_metrics(preds, refs)
 
 
 def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
@@ -62,6 +112,18 @@ def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng,
   )
 
 
+def _sample_seq2seq(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  """The prompt is the encoder's input; the text returned is the decoder's output."""
+  del config
+  ids = tokenizer.encode(prompt)
+  if ids.size == 0:
+    raise ValueError("--prompt must be non-empty: it is the encoder's input")
+  src = np.concatenate([ids, [EOS_ID]])[None].astype(np.int32)
+  out = decoding.seq2seq_generate(model, params, src, num_tokens, rng, **opts)[0]
+  text = decoding.text_of(tokenizer, out)
+  return text, 1 + int(np.count_nonzero(out))  # the encoder and first step, then one per token
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   mask_kind: str
@@ -73,6 +135,8 @@ class Family:
   # calls); None: the family does not generate text
   sample: Callable | None = None
   sample_options: tuple[str, ...] = ()  # the eval.sample flags its sampler reads
+  model: type = Transformer  # the flax module: one stack, or encoder + decoder
+  sentinels: bool = False  # task.num_sentinels ids follow the tokenizer's vocabulary (T5)
 
 
 ENCODER_TASKS = {
@@ -122,7 +186,7 @@ FAMILIES: dict[str, Family] = {
     doc_prefix=(),
     doc_suffix=(EOS_ID,),
     sample=_sample_diffusion,
-    sample_options=(
+    sample_options=(  # diffusion
       "temperature",
       "top_p",
       "steps",
@@ -135,6 +199,30 @@ FAMILIES: dict[str, Family] = {
     ),
   ),
 }
+
+
+# T5: a bidirectional encoder and a causal decoder with cross-attention; pretraining is
+# span corruption (in the data pipeline), fine-tuning text-to-text, both teacher-forced.
+FAMILIES["encdec"] = Family(
+  "bidirectional",
+  {
+    "pretrain": Task("lm", objectives.make_seq2seq, _span_train, _span_eval),
+    "seq2seq": Task(
+      "lm",
+      objectives.make_seq2seq,
+      _seq2seq_train,
+      _seq2seq_eval,
+      decode_metrics=decode_eval_metrics,
+    ),
+  },
+  autoregressive=True,
+  doc_prefix=(),
+  doc_suffix=(EOS_ID,),
+  sample=_sample_seq2seq,
+  sample_options=("temperature", "top_k", "top_p", "beam_size", "length_penalty"),
+  model=EncoderDecoder,
+  sentinels=True,
+)
 
 
 def family(config: ml_collections.ConfigDict) -> Family:
@@ -165,8 +253,9 @@ def num_labels(config: ml_collections.ConfigDict) -> int:
 def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
   """The frozen model config; layers see only this, never the whole config."""
   m = config.model
+  fam = family(config)
   return TransformerConfig(
-    vocab_size=m.vocab_size or vocab_size,
+    vocab_size=m.vocab_size or vocab_size + (config.task.num_sentinels if fam.sentinels else 0),
     num_layers=m.num_layers,
     num_heads=m.num_heads,
     num_kv_heads=m.num_kv_heads,
@@ -174,7 +263,7 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     d_ff=m.d_ff,
     head_dim=m.head_dim or m.d_model // m.num_heads,
     max_len=m.max_len or config.data.seq_len,
-    mask_kind=family(config).mask_kind,
+    mask_kind=fam.mask_kind,
     position=m.position,
     rope_theta=m.rope_theta,
     norm=m.norm,
@@ -197,6 +286,9 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     pooling=config.task.pooling,
     time_conditioning=m.time_conditioning,
     quant=m.quant,
+    num_decoder_layers=(m.num_decoder_layers or m.num_layers) if fam.model is EncoderDecoder else 0,
+    rel_buckets=m.rel_buckets,
+    rel_max_distance=m.rel_max_distance,
   )
 
 
@@ -204,7 +296,7 @@ def build(
   config: ml_collections.ConfigDict, vocab_size: int
 ) -> tuple[nn.Module, objectives.Objective]:
   """(model, objective) for the configured family and task."""
-  model = Transformer(transformer_config(config, vocab_size))
+  model = family(config).model(transformer_config(config, vocab_size))
   return model, task(config).objective(config, vocab_size)
 
 
@@ -212,17 +304,21 @@ def matmul_params(cfg: TransformerConfig) -> int:
   """Weights that take part in a matmul per token (the N of 6N).
 
   Embedding lookups are not matmuls; the output head is, tied or not. Shared layers
-  (ALBERT) count once per application, since each application is a matmul.
+  (ALBERT) count once per application, since each application is a matmul. An
+  encoder-decoder (`num_decoder_layers` > 0) adds its decoder blocks, each with a second
+  (cross-)attention, counting one target token per source token.
   """
   d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   e = cfg.embed_dim or d
   attn = d * h * k * 2 + d * g * k * 2
-  mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
+  mlp = d * f * (3 if cfg.mlp in GATED else 2)
   head = {"lm": d * cfg.vocab_size, "mlm": d * e + e * cfg.vocab_size}.get(cfg.head, 0)
   proj = d * e if e != d else 0
-  return cfg.num_layers * (attn + mlp) + head + proj
+  decoder = cfg.num_decoder_layers * (2 * attn + mlp)
+  return cfg.num_layers * (attn + mlp) + decoder + head + proj
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   """Training FLOPs per token: 6N + 12 * layers * heads * head_dim * seq_len (PaLM, nanoGPT)."""
-  return 6 * matmul_params(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  layers = cfg.num_layers + 2 * cfg.num_decoder_layers  # decoder: self- and cross-attention
+  return 6 * matmul_params(cfg) + 12 * layers * cfg.num_heads * cfg.head_dim * seq_len

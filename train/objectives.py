@@ -18,7 +18,7 @@ import numpy as np
 import scipy.stats
 
 from modeling import diffusion
-from train.data.tokenizers import MASK_ID, NUM_SPECIAL
+from train.data.tokenizers import BOS_ID, MASK_ID, NUM_SPECIAL
 
 Objective = Callable[..., dict[str, jax.Array]]
 
@@ -63,6 +63,42 @@ def causal_lm(
     "correct": jnp.sum(correct_BL * weights_BL),
     "bytes": jnp.sum(weights_BL * (targets_BL >= NUM_SPECIAL)),
   }
+
+
+def shift_right(targets_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+  """The decoder's input: each target's predecessor in its packed example, BOS first."""
+  previous_BL = jnp.pad(targets_BL, ((0, 0), (1, 0)))[:, :-1]
+  return jnp.where(positions_BL == 0, BOS_ID, previous_BL)
+
+
+def make_seq2seq(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """Encoder-decoder teacher forcing (span corruption and seq2seq alike): cross-entropy of
+  every target token given the source and the targets before it."""
+  del config, vocab_size
+
+  def seq2seq(model, params, batch, rng, deterministic):
+    targets_BL, seg_BL = batch["targets"], batch["targets_segment_ids"]
+    logits_BLV, _ = model.apply(
+      {"params": params},
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      deterministic=deterministic,
+      rngs={"dropout": rng},
+      targets_in_BL=shift_right(targets_BL, batch["targets_positions"]),
+      targets_positions_BL=batch["targets_positions"],
+      targets_segment_ids_BL=seg_BL,
+    )
+    weights_BL = (seg_BL > 0).astype(jnp.float32)
+    nll_BL = token_nll(logits_BLV, targets_BL)
+    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+    return {
+      "loss_sum": jnp.sum(nll_BL * weights_BL),
+      "weight": jnp.sum(weights_BL),
+      "correct": jnp.sum(correct_BL * weights_BL),
+    }
+
+  return seq2seq
 
 
 def mask_tokens(

@@ -55,11 +55,12 @@ def abstract_state(config, model, tx, mesh, rules):
   return abstract, shardings, init_fn
 
 
-def run_eval(config, tokenizer, params, eval_step, to_global) -> dict[str, float]:
+def run_eval(config, tokenizer, params, eval_step, to_global, model=None) -> dict[str, float]:
   """The task's metrics over its evaluation split (`train.eval_steps` batches; 0: all).
 
   `eval_step(params, batch)` returns sums, added over batches, and per-row values
-  (keys `rows/...`), concatenated; the task's summarize turns both into metrics.
+  (keys `rows/...`), concatenated; the task's summarize turns both into metrics. Tasks
+  that generate text (seq2seq) add metrics of decoded text when given the `model`.
   """
   t, n_proc = config.train, jax.process_count()
   fam, task = registry.family(config), registry.task(config)
@@ -81,7 +82,10 @@ def run_eval(config, tokenizer, params, eval_step, to_global) -> dict[str, float
   if sums is None:
     raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
   rows = {k: np.concatenate(v) for k, v in rows.items()}
-  return task.summarize(sums, rows, config, tokenizer.is_byte_level)
+  metrics = task.summarize(sums, rows, config, tokenizer.is_byte_level)
+  if task.decode_metrics is not None and model is not None:
+    metrics.update(task.decode_metrics(config, model, params, tokenizer))
+  return metrics
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -175,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
 
   def evaluate(params) -> dict[str, float]:
-    return run_eval(config, tokenizer, params, eval_step, to_global)
+    return run_eval(config, tokenizer, params, eval_step, to_global, model)
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main)

@@ -10,15 +10,16 @@ import ml_collections
 from configs import base
 from modeling import registry
 from modeling.attention import ATTENTION_IMPLS
+from modeling.layers import MLP_KINDS
 from modeling.quant import QUANT_KINDS
 from modeling.transformer import DTYPES, REMAT_POLICIES
 from train.data import make_tokenizer, validate_source
 from train.optim import SCHEDULES
 
 CHOICES = {
-  "model.position": ("learned", "rope", "none"),
+  "model.position": ("learned", "rope", "relative", "none"),
   "model.norm": ("layernorm", "rmsnorm"),
-  "model.mlp": ("gelu", "swiglu"),
+  "model.mlp": MLP_KINDS,
   "model.attention_impl": ATTENTION_IMPLS,
   "model.dtype": tuple(DTYPES),
   "model.remat": tuple(REMAT_POLICIES),
@@ -26,6 +27,7 @@ CHOICES = {
   "model.norm_position": ("pre", "post"),
   "task.pooling": ("cls", "mean"),
   "task.schedule": ("loglinear", "cosine", "polynomial"),
+  "task.templates": ("t5", "flan"),
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = (
@@ -33,6 +35,7 @@ PROBABILITIES = (
   "task.mask_token_prob",
   "task.random_token_prob",
   "train.cooldown_start",
+  "task.noise_density",
 )
 POSITIVE = (
   "model.num_layers",
@@ -47,6 +50,10 @@ POSITIVE = (
   "train.log_every",
   "task.eval_t_samples",
   "task.schedule_exponent",
+  "task.mean_span_length",
+  "task.num_sentinels",
+  "task.beam_size",
+  "model.rel_max_distance",
 )
 NON_NEGATIVE = (
   "model.vocab_size",
@@ -71,6 +78,10 @@ NON_NEGATIVE = (
   "model.embed_dim",
   "task.num_labels",
   "train.cooldown_learning_rate",
+  "data.target_len",
+  "model.num_decoder_layers",
+  "task.eval_decode",
+  "task.length_penalty",
 )
 
 
@@ -175,7 +186,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"must lie between train.min_learning_rate={t.min_learning_rate} and "
       f"train.learning_rate={t.learning_rate} with train.schedule='two_stage'",
     )
-  validate_source(config.data.name, "data.name")
+  if m.position == "relative" and (m.rel_buckets < 4 or m.rel_buckets % 2):
+    fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
+  if m.position == "relative" and m.attention_impl == "splash":
+    fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
+  if registry.family(config).sentinels:
+    _validate_encdec(config)
+  else:
+    validate_source(config.data.name, "data.name")
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
   tokenizer = make_tokenizer(config.data.tokenizer)
@@ -192,3 +210,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"({context}) with their longest prompt ({longest} tokens); lower it or set "
         "train.num_samples=0",
       )
+
+
+def _validate_encdec(config: ml_collections.ConfigDict) -> None:
+  """T5: positions, span corruption lengths, sentinels and the seq2seq sources."""
+  from train.data import seq2seq
+
+  m, t, d = config.model, config.task, config.data
+  if m.position == "learned":
+    fail(
+      "model.position",
+      m.position,
+      "model.family='encdec' allows 'relative' (T5), 'rope' or 'none': no absolute table",
+    )
+  if not 0 < t.noise_density < 1:
+    fail("task.noise_density", t.noise_density, "must lie strictly between 0 and 1")
+  seq2seq.target_len(config)  # raises on a data.target_len too short for span corruption
+  tokenizer = make_tokenizer(d.tokenizer)
+  if m.vocab_size and m.vocab_size < tokenizer.vocab_size + t.num_sentinels:
+    fail(
+      "model.vocab_size",
+      m.vocab_size,
+      f"must be 0 or >= the tokenizer's {tokenizer.vocab_size} + task.num_sentinels="
+      f"{t.num_sentinels}",
+    )
+  if t.name == "pretrain":
+    seq2seq.span_rows_fn(config, tokenizer.vocab_size)  # raises on too few sentinels
+    validate_source(d.name, "data.name")
+  else:
+    for name, _ in seq2seq.parse_mixture(config):
+      validate_source(name, "task.mixture" if t.mixture else "data.name")

@@ -114,7 +114,15 @@ class ShardedBatches(grain.DatasetIterator):
 
 
 def _shard_batches(
-  docs, shard: int, num_shards: int, data_cfg, tokenizer: Tokenizer, rows: int, seed: int, frame
+  docs,
+  shard: int,
+  num_shards: int,
+  data_cfg,
+  tokenizer: Tokenizer,
+  rows: int,
+  seed: int,
+  frame,
+  rows_fn=None,
 ) -> grain.DatasetIterator:
   """Infinite batches of `rows` packed rows from documents shard, shard + num_shards, ..."""
   mine = grain.MapDataset.source(docs)[shard::num_shards]
@@ -124,7 +132,10 @@ def _shard_batches(
     )
   epochs = mine.shuffle(seed=seed).repeat()
   tokenized = _tokenized_docs(epochs, tokenizer, frame).to_iter_dataset()
-  packed = _packed_rows(tokenized, data_cfg.seq_len)
+  if rows_fn is None:
+    packed = _packed_rows(tokenized, data_cfg.seq_len)
+  else:
+    packed = rows_fn(tokenized, seed + 7919 * shard)
   packed = grain.experimental.WindowShuffleIterDataset(
     packed, window_size=data_cfg.shuffle_window, seed=seed
   )
@@ -143,8 +154,12 @@ def train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   frame: tuple = DECODER_FRAME,
+  rows_fn=None,
 ) -> grain.DatasetIterator:
   """Infinite packed training batches of this process's `batch_size` rows.
+
+  `rows_fn(documents, seed)`, if given, turns the stream of tokenized documents into the
+  rows instead of packing them (T5's span corruption, `train/data/seq2seq.py`).
 
   The documents are split into `data.shards` shards (0: one per process), document
   k going to shard k % shards. Every global batch takes an equal number of rows from
@@ -173,7 +188,7 @@ def train_iterator(
   return ShardedBatches(
     [
       _shard_batches(
-        docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed, frame
+        docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed, frame, rows_fn
       )
       for k in range(first, first + per_process)
     ]
@@ -195,6 +210,7 @@ def eval_batches(
   process_index: int = 0,
   process_count: int = 1,
   frame: tuple = DECODER_FRAME,
+  rows_fn=None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """The validation data, once, in order, as packed batches of `batch_size` rows.
 
@@ -212,8 +228,16 @@ def eval_batches(
   else:
     docs = load_documents(data_cfg.name, "validation", data_cfg)
   rows = _tokenized_docs(grain.MapDataset.source(docs), tokenizer, frame).to_iter_dataset()
+  rows = _packed_rows(rows, data_cfg.seq_len) if rows_fn is None else rows_fn(rows, 0)
+  return batch_eval_rows(rows, batch_size, max_batches, process_index, process_count)
+
+
+def batch_eval_rows(
+  rows: grain.IterDataset, batch_size: int, max_batches: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Global batches of the rows, the last padded with all-zero rows; this process's part."""
   global_size = batch_size * process_count
-  batches = _packed_rows(rows, data_cfg.seq_len).batch(global_size, drop_remainder=False)
+  batches = rows.batch(global_size, drop_remainder=False)
   mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
   batches = batches.map(lambda b: {k: v[mine] for k, v in _pad_rows(b, global_size).items()})
   if max_batches:

@@ -1,0 +1,54 @@
+"""T5 encoder-decoder: span-corruption pretraining, then text-to-text fine-tuning.
+
+`--config=configs/t5.py:size=tiny,variant=v1_1,task=pretrain`. Variants:
+  v1_1      T5 v1.1: RMSNorm without biases, gated-GELU MLP, untied output head, no
+            dropout in pretraining; relative position bias (32 log buckets up to 128),
+            shared by the layers of each stack
+  original  T5 (2019): ReLU MLP, tied embeddings (output rescaled by d_model^-0.5)
+Sizes (encoder = decoder layers; parameters with the byte tokenizer plus 100 sentinels,
+v1_1; see the README's table):
+  tiny  2 x 64,   4 heads, d_ff 128      tests
+  XS    4 x 128,  4 heads, d_ff 256      CPU-sized
+  S     8 x 512,  6 heads of 64, d_ff 1024   T5 v1.1 small's body
+  M     12 x 768, 12 heads, d_ff 2048   T5 v1.1 base's body
+  L     24 x 1024, 16 heads, d_ff 2816  T5 v1.1 large's body
+Tasks: pretrain (span corruption of data.name's documents; the embedded corpus by
+default) or seq2seq (data.name / task.mixture as text-to-text pairs).
+"""
+
+from configs import base
+
+SIZES = {
+  "tiny": dict(num_layers=2, d_model=64, num_heads=4, d_ff=128),
+  "XS": dict(num_layers=4, d_model=128, num_heads=4, d_ff=256),
+  "S": dict(num_layers=8, d_model=512, num_heads=6, head_dim=64, d_ff=1024),
+  "M": dict(scan_layers=True, num_layers=12, d_model=768, num_heads=12, d_ff=2048),
+  "L": dict(scan_layers=True, num_layers=24, d_model=1024, num_heads=16, d_ff=2816),
+}
+VARIANTS = {
+  "v1_1": dict(mlp="geglu", tie_embeddings=False),
+  "original": dict(mlp="relu", tie_embeddings=True, dropout=0.1),
+}
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_args(arg, {"size": "XS", "variant": "v1_1", "task": "pretrain"})
+  c = base.get_config()
+  c.model.family = "encdec"
+  c.model.position = "relative"
+  c.model.norm = "rmsnorm"
+  c.model.norm_eps = 1e-6
+  c.model.use_bias = False
+  c.model.update(base.choose("size", args["size"], SIZES))
+  c.model.update(base.choose("variant", args["variant"], VARIANTS))
+  c.model.num_kv_heads = c.model.num_heads
+  c.task.name = base.choose("task", args["task"], {"pretrain": "pretrain", "seq2seq": "seq2seq"})
+  c.data.seq_len = 128  # encoder tokens; span corruption's targets then take 29
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 100
+  c.train.num_samples = 0  # span-corruption inputs hold sentinels no prompt can type
+  if c.task.name == "seq2seq":
+    c.data.target_len = 128
+    c.model.dropout = 0.1
+    c.train.learning_rate = 1e-3
+  return c
