@@ -326,14 +326,16 @@ def seq2seq_texts(
   num_tokens: int,
   rng,
   batch_size: int = 32,
+  src_len: int = 0,
   **options,
 ) -> list[str]:
-  """Decoded text of every source (token ids), `batch_size` at a time, padded to the
-  longest source of the batch."""
+  """Decoded text of every source (token ids), `batch_size` at a time, padded to `src_len`
+  (0: the longest source), so one program serves every batch."""
   out = []
+  src_len = src_len or max(len(x) for x in sources)
   for i in range(0, len(sources), batch_size):
     chunk = sources[i : i + batch_size]
-    src = np.zeros((batch_size, max(len(x) for x in chunk)), np.int32)
+    src = np.zeros((batch_size, src_len), np.int32)
     for j, ids in enumerate(chunk):
       src[j, : len(ids)] = ids
     src[len(chunk) :, 0] = EOS_ID  # filler rows keep one real token

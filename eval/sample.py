@@ -3,6 +3,7 @@
 python -m eval.sample --workdir=runs/x --prompt="def " --num_tokens=200 --temperature=0.8 [--top_k=40] [--top_p=0.95]
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
 python -m eval.sample --workdir=runs/mdlm --prompt="ROMEO:" --num_tokens=100 --steps=200 [--sampler=llada --block_length=32] [--suffix=...]
+python -m eval.sample --workdir=runs/t5_reverse --prompt="reverse: hello" --num_tokens=32 --beam_size=4
 
 Each family reads the flags its sampler knows (modeling/registry.py); setting another is an
 error, not silently ignored.
@@ -19,7 +20,9 @@ from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
 flags.DEFINE_string("packed", None, "instead of --workdir: a packed file from eval.export")
-flags.DEFINE_string("prompt", "\n", "text the samples continue; read as the start of a document")
+flags.DEFINE_string(
+  "prompt", "\n", "text the samples continue (read as a document's start); encdec: the input"
+)
 flags.DEFINE_integer("num_tokens", 200, "new tokens per sample (AR: stops early at EOS)")
 flags.DEFINE_float("temperature", 0.8, "0 is greedy")
 flags.DEFINE_integer("top_k", 0, "AR: keep the k most likely tokens; 0 keeps all")
@@ -39,6 +42,8 @@ flags.DEFINE_string("suffix", "", "diffusion: text clamped after the generated s
 flags.DEFINE_enum(
   "remasking", "low_confidence", ["low_confidence", "random"], "diffusion, llada: what to remask"
 )
+flags.DEFINE_integer("beam_size", 1, "encdec: beam search width; 1: sample (or greedy at 0)")
+flags.DEFINE_float("length_penalty", 0.6, "encdec, beam search: GNMT length penalty alpha")
 FLAGS = flags.FLAGS
 SAMPLER_FLAGS = sorted({o for fam in registry.FAMILIES.values() for o in fam.sample_options})
 

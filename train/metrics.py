@@ -72,6 +72,9 @@ PROGRESS_KEYS = (
   "eval/accuracy",
   "eval/f1",
   "eval/spearman",
+  "eval/exact_match",
+  "eval/rougeL",
+  "eval/bleu",
 )
 
 
