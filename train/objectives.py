@@ -35,6 +35,20 @@ def token_nll(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(logits_BLV, axis=-1) - target_logit
 
 
+def token_sums(
+  logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, correct: str = "correct"
+) -> dict[str, jax.Array]:
+  """The weighted sums of a token-prediction loss: nats, targets, and correct argmaxes
+  (under the name `correct`)."""
+  nll_BL = token_nll(logits_BLV, targets_BL)
+  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
+  return {
+    "loss_sum": jnp.sum(nll_BL * weights_BL),
+    "weight": jnp.sum(weights_BL),
+    correct: jnp.sum(correct_BL * weights_BL),
+  }
+
+
 def causal_lm(
   model: nn.Module, params, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
 ) -> dict[str, jax.Array]:
@@ -54,13 +68,8 @@ def causal_lm(
   )
   targets_BL = tokens_BL[:, 1:]
   weights_BL = ((seg_BL[:, 1:] == seg_BL[:, :-1]) & (seg_BL[:, 1:] > 0)).astype(jnp.float32)
-  logits_BLV = logits_BLV[:, :-1]
-  nll_BL = token_nll(logits_BLV, targets_BL)
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
   return {
-    "loss_sum": jnp.sum(nll_BL * weights_BL),
-    "weight": jnp.sum(weights_BL),
-    "correct": jnp.sum(correct_BL * weights_BL),
+    **token_sums(logits_BLV[:, :-1], targets_BL, weights_BL),
     "bytes": jnp.sum(weights_BL * (targets_BL >= NUM_SPECIAL)),
   }
 
@@ -89,14 +98,7 @@ def make_seq2seq(config: ml_collections.ConfigDict, vocab_size: int) -> Objectiv
       targets_positions_BL=batch["targets_positions"],
       targets_segment_ids_BL=seg_BL,
     )
-    weights_BL = (seg_BL > 0).astype(jnp.float32)
-    nll_BL = token_nll(logits_BLV, targets_BL)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-    return {
-      "loss_sum": jnp.sum(nll_BL * weights_BL),
-      "weight": jnp.sum(weights_BL),
-      "correct": jnp.sum(correct_BL * weights_BL),
-    }
+    return token_sums(logits_BLV, targets_BL, (seg_BL > 0).astype(jnp.float32))
 
   return seq2seq
 
@@ -145,14 +147,7 @@ def make_mlm(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
       deterministic=deterministic,
       rngs={"dropout": dropout_rng},
     )
-    weights_BL = selected_BL.astype(jnp.float32)
-    nll_BL = token_nll(logits_BLV, tokens_BL)
-    correct_BL = (jnp.argmax(logits_BLV, axis=-1) == tokens_BL).astype(jnp.float32)
-    return {
-      "loss_sum": jnp.sum(nll_BL * weights_BL),
-      "weight": jnp.sum(weights_BL),
-      "mlm_correct": jnp.sum(correct_BL * weights_BL),
-    }
+    return token_sums(logits_BLV, tokens_BL, selected_BL.astype(jnp.float32), "mlm_correct")
 
   return mlm
 
