@@ -12,11 +12,19 @@ from train.trainer import load_for_inference, run_eval
 
 
 def evaluate_workdir(
-  workdir: str, tasks: list[str], eval_name: str = "", eval_steps: int = 0, batch_size: int = 0
+  workdir: str,
+  tasks: list[str],
+  eval_name: str = "",
+  eval_steps: int = 0,
+  batch_size: int = 0,
+  beam_size: int = 0,
+  eval_decode: int = -1,
 ) -> dict[str, dict[str, float]]:
   """{task: metrics} for the checkpoint's task on its evaluation split (or `eval_name`).
 
   A checkpoint carries one head, so the tasks it can be evaluated on are its own.
+  Seq2seq decoding: `beam_size` (0: the run's task.beam_size) and `eval_decode` examples
+  decoded (-1: the run's task.eval_decode).
   """
   config, model, params, tokenizer = load_for_inference(workdir)
   own = config.task.name
@@ -28,6 +36,10 @@ def evaluate_workdir(
       )
   config.data.eval_name = eval_name or config.data.eval_name
   config.train.eval_steps = eval_steps
+  if beam_size:
+    config.task.beam_size = beam_size
+  if eval_decode >= 0:
+    config.task.eval_decode = eval_decode
   if batch_size:
     config.train.eval_batch_size = batch_size
   _, objective = registry.build(config, tokenizer.vocab_size)
