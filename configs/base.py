@@ -53,9 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
-  c.model.quant = (
-    "none"  # none | bitnet158 (ternary weights) | bitnet1 (binary): 8-bit activations, QAT
-  )
+  c.model.quant = "none"  # none | bitnet158 (ternary) | bitnet1 (binary): 8-bit activations, QAT
   c.model.norm_position = "pre"  # pre (x + f(norm(x))) | post (norm(x + f(x)), BERT)
   c.model.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0: none
   c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
@@ -63,9 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.time_conditioning = False  # diffusion: the model sees the time t (MDLM works without)
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = (
-    "pretrain"  # pretrain (next token / MLM / spans) | classify | regress | ner | embed | seq2seq
-  )
+  c.task.name = "pretrain"  # pretrain | classify | regress | ner | embed | seq2seq (encdec)
   c.task.mask_prob = 0.15  # MLM: share of ordinary tokens selected for prediction
   c.task.mask_token_prob = 0.8  # MLM: selected tokens replaced by [MASK]
   c.task.random_token_prob = 0.1  # MLM: selected tokens replaced by a random token (rest kept)
