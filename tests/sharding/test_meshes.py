@@ -30,6 +30,9 @@ MESHES = {
   "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
 }
 DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2}
+# T5 span corruption on the tiny Llama's shapes: 4 steps, no evaluation (compiles are the cost).
+ENCDEC = {"model.family": "encdec", "model.position": "relative"}
+ENCDEC_TRAIN = {"train.steps": 4, "train.eval_every": 0}
 
 
 def launch(jobs: list[dict], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
@@ -104,8 +107,16 @@ def eight(corpus, single, tmp_path_factory):
       "overrides": {**MESHES["2x2x2"], **train, **DIFFUSION},
     }
   )
+  jobs.append(
+    {
+      "kind": "train",
+      "corpus": corpus,
+      "workdir": str(root / "encdec_2x2x2"),
+      "overrides": {**MESHES["2x2x2"], **ENCDEC_TRAIN, **ENCDEC},
+    }
+  )
   out = results(launch(jobs, devices=8))
-  names = [*MESHES, "from_single", "memory", "diffusion_2x2x2"]
+  names = [*MESHES, "from_single", "memory", "diffusion_2x2x2", "encdec_2x2x2"]
   return {"root": root, **dict(zip(names, out, strict=True))}
 
 
@@ -132,6 +143,18 @@ def test_sharded_diffusion_equals_single_device(corpus, eight, tmp_path):
   got_last = eight["diffusion_2x2x2"]["last"]
   np.testing.assert_allclose(got_last["eval/loss"], last["eval/loss"], rtol=RTOL)
   assert "eval/loss_draw_std" in got_last
+
+
+def test_sharded_encdec_equals_single_device(corpus, eight, tmp_path):
+  """The encoder-decoder (cross-attention, relative position buckets, span-corrupted rows
+  from the pipeline) on a 2x2x2 mesh logs the losses of one device."""
+  trainer.run(runner.tiny_config(corpus, {**ENCDEC_TRAIN, **ENCDEC}), str(tmp_path))
+  ref, got = steps(runner.losses(str(tmp_path))), steps(eight["encdec_2x2x2"]["losses"])
+  assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  assert ref[4] < ref[1]
+  # The loss is over the targets: 16 rows of the 8 target tokens 32 encoder tokens give.
+  assert eight["encdec_2x2x2"]["last"]["train/tokens"] == 16 * 8
 
 
 def test_fsdp_holds_an_eighth_per_device(eight):
