@@ -80,9 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.mean_span_length = 3.0  # encdec pretrain: mean length of a hidden span
   c.task.num_sentinels = 100  # encdec: sentinel ids appended after the tokenizer's vocabulary
   c.task.mixture = ""  # seq2seq: 'source@rate;source@rate' (Flan-style mixture); empty: data.name
-  c.task.templates = (
-    "t5"  # seq2seq on TFDS: t5 (task prefix) | flan (instructions, one per example)
-  )
+  c.task.templates = "t5"  # seq2seq, TFDS: t5 (task prefix) | flan (an instruction per example)
   c.task.inputs_field = "inputs"  # seq2seq: the JSONL key (or TFDS feature) of the input text
   c.task.targets_field = "targets"  # seq2seq: the JSONL key (or TFDS feature) of the target text
   c.task.eval_decode = 256  # seq2seq: eval examples decoded for exact match, ROUGE, BLEU; 0: none

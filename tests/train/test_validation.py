@@ -44,7 +44,7 @@ def test_every_preset_size_is_valid(preset, size):
     ({"data.tokenizer": "spm:/nonexistent.model"}, r"data\.tokenizer='spm:/nonexistent\.model'"),
     (
       {"model.family": "rnn"},
-      r"model\.family='rnn': allowed \['decoder', 'diffusion', 'encoder'\]",
+      r"model\.family='rnn': allowed \['decoder', 'diffusion', 'encdec', 'encoder'\]",
     ),
     ({"model.norm": "batchnorm"}, r"model\.norm='batchnorm': allowed \['layernorm', 'rmsnorm'\]"),
     (
