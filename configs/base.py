@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.templates = "t5"  # seq2seq, TFDS: t5 (task prefix) | flan (an instruction per example)
   c.task.inputs_field = "inputs"  # seq2seq: the JSONL key (or TFDS feature) of the input text
   c.task.targets_field = "targets"  # seq2seq: the JSONL key (or TFDS feature) of the target text
-  c.task.eval_decode = 256  # seq2seq: eval examples decoded for exact match, ROUGE, BLEU; 0: none
+  c.task.eval_decode = 256  # seq2seq: eval examples decoded per source (EM, ROUGE, BLEU); 0: none
   c.task.beam_size = 1  # seq2seq evaluation decoding: 1 is greedy
   c.task.length_penalty = 0.6  # beam search: GNMT length penalty exponent alpha
 

@@ -75,19 +75,20 @@ def _seq2seq_eval(config, tokenizer, fam, **kw):
 
 
 def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
-  """Exact match, ROUGE and BLEU of the first `task.eval_decode` evaluation examples,
-  decoded greedily (or with `task.beam_size` beams) up to `data.target_len` tokens."""
+  """Exact match, ROUGE and BLEU of each evaluation source's first `task.eval_decode`
+  examples, decoded greedily (or with `task.beam_size` beams) up to `data.target_len`
+  tokens: over all of them, and for a mixture also per source (`eval/<metric>/<source>`)."""
   from eval.metrics import text_metrics
 
   t = config.task
   if not t.eval_decode:
     return {}
-  sources, _, refs = seq2seq.decode_examples(config, tokenizer, t.eval_decode)
+  per_source = seq2seq.decode_sources(config, tokenizer, t.eval_decode)
   preds = decoding.seq2seq_texts(
     model,
     params,
     tokenizer,
-    sources,
+    [ids for _, source_ids, _, _ in per_source for ids in source_ids],
     seq2seq.target_len(config),
     jax.random.PRNGKey(config.seed),
     batch_size=config.train.eval_batch_size or config.train.batch_size,
@@ -96,7 +97,16 @@ def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
     beam_size=t.beam_size,
     length_penalty=t.length_penalty,
   )
-  return text_metrics(preds, refs)
+  refs = [r for _, _, _, source_refs in per_source for r in source_refs]
+  out = text_metrics(preds, refs)
+  if len(per_source) > 1:
+    start = 0
+    for label, _, _, source_refs in per_source:
+      n = len(source_refs)
+      for key, value in text_metrics(preds[start : start + n], source_refs).items():
+        out[f"{key}/{label}"] = value
+      start += n
+  return out
 
 
 def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):

@@ -199,3 +199,29 @@ def test_sample_cli_beam_search_and_refused_flags(seq2seq_run):
   assert bad.returncode != 0 and "---- sample" not in bad.stdout
   assert "--steps: model.family='encdec' samplers read only" in bad.stderr, bad.stderr[-3000:]
   assert "'--beam_size', '--length_penalty'" in bad.stderr
+
+
+def test_decode_eval_metrics_of_a_mixture_per_source(tmp_path, monkeypatch):
+  """A two-source mixture decodes each source's first `task.eval_decode` examples, and scores
+  them together and per source (keys `eval/<metric>/<file stem>`)."""
+  for task in ("reverse", "sort"):
+    records = make_records(task, 100, 4, 10, "abcdefghij", seed=2)
+    with open(tmp_path / f"{task}.jsonl", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+  config = tiny_seq2seq(str(tmp_path / "reverse.jsonl"))
+  config.task.mixture = f"jsonl:{tmp_path}/reverse.jsonl@1;jsonl:{tmp_path}/sort.jsonl@3"
+  config.task.eval_decode = 4
+
+  def oracle(model, params, tokenizer, sources, max_len, rng, **options):
+    texts = [tokenizer.decode(s) for s in sources]  # right on reversal, wrong on sorting
+    return [t.split(": ")[1][::-1] for t in texts]
+
+  monkeypatch.setattr(decoding, "seq2seq_texts", oracle)
+  got = registry.decode_eval_metrics(config, None, None, ByteTokenizer())
+  assert got["eval/exact_match/reverse"] == 1.0
+  held_out = make_records("sort", 100, 4, 10, "abcdefghij", seed=2)[90:94]
+  sort_refs = [r["targets"] for r in held_out]
+  sort_preds = [r["inputs"].split(": ")[1][::-1] for r in held_out]
+  assert got["eval/exact_match/sort"] == metrics.exact_match(sort_preds, sort_refs) < 1.0
+  assert got["eval/exact_match"] == pytest.approx((4 + 4 * got["eval/exact_match/sort"]) / 8)
+  assert {k.rsplit("/", 1)[-1] for k in got if k.count("/") == 2} == {"reverse", "sort"}

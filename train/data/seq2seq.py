@@ -11,6 +11,7 @@ grain's per-element random maps: seeded, and restored with the iterator's state.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -530,27 +531,48 @@ def seq2seq_eval_batches(
   counts.log()
 
 
-def decode_examples(
+def source_label(name: str) -> str:
+  """A short name for a source in metric keys: a JSONL glob's file stem, else the name."""
+  if name.startswith("jsonl:"):
+    return os.path.splitext(os.path.basename(name.partition(":")[2]))[0] or name
+  return name
+
+
+def decode_sources(
   config: ml_collections.ConfigDict, tokenizer: Tokenizer, limit: int
-) -> tuple[list[np.ndarray], list[str], list[str]]:
-  """(encoder ids, input text, reference text) of the first `limit` evaluation examples
-  (0: all) with non-empty targets, for metrics on decoded text."""
+) -> list[tuple[str, list[np.ndarray], list[str], list[str]]]:
+  """Per evaluation source: (label, encoder ids, input texts, reference texts) of its first
+  `limit` examples (0: all) with non-empty targets, for metrics on decoded text."""
   d = config.data
-  counts = Counts("seq2seq decoded examples", d.seq_len, target_len(config))
-  ids, inputs, refs = [], [], []
-  for pairs in eval_pairs(config):
+  tgt_len = target_len(config)
+  counts = Counts("seq2seq decoded examples", d.seq_len, tgt_len)
+  names = [d.eval_name] if d.eval_name else [name for name, _ in parse_mixture(config)]
+  out = []
+  for name, pairs in zip(names, eval_pairs(config), strict=True):
+    ids, inputs, refs = [], [], []
     for i in range(len(pairs)):
       if limit and len(ids) >= limit:
         break
       pair = pairs[i]
-      enc = encode_pair(pair, tokenizer, d.seq_len, target_len(config), counts)
-      if enc is None:
-        continue
-      ids.append(enc["inputs"])
-      inputs.append(pair[0])
-      refs.append(pair[1])
+      enc = encode_pair(pair, tokenizer, d.seq_len, tgt_len, counts)
+      if enc is not None:
+        ids.append(enc["inputs"])
+        inputs.append(pair[0])
+        refs.append(pair[1])
+    if not ids:
+      raise ValueError(f"{name!r}: the evaluation split has no example with a non-empty target")
+    out.append((source_label(name), ids, inputs, refs))
   if counts.empty or counts.long_inputs:
     counts.log(logging.warning)
-  if not ids:
-    raise ValueError("the evaluation split has no example with a non-empty target")
+  return out
+
+
+def decode_examples(
+  config: ml_collections.ConfigDict, tokenizer: Tokenizer, limit: int
+) -> tuple[list[np.ndarray], list[str], list[str]]:
+  """(encoder ids, input text, reference text) of every source's first `limit` evaluation
+  examples (0: all) with non-empty targets, sources in order."""
+  ids, inputs, refs = [], [], []
+  for _, i, x, r in decode_sources(config, tokenizer, limit):
+    ids, inputs, refs = ids + i, inputs + x, refs + r
   return ids, inputs, refs
