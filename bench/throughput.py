@@ -56,11 +56,14 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
   b, length = config.train.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
-  batch = {
-    "tokens": rng.integers(8, model.cfg.vocab_size, (b, length), dtype=np.int32),
-    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-    "segment_ids": np.ones((b, length), np.int32),
-  }
+  batch = {}
+  for key, n in registry.batch_lengths(config).items():  # one example per row, every slot used
+    if key.endswith("positions"):
+      batch[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
+    elif key.endswith("segment_ids"):
+      batch[key] = np.ones((b, n), np.int32)
+    else:
+      batch[key] = rng.integers(8, model.cfg.vocab_size, (b, n), dtype=np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = sharding.sharded_init(init_fn, jax.random.PRNGKey(0), shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
@@ -86,7 +89,7 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   peak = measure_matmul_peak(peak_n, DTYPES[config.model.dtype]) * jax.device_count()
   step_s = float(np.median(times))
   tps = b * length / step_s
-  flops = registry.flops_per_token(model.cfg, length)
+  flops = registry.flops_per_token(model.cfg, length, registry.target_len(config))
   return {
     "compile_s": compile_s,
     "step_s": step_s,

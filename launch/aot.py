@@ -66,10 +66,9 @@ def _lower(config: ml_collections.ConfigDict, devices: list):
   tx = make_optimizer(config.train)
   abstract, shardings, _ = abstract_state(config, model, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh)
-  shape = (config.train.batch_size, config.data.seq_len)
   batch = {
-    k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-    for k in ("tokens", "positions", "segment_ids")
+    k: jax.ShapeDtypeStruct((config.train.batch_size, n), jnp.int32, sharding=batch_sh)
+    for k, n in registry.batch_lengths(config).items()
   }
   step = make_train_step(
     model, objective, tx, learning_rate_schedule(config.train), config.train.grad_accum
@@ -152,7 +151,10 @@ def compile_train_step(
     "hbm_bytes": hbm,
     "fits": fits,
     "xla_flops_per_chip": xla_flops(config, devices) if flops else None,
-    "model_flops": registry.flops_per_token(model.cfg, config.data.seq_len) * tokens,
+    "model_flops": registry.flops_per_token(
+      model.cfg, config.data.seq_len, registry.target_len(config)
+    )
+    * tokens,
     "tokens": tokens,
   }
 

@@ -52,6 +52,21 @@ class Task:
   summarize: Callable = objectives.summarize_lm  # (sums, rows, byte_level) -> metrics
   # (config, model, params, tokenizer) -> metrics of decoded text, added to each evaluation
   decode_metrics: Callable | None = None
+  # config -> {batch key: row length}: the int32 [batch, length] arrays of a training batch
+  # (ahead-of-time compiles build the batch from it); None: labeled rows, not described
+  batch_lengths: Callable | None = None
+
+
+def packed_lengths(config) -> dict[str, int]:
+  """A packed batch: tokens, positions and segment ids of `data.seq_len`."""
+  return {k: config.data.seq_len for k in ("tokens", "positions", "segment_ids")}
+
+
+def seq2seq_lengths(config) -> dict[str, int]:
+  """An encoder-decoder batch: the packed source plus the targets' three arrays."""
+  length = seq2seq.target_len(config)
+  targets = {k: length for k in ("targets", "targets_positions", "targets_segment_ids")}
+  return {**packed_lengths(config), **targets}
 
 
 def _span_rows(config, tokenizer):
@@ -216,13 +231,16 @@ FAMILIES: dict[str, Family] = {
 FAMILIES["encdec"] = Family(
   "bidirectional",
   {
-    "pretrain": Task("lm", objectives.make_seq2seq, _span_train, _span_eval),
+    "pretrain": Task(
+      "lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths
+    ),
     "seq2seq": Task(
       "lm",
       objectives.make_seq2seq,
       _seq2seq_train,
       _seq2seq_eval,
       decode_metrics=decode_eval_metrics,
+      batch_lengths=seq2seq_lengths,
     ),
   },
   autoregressive=True,
@@ -233,6 +251,22 @@ FAMILIES["encdec"] = Family(
   model=EncoderDecoder,
   sentinels=True,
 )
+
+
+def target_len(config: ml_collections.ConfigDict) -> int:
+  """The decoder's length of an encoder-decoder, 0 for the one-stack families."""
+  return seq2seq.target_len(config) if family(config).model is EncoderDecoder else 0
+
+
+def batch_lengths(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{key: row length} of the task's training batches (packed, unless the task says)."""
+  t = task(config)
+  if t.batch_lengths is None and t.train_data is not _packed_train:
+    raise ValueError(
+      f"task.name={config.task.name!r}: its labeled batches are not described for "
+      "ahead-of-time compiles; compile the pretraining task"
+    )
+  return (t.batch_lengths or packed_lengths)(config)
 
 
 def family(config: ml_collections.ConfigDict) -> Family:
@@ -316,7 +350,7 @@ def matmul_params(cfg: TransformerConfig) -> int:
   Embedding lookups are not matmuls; the output head is, tied or not. Shared layers
   (ALBERT) count once per application, since each application is a matmul. An
   encoder-decoder (`num_decoder_layers` > 0) adds its decoder blocks, each with a second
-  (cross-)attention, counting one target token per source token.
+  (cross-)attention (`flops_per_token` weighs them by the target length).
   """
   d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   e = cfg.embed_dim or d
@@ -328,7 +362,19 @@ def matmul_params(cfg: TransformerConfig) -> int:
   return cfg.num_layers * (attn + mlp) + decoder + head + proj
 
 
-def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6N + 12 * layers * heads * head_dim * seq_len (PaLM, nanoGPT)."""
-  layers = cfg.num_layers + 2 * cfg.num_decoder_layers  # decoder: self- and cross-attention
-  return 6 * matmul_params(cfg) + 12 * layers * cfg.num_heads * cfg.head_dim * seq_len
+def flops_per_token(cfg: TransformerConfig, seq_len: int, target_len: int = 0) -> float:
+  """Training FLOPs per (source) token: 6N + 12 * layers * heads * head_dim * seq_len (PaLM,
+  nanoGPT). An encoder-decoder counts per source token, its decoder running on
+  `target_len` targets (0: as many as sources): decoder blocks, cross-attention queries
+  and the head scale by target_len / seq_len, cross-attention keys and values do not."""
+  h, k = cfg.num_heads, cfg.head_dim
+  if not cfg.num_decoder_layers:
+    return 6 * matmul_params(cfg) + 12 * cfg.num_layers * h * k * seq_len
+  r = (target_len or seq_len) / seq_len
+  d, g = cfg.d_model, cfg.num_kv_heads
+  q_o, kv = d * h * k * 2, d * g * k * 2
+  mlp = d * cfg.d_ff * (3 if cfg.mlp in GATED else 2)
+  encoder = cfg.num_layers * (q_o + kv + mlp)
+  decoder = cfg.num_decoder_layers * (r * (q_o + kv + q_o + mlp) + kv)
+  scores = cfg.num_layers * seq_len + cfg.num_decoder_layers * r * (r * seq_len + seq_len)
+  return 6 * (encoder + decoder + r * d * cfg.vocab_size) + 12 * h * k * scores

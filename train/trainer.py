@@ -185,7 +185,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(t.steps, start, enabled=is_main)
   peak = t.peak_tflops * 1e12 or measure_matmul_peak()
-  flops_per_token = registry.flops_per_token(model.cfg, config.data.seq_len)
+  flops_per_token = registry.flops_per_token(
+    model.cfg, config.data.seq_len, registry.target_len(config)
+  )
   tokens_per_step = t.batch_size * config.data.seq_len
   # SIGTERM (preemption): one process stops at the next step; several stop together at the
   # step JAX's preemption sync agrees on, so no process waits in a collective for the others.

@@ -152,8 +152,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         m.embed_dim,
         f"must be 0 or model.d_model={m.d_model} with a tied LM head (model.tie_embeddings)",
       )
-  if m.d_model % m.num_heads:
-    fail("model.d_model", m.d_model, f"must be divisible by model.num_heads={m.num_heads}")
+  if not m.head_dim and m.d_model % m.num_heads:
+    fail(
+      "model.d_model",
+      m.d_model,
+      f"must be divisible by model.num_heads={m.num_heads} unless model.head_dim is set",
+    )
   if m.num_heads % m.num_kv_heads:
     fail(
       "model.num_heads", m.num_heads, f"must be divisible by model.num_kv_heads={m.num_kv_heads}"

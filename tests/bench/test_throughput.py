@@ -53,3 +53,34 @@ def test_cli_last_line():
   last = out.strip().splitlines()[-1]
   m = re.fullmatch(r"tokens_per_sec=(\d+) mfu=([\d.]+) peak_gflops=([\d.]+)", last)
   assert m and float(m.group(1)) > 0 and float(m.group(3)) > 0, last
+
+
+def test_encdec_flops_match_xla_and_the_benchmark_batch():
+  """T5's FLOPs per source token (decoder on the span-corruption targets) agree with XLA's
+  count of the compiled train step, and bench.throughput times an encoder-decoder batch."""
+  import jax
+
+  from configs import t5
+  from launch.aot import _lower
+
+  c = t5.get_config("size=S")
+  c.data.seq_len, c.train.batch_size = 128, 4
+  lowered, _, model = _lower(c, jax.devices()[:1])
+  xla = lowered.compile().cost_analysis()["flops"]
+  target = registry.target_len(c)
+  assert target == 29 and registry.batch_lengths(c)["targets"] == 29
+  formula = registry.flops_per_token(model.cfg, 128, target) * 4 * 128
+  assert abs(formula / xla - 1) < 0.05, (formula, xla)
+  # the same formula with as many targets as sources would overcount by far
+  assert registry.flops_per_token(model.cfg, 128) > 1.4 * registry.flops_per_token(
+    model.cfg, 128, target
+  )
+  tiny = t5.get_config("size=tiny")
+  tiny.data.seq_len, tiny.train.batch_size = 32, 4
+  r = benchmark(tiny, steps=2, warmup=0, peak_n=256)
+  assert (
+    registry.target_len(tiny) == 8
+  )  # 32 inputs <- 34-token chunks: 5 noise tokens in 2 spans, + EOS
+  flops = registry.flops_per_token(registry.transformer_config(tiny, 264), 32, 8)
+  assert np.isclose(r["model_gflops_per_step"], flops * 4 * 32 / 1e9)
+  assert np.isfinite(r["loss"]) and r["loss"] > 0
