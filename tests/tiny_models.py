@@ -53,3 +53,24 @@ def draw_params(abstract, seed: int = 0):
 def random_params(cfg: TransformerConfig, seed: int = 0):
   """Plain params of the model's own tree."""
   return draw_params(abstract_init(cfg), seed)
+
+
+def short_run(config, steps: int, **train):
+  """`config` set for a test-sized run: batch 8, constant learning rate, a metric line per
+  step, evaluation (2 batches) and a checkpoint halfway and at the end; `train` overrides."""
+  config.train.update(
+    dict(
+      steps=steps,
+      batch_size=8,
+      warmup_steps=0,
+      schedule="constant",
+      log_every=1,
+      eval_every=steps // 2,
+      eval_steps=2,
+      checkpoint_every=steps // 2,
+      num_samples=0,
+      peak_tflops=1.0,
+    )
+  )
+  config.train.update(train)
+  return config

@@ -15,7 +15,7 @@ import pytest
 
 from configs import mdlm
 from modeling import registry
-from tests.tiny_models import random_params
+from tests.tiny_models import random_params, short_run
 from train import trainer
 from train.data.tokenizers import MASK_ID, NUM_SPECIAL, ByteTokenizer
 from train.metrics import read_metrics
@@ -34,24 +34,7 @@ def tiny_mdlm(tfds_dir: str, **train):
   c.data.seq_len = 32
   c.data.shuffle_window = 16
   c.task.eval_t_samples = 2
-  c.train.update(
-    dict(
-      steps=STEPS,
-      batch_size=8,
-      learning_rate=3e-3,
-      min_learning_rate=3e-4,
-      warmup_steps=0,
-      schedule="constant",
-      log_every=1,
-      eval_every=STEPS // 2,
-      eval_steps=2,
-      checkpoint_every=STEPS // 2,
-      num_samples=0,
-      peak_tflops=1.0,
-    )
-  )
-  c.train.update(train)
-  return c
+  return short_run(c, STEPS, **{"learning_rate": 3e-3, "min_learning_rate": 3e-4, **train})
 
 
 def by_step(workdir, key: str) -> dict[int, float]:

@@ -19,6 +19,7 @@ from configs import t5
 from eval import decoding, metrics
 from eval.evaluate import evaluate_workdir
 from modeling import registry
+from tests.tiny_models import short_run
 from train import trainer
 from train.data import seq2seq
 from train.data.make_seq2seq_task import make_records
@@ -32,23 +33,7 @@ DECODE_KEYS = ("eval/exact_match", "eval/rouge1", "eval/rouge2", "eval/rougeL", 
 
 
 def _train(config, **train):
-  config.train.update(
-    dict(
-      steps=STEPS,
-      batch_size=8,
-      learning_rate=1e-2,
-      warmup_steps=0,
-      schedule="constant",
-      log_every=1,
-      eval_every=STEPS // 2,
-      eval_steps=2,
-      checkpoint_every=STEPS // 2,
-      num_samples=0,
-      peak_tflops=1.0,
-    )
-  )
-  config.train.update(train)
-  return config
+  return short_run(config, STEPS, **{"learning_rate": 1e-2, **train})
 
 
 def tiny_pretrain(tfds_dir: str):
