@@ -231,10 +231,7 @@ def complete(model, params, tokenizer, prompt: str, num_tokens: int, rng, **kw) 
   if ids.size == 0:
     raise ValueError("--prompt must be non-empty: documents are modeled from their first token")
   out = generate(model, params, ids[None], num_tokens, rng, eos_id=EOS_ID, **kw)[0]
-  end = np.flatnonzero(out == EOS_ID)
-  if end.size:
-    out = out[: end[0]]
-  return prompt + tokenizer.decode(out)
+  return prompt + text_of(tokenizer, out)
 
 
 @functools.partial(

@@ -248,7 +248,7 @@ class Attention(nn.Module):
     kv_pos_BS: jax.Array | None = None,
     kv_seg_BS: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    dense = self._dense_kwargs()
     h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
     q_BLHK = Dense((h, k), ("embed",), ("heads", "head_dim"), name="query", **dense)(x_BLD)
     if self.cross:
@@ -283,7 +283,7 @@ class Attention(nn.Module):
     return self._output(out_BLHK, x_BLD, deterministic), cache
 
   def _cross(self, q_BLHK, x_BLD, pos_BL, seg_BL, cache, deterministic, kv_BSD, kv_seg_BS):
-    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    dense = self._dense_kwargs()
     g, k = self.num_kv_heads, self.head_dim
     if kv_BSD is not None:  # project the encoder's output (training, or the first decode call)
       k_BSGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="key", **dense)(kv_BSD)
@@ -299,9 +299,12 @@ class Attention(nn.Module):
     out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl)
     return self._output(out_BLHK, x_BLD, deterministic), cache
 
+  def _dense_kwargs(self) -> dict:
+    return dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+
   def _output(self, out_BLHK, x_BLD, deterministic) -> jax.Array:
     """SubLN (quantized blocks), the output projection and dropout."""
-    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    dense = self._dense_kwargs()
     h, k = self.num_heads, self.head_dim
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     if self.sub_norm is not None:  # over all heads at once, as the fused projection sees them

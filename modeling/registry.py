@@ -202,6 +202,31 @@ FAMILIES: dict[str, Family] = {
     doc_prefix=(CLS_ID,),
     doc_suffix=(SEP_ID,),
   ),
+  # T5: a bidirectional encoder and a causal decoder with cross-attention; pretraining is
+  # span corruption (in the data pipeline), fine-tuning text-to-text, both teacher-forced.
+  "encdec": Family(
+    "bidirectional",
+    {
+      "pretrain": Task(
+        "lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths
+      ),
+      "seq2seq": Task(
+        "lm",
+        objectives.make_seq2seq,
+        _seq2seq_train,
+        _seq2seq_eval,
+        decode_metrics=decode_eval_metrics,
+        batch_lengths=seq2seq_lengths,
+      ),
+    },
+    autoregressive=True,
+    doc_prefix=(),
+    doc_suffix=(EOS_ID,),
+    sample=_sample_seq2seq,
+    sample_options=("temperature", "top_k", "top_p", "beam_size", "length_penalty"),
+    model=EncoderDecoder,
+    sentinels=True,
+  ),
   # masked diffusion (MDLM / MD4 / LLaDA): the encoder's bidirectional stack with an LM head,
   # trained on the NELBO, sampled by unmasking (modeling/diffusion.py)
   "diffusion": Family(
@@ -211,7 +236,7 @@ FAMILIES: dict[str, Family] = {
     doc_prefix=(),
     doc_suffix=(EOS_ID,),
     sample=_sample_diffusion,
-    sample_options=(  # diffusion
+    sample_options=(
       "temperature",
       "top_p",
       "steps",
@@ -224,33 +249,6 @@ FAMILIES: dict[str, Family] = {
     ),
   ),
 }
-
-
-# T5: a bidirectional encoder and a causal decoder with cross-attention; pretraining is
-# span corruption (in the data pipeline), fine-tuning text-to-text, both teacher-forced.
-FAMILIES["encdec"] = Family(
-  "bidirectional",
-  {
-    "pretrain": Task(
-      "lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths
-    ),
-    "seq2seq": Task(
-      "lm",
-      objectives.make_seq2seq,
-      _seq2seq_train,
-      _seq2seq_eval,
-      decode_metrics=decode_eval_metrics,
-      batch_lengths=seq2seq_lengths,
-    ),
-  },
-  autoregressive=True,
-  doc_prefix=(),
-  doc_suffix=(EOS_ID,),
-  sample=_sample_seq2seq,
-  sample_options=("temperature", "top_k", "top_p", "beam_size", "length_penalty"),
-  model=EncoderDecoder,
-  sentinels=True,
-)
 
 
 def target_len(config: ml_collections.ConfigDict) -> int:

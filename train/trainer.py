@@ -44,8 +44,7 @@ def print_main(*args) -> None:
 
 def abstract_state(config, model, tx, mesh, rules):
   """(abstract TrainState with shardings, its shardings, the boxed init fn)."""
-  seq_len = config.data.seq_len
-  example = {k: jnp.zeros((1, seq_len), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
+  example = {k: jnp.zeros((1, n), jnp.int32) for k, n in registry.packed_lengths(config).items()}
   init_fn = make_init(model, tx, example)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(boxed, mesh, rules)

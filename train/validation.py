@@ -194,13 +194,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
   if m.position == "relative" and m.attention_impl == "splash":
     fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
+  tokenizer = make_tokenizer(config.data.tokenizer)
   if registry.family(config).sentinels:
-    _validate_encdec(config)
+    _validate_encdec(config, tokenizer)
   else:
     validate_source(config.data.name, "data.name")
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
-  tokenizer = make_tokenizer(config.data.tokenizer)
   fam = registry.family(config)
   if t.num_samples and fam.sample and not fam.autoregressive:  # one window: no sliding
     context = m.max_len or config.data.seq_len
@@ -216,7 +216,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def _validate_encdec(config: ml_collections.ConfigDict) -> None:
+def _validate_encdec(config: ml_collections.ConfigDict, tokenizer) -> None:
   """T5: positions, span corruption lengths, sentinels and the seq2seq sources."""
   from train.data import seq2seq
 
@@ -230,7 +230,6 @@ def _validate_encdec(config: ml_collections.ConfigDict) -> None:
   if not 0 < t.noise_density < 1:
     fail("task.noise_density", t.noise_density, "must lie strictly between 0 and 1")
   seq2seq.target_len(config)  # raises on a data.target_len too short for span corruption
-  tokenizer = make_tokenizer(d.tokenizer)
   if m.vocab_size and m.vocab_size < tokenizer.vocab_size + t.num_sentinels:
     fail(
       "model.vocab_size",

@@ -53,7 +53,22 @@ def _records(name: str, split: str, config: ml_collections.ConfigDict, fields: d
       "a TFDS dataset (glue/sst2, ...) or jsonl:<glob>"
     )
   source = sources.tfds_split(name, split, config.data, key, fields)
-  return [(f"{name} {split} example {i}", source[i]) for i in range(len(source))]
+  return TfdsRecords(name, split, source)
+
+
+class TfdsRecords(Sequence):
+  """(where, record) of a TFDS split's examples, read on access; `where` names the example."""
+
+  def __init__(self, name: str, split: str, source: Sequence):
+    self.name, self.split, self.source = name, split, source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> tuple[str, dict]:
+    if not 0 <= index < len(self):
+      raise IndexError(index)  # TFDS mocks never raise, and iteration would not end
+    return f"{self.name} {self.split} example {index}", self.source[index]
 
 
 def _text(value, where: str = "", field: str = "") -> str:

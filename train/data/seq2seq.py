@@ -354,7 +354,7 @@ class TextPairs(Sequence):
       source = sources.tfds_split(
         name, split, config.data, key, {f"{key} feature": f for f in fields}
       )
-      self.records = _Indexed(name, split, source)
+      self.records = labeled.TfdsRecords(name, split, source)
       if self.template is None:
         self.patterns = ((f"{{{t.inputs_field}}}", f"{{{t.targets_field}}}"),)
       else:
@@ -369,19 +369,6 @@ class TextPairs(Sequence):
     pick = np.random.default_rng([self.seed, index]).integers(len(self.patterns))
     inputs, targets = self.patterns[pick]
     return _fill(inputs, record, where, self.template), _fill(targets, record, where, self.template)
-
-
-class _Indexed(Sequence):
-  def __init__(self, name: str, split: str, source: Sequence):
-    self.name, self.split, self.source = name, split, source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> tuple[str, dict]:
-    if not 0 <= index < len(self):
-      raise IndexError(index)
-    return f"{self.name} {self.split} example {index}", self.source[index]
 
 
 class Counts:
