@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.pooling = "cls"  # sequence pooling: cls (first token) | mean
   c.task.schedule = "loglinear"  # diffusion noise schedule: loglinear | cosine | polynomial
   c.task.schedule_exponent = 1.0  # diffusion: the exponent of the polynomial schedule 1 - t^w
+  c.task.estimator = "time"  # diffusion training NELBO draw: time (t ~ U(0,1), w(t)) | count (k ~ U{1..n} masked, weight n/k; time-independent models; eval always time)
   c.task.eval_t_samples = 4  # diffusion: time draws averaged per evaluation batch
   c.task.noise_density = 0.15  # encdec pretrain: share of tokens hidden in spans (T5)
   c.task.mean_span_length = 3.0  # encdec pretrain: mean length of a hidden span

@@ -77,6 +77,23 @@ def corrupt(
   return jnp.where(masked_BL, MASK_ID, tokens_BL), masked_BL
 
 
+def count_masks(
+  rng: jax.Array, tokens_BL: jax.Array, seg_BL: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masks for the count estimator: (z_BL, masked_BL, k_B). Row b masks exactly k_b of its n_b
+  real tokens, a uniformly random subset, with k_b uniform on {1, ..., n_b} and stratified
+  across the batch like `antithetic_times` (k_B is 0 for an all-padding row)."""
+  r_count, r_order = jax.random.split(rng)
+  real_BL = seg_BL > 0
+  n_B = jnp.sum(real_BL, axis=-1)
+  r_B = 1.0 - antithetic_times(r_count, tokens_BL.shape[0])  # in [0, 1)
+  k_B = jnp.minimum(1 + jnp.floor(r_B * n_B).astype(jnp.int32), n_B)
+  u_BL = jnp.where(real_BL, jax.random.uniform(r_order, tokens_BL.shape), 2.0)
+  rank_BL = jnp.argsort(jnp.argsort(u_BL, axis=-1), axis=-1)  # padding ranks last
+  masked_BL = real_BL & (rank_BL < k_B[:, None])
+  return jnp.where(masked_BL, MASK_ID, tokens_BL), masked_BL, k_B
+
+
 def subs_logits(logits_BLV: jax.Array) -> jax.Array:
   """SUBS, first half: the denoiser never predicts [MASK] (its logit is -inf). The second half,
   copying unmasked tokens through, is what the loss (masked positions only) and the samplers
@@ -118,6 +135,30 @@ def nelbo_sum(
   nll_BL = -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
   w_BL = jnp.where(masked_BL, schedule.weight(t_B)[:, None], 0.0)
   return jnp.sum(jnp.where(masked_BL, nll_BL, 0.0) * w_BL)
+
+
+def nelbo_sum_count(
+  logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  rng: jax.Array,
+  tokens_BL: jax.Array,
+  seg_BL: jax.Array,
+) -> jax.Array:
+  """One draw of the same NELBO with the time integrated out (time-independent denoisers only).
+
+  Under the forward process a row's mask, given that k of its n tokens are masked, is a
+  uniform k-subset whatever t is, and for every schedule
+  integral_0^1 w(t) P(k masked | t) dt = 1/k (for log-linear, C(n, k) B(k, n - k + 1) = 1/k;
+  other schedules change variables to alpha). So the NELBO is exactly
+  E_{k ~ U{1..n}} [ n/k * sum over a random k-subset of -log p(x_l | z) ]: each row's loss is
+  the mean cross-entropy of its masked tokens times n, with none of the 1/t spikes of small t.
+  `logits_fn(z_BL, t_B)` gets t = k/n, which a time-independent denoiser ignores."""
+  z_BL, masked_BL, k_B = count_masks(rng, tokens_BL, seg_BL)
+  n_B = jnp.sum(seg_BL > 0, axis=-1)
+  t_B = k_B / jnp.maximum(n_B, 1)
+  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
+  nll_BL = -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+  w_B = n_B / jnp.maximum(k_B, 1)
+  return jnp.sum(jnp.where(masked_BL, nll_BL, 0.0) * w_B[:, None])
 
 
 # ---- samplers

@@ -211,7 +211,8 @@ def make_diffusion(config: ml_collections.ConfigDict, vocab_size: int) -> Object
   """Masked diffusion's continuous-time NELBO (modeling/diffusion.py), in nats, summed.
 
   Training: one time t per row, antithetic across the batch, and masks, both drawn from
-  the step's rng. Evaluation (`deterministic`): `task.eval_t_samples` draws per batch,
+  the step's rng (`task.estimator='count'`: a masked count per row instead, the time
+  integrated out; same expectation, lower variance). Evaluation (`deterministic`): `task.eval_t_samples` draws per batch,
   averaged, from an rng keyed on the batch's content, so every batch gets its own times;
   each draw's sum is kept (`loss_draws`) to report the estimate's spread. `weight`
   counts every real token (all are modeled), so loss_sum / weight is the bound per token.
@@ -229,7 +230,10 @@ def make_diffusion(config: ml_collections.ConfigDict, vocab_size: int) -> Object
         model, params, z_BL, pos_BL, seg_BL, t_B, deterministic, {"dropout": r_drop}
       )
 
-    return diffusion.nelbo_sum(logits_fn, rng, batch["tokens"], batch["segment_ids"], schedule)
+    tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
+    if t_cfg.estimator == "count" and not deterministic:
+      return diffusion.nelbo_sum_count(logits_fn, rng, tokens_BL, seg_BL)
+    return diffusion.nelbo_sum(logits_fn, rng, tokens_BL, seg_BL, schedule)
 
   def objective(model, params, batch, rng, deterministic):
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]

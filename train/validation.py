@@ -27,6 +27,7 @@ CHOICES = {
   "model.norm_position": ("pre", "post"),
   "task.pooling": ("cls", "mean"),
   "task.schedule": ("loglinear", "cosine", "polynomial"),
+  "task.estimator": ("time", "count"),
   "task.templates": ("t5", "flan"),
   "train.schedule": SCHEDULES,
 }
@@ -194,6 +195,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
   if m.position == "relative" and m.attention_impl == "splash":
     fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
+  if task.estimator == "count" and m.time_conditioning:
+    fail(
+      "task.estimator",
+      task.estimator,
+      "'count' integrates the time out, so it needs model.time_conditioning=False",
+    )
   tokenizer = make_tokenizer(config.data.tokenizer)
   if registry.family(config).sentinels:
     _validate_encdec(config, tokenizer)

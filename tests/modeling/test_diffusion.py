@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from configs import base, mdlm
@@ -161,11 +162,14 @@ CASES = (  # (denoiser, data): exact, then wrong
 @functools.partial(jax.jit, static_argnames=("name", "exponent"))
 def nelbo_draws(rngs, data, name, exponent):
   """[cases, draws] NELBO per row (one batch per draw) for each (denoiser, data) case: one
-  compile per schedule."""
-  schedule = diffusion.make_schedule(name, exponent)
+  compile per schedule; name 'count' is the count estimator (no schedule)."""
+  count = name == "count"
+  schedule = diffusion.make_schedule("loglinear" if count else name, exponent)
 
   def case(denoiser, tokens_BL, seg_BL):
     def one(rng):
+      if count:
+        return diffusion.nelbo_sum_count(denoiser, rng, tokens_BL, seg_BL) / tokens_BL.shape[0]
       return diffusion.nelbo_sum(denoiser, rng, tokens_BL, seg_BL, schedule) / tokens_BL.shape[0]
 
     return jax.vmap(one)(rngs)
@@ -173,7 +177,9 @@ def nelbo_draws(rngs, data, name, exponent):
   return jnp.stack([case(d, *data[kind]) for d, kind in CASES])
 
 
-@pytest.mark.parametrize(("name", "exponent"), SCHEDULES[:3], ids=SCHEDULE_IDS[:3])
+@pytest.mark.parametrize(
+  ("name", "exponent"), [*SCHEDULES[:3], ("count", 1.0)], ids=[*SCHEDULE_IDS[:3], "count"]
+)
 def test_nelbo_equals_the_entropy_with_an_exact_denoiser(name, exponent):
   rng = np.random.default_rng(0)
   # (a) i.i.d. uniform tokens, rows of 5 to 8 real tokens then padding: entropy log k per token.
@@ -192,7 +198,8 @@ def test_nelbo_equals_the_entropy_with_an_exact_denoiser(name, exponent):
   entropy = np.array([real * math.log(K), real * math.log(K), math.log(K), math.log(K)])
 
   for i in (0, 2):  # the exact denoisers: the bound is tight
-    assert abs(mean[i] - entropy[i]) < 4 * err[i], (i, mean, entropy, err)
+    # (+ float32 rounding: the count estimator of an exact denoiser has no spread at all)
+    assert abs(mean[i] - entropy[i]) < 4 * err[i] + 1e-6 * entropy[i], (i, mean, entropy, err)
     assert err[i] < 0.01 * entropy[i]  # the test has the power to see a 4% bias
   # A worse model scores higher. Uniform over the vocabulary: log(V - 1) per token.
   assert mean[1] > entropy[1] + 10 * err[1]
@@ -200,6 +207,68 @@ def test_nelbo_equals_the_entropy_with_an_exact_denoiser(name, exponent):
   # The i.i.d. model is exact per position but misses the repetition: L log k per row.
   assert mean[3] > entropy[3] + 10 * err[3]
   assert mean[3] == pytest.approx(LENGTH * math.log(K), rel=0.05)
+
+
+def test_count_masks_are_uniform_subsets_of_uniform_sizes():
+  n_B = np.array([8, 5, 1, 0] * 256)  # real tokens per row; a row of padding only
+  seg_BL = jnp.asarray(np.arange(LENGTH) < n_B[:, None], jnp.int32)
+  tokens_BL = jnp.full(seg_BL.shape, NUM_SPECIAL, jnp.int32)
+  draws = [diffusion.count_masks(jax.random.key(i), tokens_BL, seg_BL) for i in range(40)]
+  z_BL, masked_BL, k_B = (np.stack([np.asarray(d[j]) for d in draws]) for j in range(3))
+  assert (masked_BL.sum(-1) == k_B).all()  # exactly k masked
+  assert not (masked_BL & ~np.asarray(seg_BL, bool)).any()  # never padding
+  np.testing.assert_array_equal(z_BL == MASK_ID, masked_BL)
+  for n in (8, 5, 1):
+    rows = n_B == n
+    k = k_B[:, rows].ravel()
+    assert k.min() == 1 and k.max() == n
+    counts = np.bincount(k, minlength=n + 1)[1:]
+    assert n == 1 or scipy.stats.chisquare(counts).pvalue > 1e-3, counts  # k ~ U{1..n}
+    # given k, every position is equally likely: masked fraction per position ~ E[k] / n
+    per_pos = masked_BL[:, rows, :n].mean((0, 1))
+    np.testing.assert_allclose(per_pos, (n + 1) / (2 * n), atol=0.02)
+  assert (k_B[:, n_B == 0] == 0).all()
+  # stratified like antithetic_times: within a batch, each row-length's k's spread evenly
+  k8_B = k_B[0, n_B == 8]
+  assert np.bincount(k8_B, minlength=9)[1:].max() - np.bincount(k8_B)[1:].min() <= 1
+
+
+def test_count_estimator_has_the_time_estimators_expectation_for_any_denoiser():
+  """A mask-dependent random denoiser (not exact): both estimators' Monte Carlo means equal the
+  NELBO enumerated over all 2^L masks in float64, sum_k 1/k * mean over k-subsets; the count
+  estimator with a fraction of the spread."""
+  length, vocab = 5, 9
+  w_LLV = np.random.default_rng(3).normal(size=(length, length, vocab))
+
+  def denoiser(z_BL, t_B):
+    del t_B
+    return jnp.einsum("bj,jlv->blv", (z_BL == MASK_ID).astype(jnp.float32), w_LLV)
+
+  x_L = np.array([4, 8, 5, 4, 7])
+  rows = 4096
+  tokens_BL = jnp.asarray(np.tile(x_L, (rows, 1)), jnp.int32)
+  seg_BL = jnp.ones_like(tokens_BL)
+  schedule = diffusion.make_schedule("cosine")
+  estimators = {
+    "time": jax.jit(lambda r: diffusion.nelbo_sum(denoiser, r, tokens_BL, seg_BL, schedule)),
+    "count": jax.jit(lambda r: diffusion.nelbo_sum_count(denoiser, r, tokens_BL, seg_BL)),
+  }
+  exact = 0.0
+  for bits in range(1, 2**length):
+    m_L = np.array([(bits >> i) & 1 for i in range(length)], bool)
+    z_L = np.where(m_L, MASK_ID, x_L)
+    logits_LV = np.einsum("j,jlv->lv", (z_L == MASK_ID).astype(np.float64), w_LLV)
+    logits_LV[:, MASK_ID] = -np.inf
+    logp_LV = logits_LV - scipy.special.logsumexp(logits_LV, axis=-1, keepdims=True)
+    nll = -logp_LV[np.arange(length), x_L][m_L].sum()
+    exact += nll / m_L.sum() / math.comb(length, m_L.sum())
+  spread = {}
+  for name, f in estimators.items():
+    d = np.array([float(f(jax.random.key(i))) / rows for i in range(24)])
+    err = d.std(ddof=1) / np.sqrt(d.size)
+    assert abs(d.mean() - exact) < 4 * err + 1e-4 * exact, (name, d.mean(), exact, err)
+    spread[name] = d.std(ddof=1)
+  assert spread["count"] < 0.5 * spread["time"], spread
 
 
 # --- samplers on a tiny random model ---------------------------------------------------------

@@ -125,6 +125,30 @@ def test_eval_objective_averages_draws_keyed_on_the_batch():
   assert all((o != m).any() for o, m in zip(other_masks, masks, strict=True))
 
 
+def test_count_estimator_trains_with_exact_counts_and_evaluates_with_times():
+  config = mdlm.get_config("size=tiny")
+  config.data.seq_len = 16
+  config.task.estimator = "count"
+  config.task.eval_t_samples = 1
+  model, objective = registry.build(config, VOCAB)
+  model, params = Recorder(model), random_params(model.cfg)
+  rng = np.random.default_rng(1)
+  tokens_BL = rng.integers(NUM_SPECIAL, VOCAB, (64, 16)).astype(np.int32)
+  seg_BL = np.ones((64, 16), np.int32)
+  pos_BL = np.broadcast_to(np.arange(16, dtype=np.int32), (64, 16))
+  batch = {"tokens": tokens_BL, "segment_ids": seg_BL, "positions": pos_BL}
+  model.calls.clear()
+  objective(model, params, batch, jax.random.key(0), deterministic=False)
+  (z_BL,) = model.calls
+  # k ~ U{1..16} stratified over 64 rows: each count 4 times
+  np.testing.assert_array_equal(np.bincount((z_BL == MASK_ID).sum(-1), minlength=17)[1:], 4)
+  model.calls.clear()
+  objective(model, params, batch, jax.random.key(0), deterministic=True)
+  (z_BL,) = model.calls
+  counts = np.bincount((z_BL == MASK_ID).sum(-1), minlength=17)
+  assert counts[0] > 0 or counts.max() > 4  # evaluation: independent masks, binomial counts
+
+
 def test_summarize_diffusion_reports_the_spread_of_the_draws():
   draws = np.array([410.0, 395.0, 430.0, 402.0])
   sums = {"loss_sum": draws.mean(), "loss_draws": draws, "weight": 100.0, "bytes": 90.0}

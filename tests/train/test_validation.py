@@ -76,6 +76,11 @@ def test_every_preset_size_is_valid(preset, size):
     ),
     ({"train.steps": 0}, r"train\.steps=0: must be > 0"),
     ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
+    ({"task.estimator": "exact"}, r"task\.estimator='exact': allowed \['time', 'count'\]"),
+    (
+      {"task.estimator": "count", "model.time_conditioning": True},
+      r"task\.estimator='count': .* needs model\.time_conditioning=False",
+    ),
     (
       {"model.attention_impl": "splash", "data.seq_len": 200},
       r"data\.seq_len=200: must be a multiple of 128",
