@@ -58,7 +58,8 @@ def ner_config(name: str = "conll2003", seq_len: int = 32, **task_keys):
 
 
 def embed_config(name: str, seq_len: int = 32, **task_keys):
-  c = bert.get_config("size=tiny,task=embed")
+  # arch=bert: post-norm, so the pooled states are the last block's outputs
+  c = bert.get_config("size=tiny,arch=bert,task=embed")
   c.data.update(name=name, text_field="s1", seq_len=seq_len)
   c.task.update(dict(text_pair_field="s2", label_field="score"))
   c.task.update(task_keys)
