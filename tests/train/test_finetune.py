@@ -208,7 +208,9 @@ def test_init_from_restores_the_body_bit_for_bit(pretrained_arch):
   fresh = fresh_params(config)
   params, kept_fresh, unused = restore_matching_params(pretrained, fresh)
   assert kept_fresh == HEAD_PARAMS
-  assert unused == (MLM_PARAMS if arch == "bert" else [n for n in MLM_PARAMS if "norm']['b" not in n])
+  assert unused == (
+    MLM_PARAMS if arch == "bert" else [n for n in MLM_PARAMS if "norm']['b" not in n]
+  )
 
   pre, got, init = flat(pre_params), flat(params), flat(fresh)
   assert got.keys() == init.keys() == (pre.keys() - set(MLM_PARAMS)) | set(HEAD_PARAMS)
