@@ -118,6 +118,12 @@ def denoise(
   return subs_logits(logits_BLV)
 
 
+def _nll(logits_fn, z_BL, t_B, tokens_BL) -> jax.Array:
+  """-log p(x_l | z_t) at every position under the SUBS denoiser."""
+  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
+  return -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+
+
 def nelbo_sum(
   logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
   rng: jax.Array,
@@ -131,8 +137,7 @@ def nelbo_sum(
   r_time, r_mask = jax.random.split(rng)
   t_B = antithetic_times(r_time, tokens_BL.shape[0])
   z_BL, masked_BL = corrupt(r_mask, tokens_BL, seg_BL, schedule.alpha(t_B))
-  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
-  nll_BL = -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+  nll_BL = _nll(logits_fn, z_BL, t_B, tokens_BL)
   w_BL = jnp.where(masked_BL, schedule.weight(t_B)[:, None], 0.0)
   return jnp.sum(jnp.where(masked_BL, nll_BL, 0.0) * w_BL)
 
@@ -154,9 +159,7 @@ def nelbo_sum_count(
   `logits_fn(z_BL, t_B)` gets t = k/n, which a time-independent denoiser ignores."""
   z_BL, masked_BL, k_B = count_masks(rng, tokens_BL, seg_BL)
   n_B = jnp.sum(seg_BL > 0, axis=-1)
-  t_B = k_B / jnp.maximum(n_B, 1)
-  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
-  nll_BL = -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+  nll_BL = _nll(logits_fn, z_BL, k_B / jnp.maximum(n_B, 1), tokens_BL)
   w_B = n_B / jnp.maximum(k_B, 1)
   return jnp.sum(jnp.where(masked_BL, nll_BL, 0.0) * w_B[:, None])
 
