@@ -77,6 +77,23 @@ def corrupt(
   return jnp.where(masked_BL, MASK_ID, tokens_BL), masked_BL
 
 
+def _nll(logits_fn, z_BL, t_B, tokens_BL) -> jax.Array:
+  """-log p(x_l | z_t) at every position under the SUBS denoiser."""
+  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
+  return -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
+
+
+def subset_masks(
+  rng: jax.Array, tokens_BL: jax.Array, seg_BL: jax.Array, k_B: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(z_BL, masked_BL): row b masks exactly k_b of its real tokens, a uniformly random subset."""
+  real_BL = seg_BL > 0
+  u_BL = jnp.where(real_BL, jax.random.uniform(rng, tokens_BL.shape), 2.0)
+  rank_BL = jnp.argsort(jnp.argsort(u_BL, axis=-1), axis=-1)  # padding ranks last
+  masked_BL = real_BL & (rank_BL < k_B[:, None])
+  return jnp.where(masked_BL, MASK_ID, tokens_BL), masked_BL
+
+
 def count_masks(
   rng: jax.Array, tokens_BL: jax.Array, seg_BL: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -84,14 +101,28 @@ def count_masks(
   real tokens, a uniformly random subset, with k_b uniform on {1, ..., n_b} and stratified
   across the batch like `antithetic_times` (k_B is 0 for an all-padding row)."""
   r_count, r_order = jax.random.split(rng)
-  real_BL = seg_BL > 0
-  n_B = jnp.sum(real_BL, axis=-1)
+  n_B = jnp.sum(seg_BL > 0, axis=-1)
   r_B = 1.0 - antithetic_times(r_count, tokens_BL.shape[0])  # in [0, 1)
   k_B = jnp.minimum(1 + jnp.floor(r_B * n_B).astype(jnp.int32), n_B)
-  u_BL = jnp.where(real_BL, jax.random.uniform(r_order, tokens_BL.shape), 2.0)
-  rank_BL = jnp.argsort(jnp.argsort(u_BL, axis=-1), axis=-1)  # padding ranks last
-  masked_BL = real_BL & (rank_BL < k_B[:, None])
-  return jnp.where(masked_BL, MASK_ID, tokens_BL), masked_BL, k_B
+  return *subset_masks(r_order, tokens_BL, seg_BL, k_B), k_B
+
+
+def masked_nll_at(
+  logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  rng: jax.Array,
+  tokens_BL: jax.Array,
+  seg_BL: jax.Array,
+  ratio: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """(sum of -log p(x_l | z), masked count) with ceil(ratio * n) of each row's n real tokens
+  masked (at least 1): the denoiser's loss at one mask ratio. For a time-independent denoiser
+  the NELBO per token is the mean of this curve over ratio ~ U(0, 1); on the midpoints
+  (i - 1/2)/n, i = 1..n, the mean is exact (each count k = i once)."""
+  n_B = jnp.sum(seg_BL > 0, axis=-1)
+  k_B = jnp.clip(jnp.ceil(ratio * n_B - 1e-6).astype(jnp.int32), 1, n_B)
+  z_BL, masked_BL = subset_masks(rng, tokens_BL, seg_BL, k_B)
+  nll_BL = _nll(logits_fn, z_BL, k_B / jnp.maximum(n_B, 1), tokens_BL)
+  return jnp.sum(jnp.where(masked_BL, nll_BL, 0.0)), jnp.sum(masked_BL)
 
 
 def subs_logits(logits_BLV: jax.Array) -> jax.Array:
@@ -116,12 +147,6 @@ def denoise(
     rngs=rngs or {},
   )
   return subs_logits(logits_BLV)
-
-
-def _nll(logits_fn, z_BL, t_B, tokens_BL) -> jax.Array:
-  """-log p(x_l | z_t) at every position under the SUBS denoiser."""
-  logp_BLV = jax.nn.log_softmax(subs_logits(logits_fn(z_BL, t_B)), axis=-1)
-  return -jnp.take_along_axis(logp_BLV, tokens_BL[..., None], axis=-1)[..., 0]
 
 
 def nelbo_sum(
