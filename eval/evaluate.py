@@ -1,11 +1,14 @@
-"""Evaluating a trained workdir outside of training (used by `python -m eval.main`)."""
+"""Evaluating a trained workdir outside of training (`python -m eval.main`, `eval.mask_curve`)."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
+import numpy as np
 
-from modeling import registry
+from modeling import diffusion, registry
 from train import sharding
 from train.step import make_eval_step
 from train.trainer import load_for_inference, run_eval
@@ -55,3 +58,44 @@ def evaluate_workdir(
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return {own: run_eval(config, tokenizer, params, eval_step, to_global, model)}
+
+
+def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_size=0, seed=0):
+  """[(ratio, nats per masked token, masked tokens)] over the validation split."""
+  if config.model.family != "diffusion":
+    raise ValueError(
+      f"--workdir holds a model.family={config.model.family!r} model; the mask curve is for "
+      "'diffusion'"
+    )
+  if config.model.time_conditioning and config.task.schedule != "loglinear":
+    raise ValueError(
+      f"task.schedule={config.task.schedule!r}: a time-conditioned model's curve needs the "
+      "loglinear schedule (time = mask ratio)"
+    )
+  bad = [r for r in ratios if not 0.0 < r <= 1.0]
+  if bad:
+    raise ValueError(f"--ratios: {bad} outside (0, 1]")
+  fam, task = registry.family(config), registry.task(config)
+  rows = batch_size or config.train.eval_batch_size or config.train.batch_size
+  batches = task.eval_data(config, tokenizer, fam, batch_size=rows, max_batches=eval_steps)
+
+  @functools.partial(jax.jit, static_argnames="ratio")
+  def at(batch, rng, ratio):
+    def logits_fn(z_BL, t_B):
+      pos_BL, seg_BL = batch["positions"], batch["segment_ids"]
+      return diffusion.denoise(model, params, z_BL, pos_BL, seg_BL, t_B)
+
+    return diffusion.masked_nll_at(logits_fn, rng, batch["tokens"], batch["segment_ids"], ratio)
+
+  sums, counts = np.zeros(len(ratios)), np.zeros(len(ratios))
+  for b, batch in enumerate(batches):
+    batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids")}
+    for i, r in enumerate(ratios):
+      s, c = at(batch, jax.random.fold_in(jax.random.key(seed), b * len(ratios) + i), r)
+      sums[i] += float(s)
+      counts[i] += float(c)
+    print(f"\rbatch {b + 1}", end="", flush=True)
+  print()
+  if not counts.any():
+    raise ValueError(f"{config.data.name}: the validation split has no tokens")
+  return [(r, s / c, int(c)) for r, s, c in zip(ratios, sums, counts, strict=True)]

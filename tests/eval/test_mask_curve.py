@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from eval.mask_curve import mask_curve
+from eval.evaluate import mask_curve
 from modeling import diffusion, registry
 from train.data.tokenizers import MASK_ID, NUM_SPECIAL
 from train.trainer import load_for_inference
