@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -79,7 +77,7 @@ def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_siz
   rows = batch_size or config.train.eval_batch_size or config.train.batch_size
   batches = task.eval_data(config, tokenizer, fam, batch_size=rows, max_batches=eval_steps)
 
-  @functools.partial(jax.jit, static_argnames="ratio")
+  @jax.jit  # one compile for every ratio: the ratio is traced
   def at(batch, rng, ratio):
     def logits_fn(z_BL, t_B):
       pos_BL, seg_BL = batch["positions"], batch["segment_ids"]

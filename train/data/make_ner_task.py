@@ -97,6 +97,7 @@ def make_records(
     for root, _, files in sorted(os.walk(path)):
       for name in sorted(f for f in files if f.endswith(".py")):
         file = os.path.join(root, name)
+        rel = os.path.relpath(file, stdlib)
         with open(file, encoding="utf-8", errors="replace") as f:
           source = f.read()
         for toks in lines_of(source):
@@ -105,7 +106,6 @@ def make_records(
             continue
           if any("\n" in w for w in words) or any(t.type in FSTRING for t in toks):
             continue
-          rel = os.path.relpath(file, stdlib)
           records.append({"tokens": words, "tags": tag_line(toks), "file": rel})
   random.Random(seed).shuffle(records)
   return records[:max_records]
