@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.position = "learned"  # learned | rope | relative (T5 buckets) | none
   c.model.rel_buckets = 32  # relative: buckets of T5's log-spaced relative positions
   c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
+  c.model.neighbor_mix = 0  # encoder / diffusion: each position also reads a zero-initialized linear map of its +-N neighbours' embeddings; 0: off
   c.model.rope_theta = 10000.0  # RoPE base frequency
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5  # epsilon of the norms

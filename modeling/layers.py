@@ -140,3 +140,32 @@ class Mlp(nn.Module):
       **dense,
     )(h_BLF)
     return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class NeighborMix(nn.Module):
+  """x_i + sum over 0 < |o| <= reach of W_o x_{i+o}: every position also reads a learned
+  linear map of its neighbours' inputs, within its segment (row ends and segment boundaries
+  contribute nothing). The W_o start at zero, so at init the layer is the identity.
+
+  For bidirectional stacks (masked diffusion, MLM): an AR model's residual at position i holds
+  token i, so it has bigram statistics before attention has learned anything; a [MASK]
+  position holds nothing, and this gives it its neighbours from the first step.
+  """
+
+  reach: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, seg_BL: jax.Array) -> jax.Array:
+    d, length = x_BLD.shape[-1], x_BLD.shape[1]
+    out_BLD = x_BLD
+    for offset in [o for o in range(-self.reach, self.reach + 1) if o]:
+      name = f"before_{-offset}" if offset < 0 else f"after_{offset}"
+      w_DD = param_with_axes(self, name, nn.initializers.zeros, (d, d), ("embed", "factor"))
+      j_L = jnp.arange(length) + offset
+      inside_L = (j_L >= 0) & (j_L < length)
+      j_L = jnp.clip(j_L, 0, length - 1)
+      same_BL = inside_L[None, :] & (seg_BL[:, j_L] == seg_BL)
+      moved_BLD = x_BLD[:, j_L] @ w_DD.astype(self.dtype)
+      out_BLD = out_BLD + jnp.where(same_BL[..., None], moved_BLD, 0.0).astype(self.dtype)
+    return out_BLD

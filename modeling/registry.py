@@ -331,6 +331,7 @@ def transformer_config(config: ml_collections.ConfigDict, vocab_size: int) -> Tr
     num_decoder_layers=(m.num_decoder_layers or m.num_layers) if fam.model is EncoderDecoder else 0,
     rel_buckets=m.rel_buckets,
     rel_max_distance=m.rel_max_distance,
+    neighbor_mix=m.neighbor_mix,
   )
 
 

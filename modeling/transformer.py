@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from modeling.attention import Attention
-from modeling.layers import Dense, Embed, Mlp, Norm, param_with_axes
+from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, param_with_axes
 from modeling.quant import make_dot_general
 
 REMAT_POLICIES = {
@@ -77,6 +77,7 @@ class TransformerConfig:
   num_decoder_layers: int = 0  # encoder-decoder: decoder blocks; 0: num_layers
   rel_buckets: int = 32  # position="relative": T5's log-spaced buckets
   rel_max_distance: int = 128  # position="relative": distances beyond share the last bucket
+  neighbor_mix: int = 0  # bidirectional stacks: positions also read +-this many neighbours' inputs
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -381,6 +382,8 @@ class Transformer(nn.Module):
     if factorized:
       x_BLE = Dense((c.d_model,), ("factor",), ("embed",), dtype=dtype, name="embed_proj")(x_BLE)
     x_BLD = nn.Dropout(c.dropout)(x_BLE, deterministic=deterministic)
+    if c.neighbor_mix:
+      x_BLD = NeighborMix(c.neighbor_mix, dtype, name="neighbor_mix")(x_BLD, segment_ids_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
 
     x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache)

@@ -12,7 +12,7 @@ from modeling import registry
 from modeling.attention import ATTENTION_IMPLS
 from modeling.layers import MLP_KINDS
 from modeling.quant import QUANT_KINDS
-from modeling.transformer import DTYPES, REMAT_POLICIES
+from modeling.transformer import DTYPES, REMAT_POLICIES, Transformer
 from train.data import make_tokenizer, validate_source
 from train.optim import SCHEDULES
 
@@ -58,6 +58,7 @@ POSITIVE = (
 )
 NON_NEGATIVE = (
   "model.vocab_size",
+  "model.neighbor_mix",
   "model.head_dim",
   "model.max_len",
   "model.sliding_window",
@@ -195,6 +196,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
   if m.position == "relative" and m.attention_impl == "splash":
     fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
+  fam = registry.family(config)
+  if m.neighbor_mix and (fam.mask_kind != "bidirectional" or fam.model is not Transformer):
+    fail(
+      "model.neighbor_mix",
+      m.neighbor_mix,
+      f"needs one bidirectional stack (encoder or diffusion), not model.family={m.family!r}: "
+      "a causal stack would need the KV cache to keep the previous tokens' embeddings",
+    )
+  if m.neighbor_mix >= config.data.seq_len:
+    fail("model.neighbor_mix", m.neighbor_mix, f"must be < data.seq_len={config.data.seq_len}")
   if task.estimator == "count" and m.time_conditioning:
     fail(
       "task.estimator",
@@ -208,7 +219,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     validate_source(config.data.name, "data.name")
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
-  fam = registry.family(config)
   if t.num_samples and fam.sample and not fam.autoregressive:  # one window: no sliding
     context = m.max_len or config.data.seq_len
     prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
