@@ -167,5 +167,5 @@ class NeighborMix(nn.Module):
       j_L = jnp.clip(j_L, 0, length - 1)
       same_BL = inside_L[None, :] & (seg_BL[:, j_L] == seg_BL)
       moved_BLD = x_BLD[:, j_L] @ w_DD.astype(self.dtype)
-      out_BLD = out_BLD + jnp.where(same_BL[..., None], moved_BLD, 0.0).astype(self.dtype)
+      out_BLD = out_BLD + jnp.where(same_BL[..., None], moved_BLD, 0.0)
     return out_BLD
