@@ -69,7 +69,9 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     schedule = learning_rate_schedule(config.train)
     step = sharding.jit_train_step(
-      make_train_step(model, objective, tx, schedule, config.train.grad_accum),
+      make_train_step(
+        model, objective, tx, schedule, config.train.grad_accum, config.train.ema_decay
+      ),
       shardings,
       sharding.batch_sharding(mesh),
     )

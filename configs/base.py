@@ -103,6 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.99  # AdamW beta2
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
   c.train.grad_clip = 1.0  # global gradient-norm clip; 0 disables
+  c.train.ema_decay = 0.0  # > 0: evaluate, sample and export an EMA of the params; 0: off
   c.train.log_every = 50  # steps between train metric lines
   c.train.eval_every = 250  # steps between evaluations (and at the end); 0 disables
   c.train.eval_steps = 32  # batches per evaluation (always the first ones); 0: whole split

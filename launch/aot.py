@@ -71,7 +71,12 @@ def _lower(config: ml_collections.ConfigDict, devices: list):
     for k, n in registry.batch_lengths(config).items()
   }
   step = make_train_step(
-    model, objective, tx, learning_rate_schedule(config.train), config.train.grad_accum
+    model,
+    objective,
+    tx,
+    learning_rate_schedule(config.train),
+    config.train.grad_accum,
+    config.train.ema_decay,
   )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = sharding.jit_train_step(step, shardings, batch_sh).lower(abstract, batch)

@@ -60,7 +60,15 @@ class Checkpointer:
 
   def check_compatible(self, step: int, abstract_state) -> None:
     meta = self.manager.item_metadata(step)["state"]
-    check_same_shapes(meta["params"], abstract_state.params, f"{self.directory}/{step}")
+    where = f"{self.directory}/{step}"
+    check_same_shapes(meta["params"], abstract_state.params, where)
+    saved_ema, want_ema = bool(meta.get("ema_params")), abstract_state.ema_params is not None
+    if saved_ema != want_ema:
+      raise ValueError(
+        f"train.ema_decay: checkpoint {where} was saved {'with' if saved_ema else 'without'} "
+        f"a params EMA and this config runs {'with' if want_ema else 'without'} one. Resume "
+        "with the run's own train.ema_decay, or start a new workdir with --config.init_from."
+      )
 
   def restore(self, step: int, abstract_state, data_iter: grain.DatasetIterator | None):
     """Restores state (into the shardings carried by `abstract_state`) and the iterator."""
@@ -115,23 +123,31 @@ def _step_dir(path: str) -> str:
   return path
 
 
+def _weights_key(state_dir: str) -> str:
+  """The weights another run evaluated: its params EMA if it kept one, else its params."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(state_dir).item_metadata.tree
+  return "ema_params" if tree.get("ema_params") else "params"
+
+
 def _restore_subset(state_dir: str, abstract_params):
   """Just these params, straight into their shardings: the saved mesh does not matter."""
+  key = _weights_key(state_dir)
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(
       state_dir,
       args=ocp.args.PyTreeRestore(
-        item={"params": abstract_params},
-        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+        item={key: abstract_params},
+        restore_args={key: ocp.checkpoint_utils.construct_restore_args(abstract_params)},
         partial_restore=True,
       ),
     )
-  return restored["params"]
+  return restored[key]
 
 
 def _saved_params(state_dir: str):
   with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.metadata(state_dir).item_metadata.tree["params"]
+    return ckptr.metadata(state_dir).item_metadata.tree[_weights_key(state_dir)]
 
 
 def restore_params(path: str, abstract_params):

@@ -2,6 +2,8 @@
 
 Randomness that keeps shapes static (dropout, masks) comes from
 `fold_in(state.rng, state.step)`, so a resumed run draws the same numbers.
+With `train.ema_decay` > 0 the state also keeps an exponential moving average of the
+params (`ema_params`), which evaluation, samples and exported weights use.
 """
 
 from __future__ import annotations
@@ -23,10 +25,26 @@ class TrainState:
   params: dict
   opt_state: optax.OptState
   rng: jax.Array
+  ema_params: dict | None = None  # train.ema_decay > 0 only
 
 
-def make_init(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict) -> Callable:
-  """rng -> TrainState; params keep their logical-axis boxes for sharding."""
+def eval_params(state: TrainState) -> dict:
+  """The weights a run evaluates and exports: the EMA when the run keeps one."""
+  return state.params if state.ema_params is None else state.ema_params
+
+
+def ema_rate(ema_decay: float, step: jax.Array) -> jax.Array:
+  """The decay used after update number `step` + 1: `ema_decay`, but at most
+  (1 + step) / (10 + step), so early updates are not pinned to the random init."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_init(
+  model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, ema: bool = False
+) -> Callable:
+  """rng -> TrainState; params keep their logical-axis boxes for sharding. `ema`: the state
+  keeps a moving average of the params, starting at the init (same axes, same shardings)."""
 
   def init(rng: jax.Array) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
@@ -34,7 +52,11 @@ def make_init(model: nn.Module, tx: optax.GradientTransformation, example_batch:
       init_rng, example_batch["tokens"], example_batch["positions"], example_batch["segment_ids"]
     )["params"]
     return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      ema_params=params if ema else None,
     )
 
   return init
@@ -52,8 +74,10 @@ def make_train_step(
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   grad_accum: int = 1,
+  ema_decay: float = 0.0,
 ) -> Callable:
-  """(state, batch) -> (state, metrics); gradients of the mean loss over all targets."""
+  """(state, batch) -> (state, metrics); gradients of the mean loss over all targets.
+  `ema_decay` > 0 also updates `state.ema_params` (see `ema_rate`)."""
 
   def sums_and_grads(params, batch, rng):
     def loss_fn(p):
@@ -92,6 +116,14 @@ def make_train_step(
       "train/tokens": sums["weight"],
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay > 0:
+      if state.ema_params is None:
+        raise ValueError("ema_decay > 0 needs a state made by make_init(..., ema=True)")
+      d = ema_rate(ema_decay, state.step)
+      ema = jax.tree.map(
+        lambda e, p: (e + (1.0 - d) * (p - e)).astype(e.dtype), state.ema_params, params
+      )
+      new_state = new_state.replace(ema_params=ema)
     return new_state, metrics
 
   return train_step

@@ -28,7 +28,7 @@ from train.data import make_tokenizer
 from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
-from train.step import make_eval_step, make_init, make_train_step
+from train.step import eval_params, make_eval_step, make_init, make_train_step
 from train.validation import validate_config
 
 
@@ -45,7 +45,7 @@ def print_main(*args) -> None:
 def abstract_state(config, model, tx, mesh, rules):
   """(abstract TrainState with shardings, its shardings, the boxed init fn)."""
   example = {k: jnp.zeros((1, n), jnp.int32) for k, n in registry.packed_lengths(config).items()}
-  init_fn = make_init(model, tx, example)
+  init_fn = make_init(model, tx, example, ema=config.train.ema_decay > 0)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(
@@ -150,7 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       state = sharding.sharded_init(init_fn, jax.random.PRNGKey(config.seed), shardings)
       if config.init_from:
         params, fresh, unused = restore_matching_params(config.init_from, state.params)
-        state = state.replace(params=params)
+        ema = params if state.ema_params is not None else None
+        state = state.replace(params=params, ema_params=ema)
         print_main(
           f"init_from {config.init_from}: loaded "
           f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
@@ -169,7 +170,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
   train_step = sharding.jit_train_step(
-    make_train_step(model, objective, tx, schedule, t.grad_accum), shardings, batch_sharding
+    make_train_step(model, objective, tx, schedule, t.grad_accum, t.ema_decay),
+    shardings,
+    batch_sharding,
   )
   eval_step = jax.jit(  # outputs replicated: every process reads the sums and per-row values
     make_eval_step(model, objective),
@@ -219,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           m["perf/tokens_per_sec"] = tps
           m["perf/mfu"] = tps * flops_per_token / (peak * jax.device_count())
           if eval_due:
-            m.update(evaluate(state.params))
+            m.update(evaluate(eval_params(state)))
           writer.write(step, m)
           progress.report(step, m)
           last = m
@@ -241,7 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ---- finish
   if is_main:
-    finish(config, model, state.params, tokenizer, workdir)
+    finish(config, model, eval_params(state), tokenizer, workdir)
   return last
 
 

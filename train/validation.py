@@ -128,6 +128,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in PROBABILITIES:
     if not 0 <= get(config, key) <= 1:
       fail(key, get(config, key), "must be a probability in [0, 1]")
+  if not 0 <= config.train.ema_decay < 1:
+    fail("train.ema_decay", config.train.ema_decay, "must be in [0, 1); 0 turns the EMA off")
   task = config.task
   if task.mask_token_prob + task.random_token_prob > 1:
     fail(

@@ -29,7 +29,8 @@ MESHES = {
   "tensor8": {"mesh.data": 1, "mesh.tensor": 8},
   "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
 }
-DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2}
+# The diffusion comparison also keeps a params EMA: its eval/loss is the EMA's, sharded too.
+DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2, "train.ema_decay": 0.5}
 # T5 span corruption on the tiny Llama's shapes: 4 steps, no evaluation (compiles are the cost).
 ENCDEC = {"model.family": "encdec", "model.position": "relative"}
 ENCDEC_TRAIN = {"train.steps": 4, "train.eval_every": 0}
@@ -133,7 +134,8 @@ def test_sharded_losses_equal_single_device(mesh, single, eight):
 
 def test_sharded_diffusion_equals_single_device(corpus, eight, tmp_path):
   """The diffusion objective's times and masks (drawn in the step, antithetic across the
-  global batch) are the same on a 2x2x2 mesh as on one device."""
+  global batch) are the same on a 2x2x2 mesh as on one device; so is the params EMA that
+  the evaluation uses."""
   cfg = runner.tiny_config(corpus, {"train.steps": 6, "train.eval_every": 6, **DIFFUSION})
   last = trainer.run(cfg, str(tmp_path))
   ref, got = steps(runner.losses(str(tmp_path))), steps(eight["diffusion_2x2x2"]["losses"])

@@ -75,6 +75,7 @@ def test_every_preset_size_is_valid(preset, size):
       r"train\.batch_size=6: must be divisible by train\.grad_accum=4",
     ),
     ({"train.steps": 0}, r"train\.steps=0: must be > 0"),
+    ({"train.ema_decay": 1.0}, r"train\.ema_decay=1\.0: must be in \[0, 1\)"),
     ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
     ({"task.estimator": "exact"}, r"task\.estimator='exact': allowed \['time', 'count'\]"),
     (
