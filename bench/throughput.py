@@ -25,9 +25,8 @@ from modeling.transformer import DTYPES
 from train import sharding
 from train.data import make_tokenizer
 from train.metrics import measure_matmul_peak
-from train.optim import learning_rate_schedule, make_optimizer
-from train.step import make_train_step
-from train.trainer import abstract_state
+from train.optim import make_optimizer
+from train.trainer import abstract_state, config_train_step
 from train.validation import validate_config
 
 config_flags.DEFINE_config_file(
@@ -67,13 +66,8 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = sharding.sharded_init(init_fn, jax.random.PRNGKey(0), shardings)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    schedule = learning_rate_schedule(config.train)
     step = sharding.jit_train_step(
-      make_train_step(
-        model, objective, tx, schedule, config.train.grad_accum, config.train.ema_decay
-      ),
-      shardings,
-      sharding.batch_sharding(mesh),
+      config_train_step(config, model, objective, tx), shardings, sharding.batch_sharding(mesh)
     )
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

@@ -24,9 +24,8 @@ import ml_collections
 from modeling import registry
 from train import sharding
 from train.data import make_tokenizer
-from train.optim import learning_rate_schedule, make_optimizer
-from train.step import make_train_step
-from train.trainer import abstract_state
+from train.optim import make_optimizer
+from train.trainer import abstract_state, config_train_step
 from train.validation import validate_config
 
 # Published per-chip figures: HBM (GiB) and dense bfloat16 peak (TFLOP/s).
@@ -70,14 +69,7 @@ def _lower(config: ml_collections.ConfigDict, devices: list):
     k: jax.ShapeDtypeStruct((config.train.batch_size, n), jnp.int32, sharding=batch_sh)
     for k, n in registry.batch_lengths(config).items()
   }
-  step = make_train_step(
-    model,
-    objective,
-    tx,
-    learning_rate_schedule(config.train),
-    config.train.grad_accum,
-    config.train.ema_decay,
-  )
+  step = config_train_step(config, model, objective, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = sharding.jit_train_step(step, shardings, batch_sh).lower(abstract, batch)
   return lowered, abstract, model

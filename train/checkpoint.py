@@ -62,7 +62,7 @@ class Checkpointer:
     meta = self.manager.item_metadata(step)["state"]
     where = f"{self.directory}/{step}"
     check_same_shapes(meta["params"], abstract_state.params, where)
-    saved_ema, want_ema = bool(meta.get("ema_params")), abstract_state.ema_params is not None
+    saved_ema, want_ema = _has_ema(meta), abstract_state.ema_params is not None
     if saved_ema != want_ema:
       raise ValueError(
         f"train.ema_decay: checkpoint {where} was saved {'with' if saved_ema else 'without'} "
@@ -123,16 +123,23 @@ def _step_dir(path: str) -> str:
   return path
 
 
-def _weights_key(state_dir: str) -> str:
-  """The weights another run evaluated: its params EMA if it kept one, else its params."""
+def _has_ema(saved_state) -> bool:
+  """Whether a saved state (its metadata tree) kept a params EMA."""
+  return bool(saved_state.get("ema_params"))
+
+
+def _saved_weights(state_dir: str) -> tuple[str, dict]:
+  """(key, metadata tree) of the weights another run evaluated: its params EMA if it kept
+  one, else its params."""
   with ocp.PyTreeCheckpointer() as ckptr:
     tree = ckptr.metadata(state_dir).item_metadata.tree
-  return "ema_params" if tree.get("ema_params") else "params"
+  key = "ema_params" if _has_ema(tree) else "params"
+  return key, tree[key]
 
 
-def _restore_subset(state_dir: str, abstract_params):
-  """Just these params, straight into their shardings: the saved mesh does not matter."""
-  key = _weights_key(state_dir)
+def _restore_subset(state_dir: str, key: str, abstract_params):
+  """Just these weights (`key` of the saved state), straight into their shardings: the
+  saved mesh does not matter."""
   with ocp.PyTreeCheckpointer() as ckptr:
     restored = ckptr.restore(
       state_dir,
@@ -145,18 +152,14 @@ def _restore_subset(state_dir: str, abstract_params):
   return restored[key]
 
 
-def _saved_params(state_dir: str):
-  with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.metadata(state_dir).item_metadata.tree[_weights_key(state_dir)]
-
-
 def restore_params(path: str, abstract_params):
   """Params from another run's checkpoint (a workdir, its checkpoints dir, or a step dir);
   the model must be the same."""
   step_dir = _step_dir(path)
   state_dir = os.path.join(step_dir, "state")
-  check_same_shapes(_saved_params(state_dir), abstract_params, step_dir)
-  return _restore_subset(state_dir, abstract_params)
+  key, saved = _saved_weights(state_dir)
+  check_same_shapes(saved, abstract_params, step_dir)
+  return _restore_subset(state_dir, key, abstract_params)
 
 
 def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], list[str]]:
@@ -168,9 +171,9 @@ def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], l
   """
   step_dir = _step_dir(path)
   state_dir = os.path.join(step_dir, "state")
+  key, saved_tree = _saved_weights(state_dir)
   saved = {
-    jax.tree_util.keystr(p): x
-    for p, x in jax.tree_util.tree_flatten_with_path(_saved_params(state_dir))[0]
+    jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]
   }
   flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)
   names = [jax.tree_util.keystr(p) for p, _ in flat]
@@ -193,7 +196,7 @@ def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], l
       node[path_keys[-1].key] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   loaded = {
     jax.tree_util.keystr(p): x
-    for p, x in jax.tree_util.tree_flatten_with_path(_restore_subset(state_dir, subset))[0]
+    for p, x in jax.tree_util.tree_flatten_with_path(_restore_subset(state_dir, key, subset))[0]
   }
   params = jax.tree_util.tree_unflatten(
     treedef, [loaded.get(n, x) for n, (_, x) in zip(names, flat, strict=True)]

@@ -54,6 +54,13 @@ def abstract_state(config, model, tx, mesh, rules):
   return abstract, shardings, init_fn
 
 
+def config_train_step(config, model, objective, tx):
+  """The config's `(state, batch)` step: its schedule, microbatches and params EMA, matching
+  the state `abstract_state` builds for the same config."""
+  t = config.train
+  return make_train_step(model, objective, tx, learning_rate_schedule(t), t.grad_accum, t.ema_decay)
+
+
 def run_eval(config, tokenizer, params, eval_step, to_global, model=None) -> dict[str, float]:
   """The task's metrics over its evaluation split (`train.eval_steps` batches; 0: all).
 
@@ -114,7 +121,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       f"model.vocab_size={config.model.vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size}"
     )
   tx = make_optimizer(config.train)
-  schedule = learning_rate_schedule(config.train)
   t = config.train
   n_proc = jax.process_count()
   for key in ("batch_size", "eval_batch_size"):
@@ -170,9 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
 
   train_step = sharding.jit_train_step(
-    make_train_step(model, objective, tx, schedule, t.grad_accum, t.ema_decay),
-    shardings,
-    batch_sharding,
+    config_train_step(config, model, objective, tx), shardings, batch_sharding
   )
   eval_step = jax.jit(  # outputs replicated: every process reads the sums and per-row values
     make_eval_step(model, objective),
