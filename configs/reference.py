@@ -69,6 +69,24 @@ def comments(source: str) -> dict[str, str]:
   return out
 
 
+def preamble(source: str) -> str:
+  """The comment lines that open `get_config`'s body (how derived keys work), or ""."""
+  function = next(
+    n
+    for n in ast.walk(ast.parse(source))
+    if isinstance(n, ast.FunctionDef) and n.name == "get_config"
+  )
+  start, first = function.lineno, function.body[0]
+  if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):  # a docstring
+    start, first = first.end_lineno, function.body[1]
+  block = []
+  for line in source.splitlines()[start : first.lineno - 1]:
+    text = line.strip()
+    if text.startswith("#"):
+      block.append(text[2:] if text.startswith("# ") else text[1:])
+  return "\n".join(block)
+
+
 def dotted(node: ast.expr) -> str | None:
   """`c.data.name` -> "data.name"; None for anything not rooted at the config `c`."""
   parts = []
@@ -113,6 +131,9 @@ def render() -> str:
     sections.setdefault(section, []).append((key, value))
 
   out = [HEADER]
+  derived = preamble(pathlib.Path(base.__file__).read_text())
+  if derived:
+    out.append(f"## Derived keys\n\n```text\n{derived}\n```\n")
   for section, rows in sections.items():
     out.append(f"## {f'`{section}`' if section else 'Top level'}\n")
     if notes.get(section):
