@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from eval import decoding
-from modeling import diffusion
+from modeling import decoding, diffusion
+from modeling.vocab import MASK_ID
 from train import objectives
 from train.data import eval_batches
-from train.data.tokenizers import MASK_ID
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("diffusion_workdir", None, "a diffusion run's workdir", required=True)

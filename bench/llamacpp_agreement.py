@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from eval import decoding
 from eval.gguf_export import write_gguf
+from modeling import decoding
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a BitNet run (configs/bitnet.py)", required=True)

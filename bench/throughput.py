@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from modeling import registry
+from modeling.flops import flops_per_token
 from modeling.transformer import DTYPES
 from train import sharding
 from train.data import make_tokenizer
@@ -46,17 +46,17 @@ FLAGS = flags.FLAGS
 
 
 def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
-  validate_config(config)
+  wiring = validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, objective = registry.build(config, tokenizer.vocab_size)
+  model, objective = wiring.build(config, tokenizer.vocab_size)
   tx = make_optimizer(config.train)
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
   b, length = config.train.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   batch = {}
-  for key, n in registry.batch_lengths(config).items():  # one example per row, every slot used
+  for key, n in wiring.batch_lengths(config).items():  # one example per row, every slot used
     if key.endswith("positions"):
       batch[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
     elif key.endswith("segment_ids"):
@@ -85,7 +85,7 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   peak = measure_matmul_peak(peak_n, DTYPES[config.model.dtype]) * jax.device_count()
   step_s = float(np.median(times))
   tps = b * length / step_s
-  flops = registry.flops_per_token(model.cfg, length, registry.target_len(config))
+  flops = flops_per_token(model.cfg, length, wiring.target_len(config))
   return {
     "compile_s": compile_s,
     "step_s": step_s,

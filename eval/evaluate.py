@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from modeling import diffusion, registry
-from train import sharding
+from modeling import diffusion
+from train import families, sharding
 from train.step import make_eval_step
 from train.trainer import load_for_inference, run_eval
 
@@ -43,7 +43,8 @@ def evaluate_workdir(
     config.task.eval_decode = eval_decode
   if batch_size:
     config.train.eval_batch_size = batch_size
-  _, objective = registry.build(config, tokenizer.vocab_size)
+  wiring = families.resolve(config)
+  _, objective = wiring.build(config, tokenizer.vocab_size)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config)
   rows = config.train.eval_batch_size or config.train.batch_size
   if rows % jax.device_count():
@@ -55,7 +56,7 @@ def evaluate_workdir(
     return sharding.to_global(local, batch_sh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return {own: run_eval(config, tokenizer, params, eval_step, to_global, model)}
+    return {own: run_eval(config, wiring.task, tokenizer, params, eval_step, to_global, model)}
 
 
 def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_size=0, seed=0):
@@ -73,9 +74,9 @@ def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_siz
   bad = [r for r in ratios if not 0.0 < r <= 1.0]
   if bad:
     raise ValueError(f"--ratios: {bad} outside (0, 1]")
-  fam, task = registry.family(config), registry.task(config)
+  task = families.resolve(config).task
   rows = batch_size or config.train.eval_batch_size or config.train.batch_size
-  batches = task.eval_data(config, tokenizer, fam, batch_size=rows, max_batches=eval_steps)
+  batches = task.eval_batches(config, tokenizer, batch_size=rows, max_batches=eval_steps)
 
   @jax.jit  # one compile for every ratio: the ratio is traced
   def at(batch, rng, ratio):

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from eval.packed import quantize_kernel
-from train.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID
+from modeling.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 from train.trainer import load_for_inference
 
 ARCH = "bitnet"

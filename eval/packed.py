@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modeling import quant, registry
+from modeling import quant
 from modeling.transformer import Transformer
+from train import families
 from train.data import make_tokenizer
 from train.trainer import load_for_inference, saved_config
 
@@ -126,7 +127,7 @@ def load_packed(path: str):
   meta = json.loads(arrays["config"].tobytes().decode())
   config = saved_config(meta["config"])
   tokenizer = make_tokenizer(config.data.tokenizer)
-  cfg = registry.transformer_config(config, tokenizer.vocab_size)
+  cfg = families.resolve(config).transformer_config(config, tokenizer.vocab_size)
   model = Transformer(dataclasses.replace(cfg, quant_deployed=True))
   params = unpack_params(arrays, config.model.quant, meta["base3"])
   return config, model, params, tokenizer

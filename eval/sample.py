@@ -5,7 +5,7 @@ python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --
 python -m eval.sample --workdir=runs/mdlm --prompt="ROMEO:" --num_tokens=100 --steps=200 [--sampler=llada --block_length=32] [--suffix=...]
 python -m eval.sample --workdir=runs/t5_reverse --prompt="reverse: hello" --num_tokens=32 --beam_size=4
 
-Each family reads the flags its sampler knows (modeling/registry.py); setting another is an
+Each family reads the flags its sampler knows (train/families.py); setting another is an
 error, not silently ignored.
 """
 
@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 
 from eval.packed import load_packed
-from modeling import registry
+from train import families
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
@@ -45,7 +45,7 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("beam_size", 1, "encdec: beam search width; 1: sample (or greedy at 0)")
 flags.DEFINE_float("length_penalty", 0.6, "encdec, beam search: GNMT length penalty alpha")
 FLAGS = flags.FLAGS
-SAMPLER_FLAGS = sorted({o for fam in registry.FAMILIES.values() for o in fam.sample_options})
+SAMPLER_FLAGS = families.SAMPLE_OPTIONS
 
 
 def main(argv):
@@ -57,7 +57,7 @@ def main(argv):
     config, model, params, tokenizer = load_packed(FLAGS.packed)
   else:
     config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
-  fam = registry.family(config)
+  fam = families.resolve(config).family
   if fam.sample is None:
     raise app.UsageError(
       f"--workdir={FLAGS.workdir or FLAGS.packed}: a model.family={config.model.family!r} model does not "

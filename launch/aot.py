@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from modeling import registry
-from train import sharding
+from modeling.flops import flops_per_token
+from train import families, sharding
 from train.data import make_tokenizer
 from train.optim import make_optimizer
 from train.trainer import abstract_state, config_train_step
@@ -60,14 +60,15 @@ def topology_devices(topology: str) -> list:
 def _lower(config: ml_collections.ConfigDict, devices: list):
   """(lowered train step, abstract state, model) for the config on these devices."""
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, objective = registry.build(config, tokenizer.vocab_size)
+  wiring = families.resolve(config)
+  model, objective = wiring.build(config, tokenizer.vocab_size)
   mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config)
   tx = make_optimizer(config.train)
   abstract, shardings, _ = abstract_state(config, model, tx, mesh, rules)
   batch_sh = sharding.batch_sharding(mesh)
   batch = {
     k: jax.ShapeDtypeStruct((config.train.batch_size, n), jnp.int32, sharding=batch_sh)
-    for k, n in registry.batch_lengths(config).items()
+    for k, n in wiring.batch_lengths(config).items()
   }
   step = config_train_step(config, model, objective, tx)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -112,7 +113,7 @@ def compile_train_step(
   When XLA refuses to compile because the program exceeds the chip's HBM, the memory is
   XLA's required temporaries plus this chip's share of the state, and `fits` is False.
   """
-  validate_config(config)
+  wiring = validate_config(config)
   sharding.validate_mesh(config, len(devices))
   lowered, abstract, model = _lower(config, devices)
   try:
@@ -148,9 +149,7 @@ def compile_train_step(
     "hbm_bytes": hbm,
     "fits": fits,
     "xla_flops_per_chip": xla_flops(config, devices) if flops else None,
-    "model_flops": registry.flops_per_token(
-      model.cfg, config.data.seq_len, registry.target_len(config)
-    )
+    "model_flops": flops_per_token(model.cfg, config.data.seq_len, wiring.target_len(config))
     * tokens,
     "tokens": tokens,
   }

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.decoding import choose_tokens
-from train.data.tokenizers import EOS_ID, MASK_ID
+from modeling.decoding import choose_tokens
+from modeling.vocab import EOS_ID, MASK_ID
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import gpt, llama
-from modeling import registry
 from modeling.transformer import Transformer, TransformerConfig
+from train import families
 
 VOCAB = 97
 PRESETS = {"gpt": gpt, "llama": llama}
@@ -26,7 +26,9 @@ def tiny(preset: str = "gpt", seq_len: int = 16, **overrides) -> TransformerConf
   """The preset's `size=tiny` model, with a small vocabulary and context."""
   config = PRESETS[preset].get_config("size=tiny")
   config.data.seq_len = seq_len
-  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
+  return dataclasses.replace(
+    families.resolve(config).transformer_config(config, vocab_size=VOCAB), **overrides
+  )
 
 
 def abstract_init(cfg: TransformerConfig):

@@ -1,8 +1,9 @@
 """Losses per family and task, returned as sums so batches and devices add up.
 
-An objective maps `(model, params, batch, rng, deterministic)` to a dict of
-sums: `loss_sum` (nats), `weight` (targets counted) and task metrics. The
-step divides; evaluation divides over the whole split.
+Each task's objective comes from a factory `make_<name>(task config, vocab size)` (the
+table in train/families.py names it). An objective maps `(model, params, batch, rng,
+deterministic)` to a dict of sums: `loss_sum` (nats), `weight` (targets counted) and task
+metrics. The step divides; evaluation divides over the whole split.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import scipy.stats
 
 from modeling import diffusion
-from train.data.tokenizers import BOS_ID, MASK_ID, NUM_SPECIAL
+from modeling.vocab import BOS_ID, MASK_ID, NUM_SPECIAL
 
 Objective = Callable[..., dict[str, jax.Array]]
 
@@ -74,16 +75,20 @@ def causal_lm(
   }
 
 
+def make_causal_lm(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+  """The decoder's pretraining objective: `causal_lm`, which reads no option."""
+  return causal_lm
+
+
 def shift_right(targets_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
   """The decoder's input: each target's predecessor in its packed example, BOS first."""
   previous_BL = jnp.pad(targets_BL, ((0, 0), (1, 0)))[:, :-1]
   return jnp.where(positions_BL == 0, BOS_ID, previous_BL)
 
 
-def make_seq2seq(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Encoder-decoder teacher forcing (span corruption and seq2seq alike): cross-entropy of
   every target token given the source and the targets before it."""
-  del config, vocab_size
 
   def seq2seq(model, params, batch, rng, deterministic):
     targets_BL, seg_BL = batch["targets"], batch["targets_segment_ids"]
@@ -128,10 +133,10 @@ def mask_tokens(
   return inputs_BL, selected_BL
 
 
-def make_mlm(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_mlm(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Masked language modeling; masks come from the step's rng, so every epoch is masked
   afresh and a resumed run draws the same masks."""
-  t = config.task
+  t = task
 
   def mlm(model, params, batch, rng, deterministic):
     mask_rng, dropout_rng = jax.random.split(rng)
@@ -165,9 +170,8 @@ def _apply_labeled(model, params, batch, rng, deterministic) -> jax.Array:
   return out
 
 
-def make_classify(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_classify(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Sequence classification: cross-entropy on the pooled output; per-class counts for F1."""
-  del config, vocab_size
 
   def classify(model, params, batch, rng, deterministic):
     logits_BC = _apply_labeled(model, params, batch, rng, deterministic)
@@ -189,9 +193,8 @@ def make_classify(config: ml_collections.ConfigDict, vocab_size: int) -> Objecti
   return classify
 
 
-def make_regress(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_regress(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Regression on the pooled output (one unit): squared error; predictions kept per row."""
-  del config, vocab_size
 
   def regress(model, params, batch, rng, deterministic):
     pred_B = _apply_labeled(model, params, batch, rng, deterministic)[:, 0]
@@ -207,7 +210,7 @@ def make_regress(config: ml_collections.ConfigDict, vocab_size: int) -> Objectiv
   return regress
 
 
-def make_diffusion(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_diffusion(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Masked diffusion's continuous-time NELBO (modeling/diffusion.py), in nats, summed.
 
   Training: one time t per row, antithetic across the batch, and masks, both drawn from
@@ -217,8 +220,7 @@ def make_diffusion(config: ml_collections.ConfigDict, vocab_size: int) -> Object
   each draw's sum is kept (`loss_draws`) to report the estimate's spread. `weight`
   counts every real token (all are modeled), so loss_sum / weight is the bound per token.
   """
-  del vocab_size
-  t_cfg = config.task
+  t_cfg = task
   schedule = diffusion.make_schedule(t_cfg.schedule, t_cfg.schedule_exponent)
 
   def one_draw(model, params, batch, rng, deterministic):
@@ -313,10 +315,9 @@ def summarize_regress(sums: dict, rows: dict, config, byte_level: bool) -> dict[
   }
 
 
-def make_ner(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_ner(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Token classification: cross-entropy on each word's first piece; predictions kept
   per row for the entity-level F1."""
-  del config, vocab_size
 
   def ner(model, params, batch, rng, deterministic):
     logits_BLC = _apply_labeled(model, params, batch, rng, deterministic)
@@ -375,12 +376,11 @@ def summarize_ner(sums: dict, rows: dict, config, byte_level: bool) -> dict[str,
   }
 
 
-def make_embed(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_embed(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   """Contrastive sentence embeddings (mean-pooled, unit length) with in-batch negatives:
   each first text of a positive pair must pick its own second text among the batch's, and
   vice versa."""
-  del vocab_size
-  temperature = config.task.temperature
+  temperature = task.temperature
 
   def embed(model, params, batch, rng, deterministic):
     rng_a, rng_b = jax.random.split(rng)
@@ -393,7 +393,7 @@ def make_embed(config: ml_collections.ConfigDict, vocab_size: int) -> Objective:
     # Positives: pairs scored >= min_score (unscored pairs all are); every real row is a
     # negative for the others, padding rows for nobody.
     score_B = batch["label"]
-    positive_B = w_B * jnp.where(jnp.isnan(score_B), 1.0, score_B >= config.task.min_score)
+    positive_B = w_B * jnp.where(jnp.isnan(score_B), 1.0, score_B >= task.min_score)
     sim_BB = a_BD @ b_BD.T / temperature
     pad_BB = (1.0 - w_B)[None, :] * 1e9
     diag_B = jnp.diagonal(sim_BB)

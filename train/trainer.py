@@ -21,15 +21,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from configs import base
-from modeling import registry
-from train import sharding
+from modeling import flops
+from train import families, sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
 from train.data import make_tokenizer
 from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
 from train.step import eval_params, make_eval_step, make_init, make_train_step
-from train.validation import validate_config
+from train.validation import validate_config, validate_run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,7 +44,7 @@ def print_main(*args) -> None:
 
 def abstract_state(config, model, tx, mesh, rules):
   """(abstract TrainState with shardings, its shardings, the boxed init fn)."""
-  example = {k: jnp.zeros((1, n), jnp.int32) for k, n in registry.packed_lengths(config).items()}
+  example = {k: jnp.zeros((1, n), jnp.int32) for k, n in families.packed_lengths(config).items()}
   init_fn = make_init(model, tx, example, ema=config.train.ema_decay > 0)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(boxed, mesh, rules)
@@ -61,7 +61,9 @@ def config_train_step(config, model, objective, tx):
   return make_train_step(model, objective, tx, learning_rate_schedule(t), t.grad_accum, t.ema_decay)
 
 
-def run_eval(config, tokenizer, params, eval_step, to_global, model=None) -> dict[str, float]:
+def run_eval(
+  config, task: families.Task, tokenizer, params, eval_step, to_global, model=None
+) -> dict[str, float]:
   """The task's metrics over its evaluation split (`train.eval_steps` batches; 0: all).
 
   `eval_step(params, batch)` returns sums, added over batches, and per-row values
@@ -69,12 +71,10 @@ def run_eval(config, tokenizer, params, eval_step, to_global, model=None) -> dic
   that generate text (seq2seq) add metrics of decoded text when given the `model`.
   """
   t, n_proc = config.train, jax.process_count()
-  fam, task = registry.family(config), registry.task(config)
   sums, rows = None, {}
-  batches = task.eval_data(
+  batches = task.eval_batches(
     config,
     tokenizer,
-    fam,
     batch_size=(t.eval_batch_size or t.batch_size) // n_proc,
     max_batches=t.eval_steps,
     process_index=jax.process_index(),
@@ -97,42 +97,23 @@ def run_eval(config, tokenizer, params, eval_step, to_global, model=None) -> dic
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
   # ---- setup
-  validate_config(config)
-  if "://" in workdir:
-    raise ValueError(
-      f"--workdir={workdir!r}: URLs are not supported; use a path. On several hosts, a "
-      "filesystem they all mount (NFS, Filestore, or a bucket mounted with gcsfuse)"
-    )
+  wiring = validate_config(config)
   init_distributed(config)
-  sharding.validate_mesh(config, jax.device_count())
+  validate_run(config, workdir, jax.device_count())
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
-  if config.model.attention_impl == "splash" and mesh.size > 1:
-    raise ValueError(
-      f"model.attention_impl='splash' on a {mesh.size}-device mesh: splash runs on one device "
-      "so far (sharding it with shard_map is not built yet); use 'xla' on a mesh"
-    )
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, objective = registry.build(config, tokenizer.vocab_size)
-  if model.cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(
-      f"model.vocab_size={config.model.vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size}"
-    )
+  model, objective = wiring.build(config, tokenizer.vocab_size)
   tx = make_optimizer(config.train)
   t = config.train
   n_proc = jax.process_count()
-  for key in ("batch_size", "eval_batch_size"):
-    if t[key] % n_proc:
-      raise ValueError(f"train.{key}={t[key]}: must be divisible by the {n_proc} processes")
 
   # ---- data
-  fam, task = registry.family(config), registry.task(config)
-  train_iter = task.train_data(
+  train_iter = wiring.task.train_iterator(
     config,
     tokenizer,
-    fam,
     batch_size=t.batch_size // n_proc,
     seed=config.seed,
     process_index=jax.process_index(),
@@ -185,15 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
 
   def evaluate(params) -> dict[str, float]:
-    return run_eval(config, tokenizer, params, eval_step, to_global, model)
+    return run_eval(config, wiring.task, tokenizer, params, eval_step, to_global, model)
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main)
   progress = Progress(t.steps, start, enabled=is_main)
   peak = t.peak_tflops * 1e12 or measure_matmul_peak()
-  flops_per_token = registry.flops_per_token(
-    model.cfg, config.data.seq_len, registry.target_len(config)
-  )
+  flops_per_token = flops.flops_per_token(model.cfg, config.data.seq_len, wiring.target_len(config))
   tokens_per_step = t.batch_size * config.data.seq_len
   # SIGTERM (preemption): one process stops at the next step; several stop together at the
   # step JAX's preemption sync agrees on, so no process waits in a collective for the others.
@@ -248,14 +227,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   # ---- finish
   if is_main:
-    finish(config, model, eval_params(state), tokenizer, workdir)
+    finish(config, wiring.family, model, eval_params(state), tokenizer, workdir)
   return last
 
 
-def finish(config, model, params, tokenizer, workdir: str) -> None:
+def finish(config, family: families.Family, model, params, tokenizer, workdir: str) -> None:
   """Prints samples and writes the loss plot."""
   t = config.train
-  sample = registry.family(config).sample
+  sample = family.sample
   if t.num_samples and sample:
     prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
     rng = jax.random.PRNGKey(config.seed)
@@ -296,7 +275,7 @@ def load_for_inference(workdir: str):
   with open(path) as f:
     config = saved_config(json.load(f))
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, _ = registry.build(config, tokenizer.vocab_size)
+  model, _ = families.resolve(config).build(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   abstract, _, _ = abstract_state(
     config, model, make_optimizer(config.train), mesh, sharding.rules(config)

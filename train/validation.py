@@ -5,14 +5,16 @@ Each error names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import jax
 import ml_collections
+import numpy as np
 
 from configs import base
-from modeling import registry
 from modeling.attention import ATTENTION_IMPLS
 from modeling.layers import MLP_KINDS
 from modeling.quant import QUANT_KINDS
 from modeling.transformer import DTYPES, REMAT_POLICIES, Transformer
+from train import families, sharding
 from train.data import make_tokenizer, validate_source
 from train.optim import SCHEDULES
 
@@ -108,14 +110,16 @@ def fail(key: str, value, allowed: str) -> None:
   raise ValueError(f"{key}={value!r}: {allowed}")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError on the first bad key; cheap, compiles nothing."""
+def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
+  """Raises ValueError on the first bad key; cheap, compiles nothing. Returns the config's
+  family and task (`families.resolve`), for the caller to pass down."""
   unknown = sorted(_flat_keys(config) - _flat_keys(base.get_config()))
   if unknown:
     fail(
       unknown[0], get(config, unknown[0]), "unknown key; every key is declared in configs/base.py"
     )
-  registry.task(config)  # the family, then the task it allows
+  wiring = families.resolve(config)  # the family, then the task it allows
+  fam = wiring.family
   for key, allowed in CHOICES.items():
     if get(config, key) not in allowed:
       fail(key, get(config, key), f"allowed {list(allowed)}")
@@ -143,13 +147,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   m, t = config.model, config.train
   if m.share_layers and m.scan_layers:
     fail("model.scan_layers", True, "must be False with model.share_layers=True (one block)")
-  if m.share_layers and registry.family(config).autoregressive:
+  if m.share_layers and fam.autoregressive:
     fail(
       "model.share_layers",
       True,
       f"not supported with model.family={m.family!r} (the KV cache needs one block per layer)",
     )
-  if m.embed_dim and m.embed_dim != m.d_model and registry.task(config).head == "lm":
+  if m.embed_dim and m.embed_dim != m.d_model and wiring.task.head == "lm":
     if m.tie_embeddings:
       fail(
         "model.embed_dim",
@@ -198,7 +202,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
   if m.position == "relative" and m.attention_impl == "splash":
     fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
-  fam = registry.family(config)
   if m.neighbor_mix and (fam.mask_kind != "bidirectional" or fam.model is not Transformer):
     fail(
       "model.neighbor_mix",
@@ -215,7 +218,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "'count' integrates the time out, so it needs model.time_conditioning=False",
     )
   tokenizer = make_tokenizer(config.data.tokenizer)
-  if registry.family(config).sentinels:
+  if fam.sentinels:
     _validate_encdec(config, tokenizer)
   else:
     validate_source(config.data.name, "data.name")
@@ -233,6 +236,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"({context}) with their longest prompt ({longest} tokens); lower it or set "
         "train.num_samples=0",
       )
+  if m.vocab_size and m.vocab_size < tokenizer.vocab_size:
+    fail(
+      "model.vocab_size", m.vocab_size, f"must be 0 or >= the tokenizer's {tokenizer.vocab_size}"
+    )
+  return wiring
+
+
+def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
+  """The checks that need the run's processes and devices (after `jax.distributed`): the
+  workdir, the mesh against the devices, the batch against the processes."""
+  if "://" in workdir:
+    raise ValueError(
+      f"--workdir={workdir!r}: URLs are not supported; use a path. On several hosts, a "
+      "filesystem they all mount (NFS, Filestore, or a bucket mounted with gcsfuse)"
+    )
+  shape = sharding.validate_mesh(config, num_devices)
+  if config.model.attention_impl == "splash" and np.prod(shape) > 1:
+    fail(
+      "model.attention_impl",
+      "splash",
+      f"splash runs on one device so far, not a {int(np.prod(shape))}-device mesh (sharding "
+      "it with shard_map is not built yet); use 'xla' on a mesh",
+    )
+  n_proc = jax.process_count()
+  for key in ("batch_size", "eval_batch_size"):
+    if config.train[key] % n_proc:
+      fail(f"train.{key}", config.train[key], f"must be divisible by the {n_proc} processes")
 
 
 def _validate_encdec(config: ml_collections.ConfigDict, tokenizer) -> None:

@@ -9,24 +9,25 @@ import numpy as np
 
 from bench.throughput import benchmark
 from configs import gpt
-from modeling import registry
+from modeling.flops import flops_per_token, matmul_params
+from train import families
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_flops_per_token_is_6n_plus_attention():
   c = gpt.get_config("size=S")
-  cfg = registry.transformer_config(c, 264)
+  cfg = families.resolve(c).transformer_config(c, 264)
   n = 6 * (4 * 384 * 384 + 2 * 384 * 1536) + 384 * 264  # per-layer attention + MLP, then the head
-  assert registry.matmul_params(cfg) == n
-  assert registry.flops_per_token(cfg, 256) == 6 * n + 12 * 6 * 384 * 256
+  assert matmul_params(cfg) == n
+  assert flops_per_token(cfg, 256) == 6 * n + 12 * 6 * 384 * 256
 
 
 def test_benchmark_reports_consistent_figures():
   c = gpt.get_config("size=tiny")
   c.data.seq_len, c.train.batch_size = 32, 4
   r = benchmark(c, steps=2, warmup=0, peak_n=256)
-  flops = registry.flops_per_token(registry.transformer_config(c, 264), 32)
+  flops = flops_per_token(families.resolve(c).transformer_config(c, 264), 32)
   assert np.isclose(r["model_gflops_per_step"], flops * 4 * 32 / 1e9)
   assert np.isclose(r["tokens_per_sec"], 4 * 32 / r["step_s"])
   assert np.isclose(r["mfu"], r["tokens_per_sec"] * flops / (r["peak_gflops"] * 1e9))
@@ -67,20 +68,18 @@ def test_encdec_flops_match_xla_and_the_benchmark_batch():
   c.data.seq_len, c.train.batch_size = 128, 4
   lowered, _, model = _lower(c, jax.devices()[:1])
   xla = lowered.compile().cost_analysis()["flops"]
-  target = registry.target_len(c)
-  assert target == 29 and registry.batch_lengths(c)["targets"] == 29
-  formula = registry.flops_per_token(model.cfg, 128, target) * 4 * 128
+  target = families.resolve(c).target_len(c)
+  assert target == 29 and families.resolve(c).batch_lengths(c)["targets"] == 29
+  formula = flops_per_token(model.cfg, 128, target) * 4 * 128
   assert abs(formula / xla - 1) < 0.05, (formula, xla)
   # the same formula with as many targets as sources would overcount by far
-  assert registry.flops_per_token(model.cfg, 128) > 1.4 * registry.flops_per_token(
-    model.cfg, 128, target
-  )
+  assert flops_per_token(model.cfg, 128) > 1.4 * flops_per_token(model.cfg, 128, target)
   tiny = t5.get_config("size=tiny")
   tiny.data.seq_len, tiny.train.batch_size = 32, 4
   r = benchmark(tiny, steps=2, warmup=0, peak_n=256)
   assert (
-    registry.target_len(tiny) == 8
+    families.resolve(tiny).target_len(tiny) == 8
   )  # 32 inputs <- 34-token chunks: 5 noise tokens in 2 spans, + EOS
-  flops = registry.flops_per_token(registry.transformer_config(tiny, 264), 32, 8)
+  flops = flops_per_token(families.resolve(tiny).transformer_config(tiny, 264), 32, 8)
   assert np.isclose(r["model_gflops_per_step"], flops * 4 * 32 / 1e9)
   assert np.isfinite(r["loss"]) and r["loss"] > 0

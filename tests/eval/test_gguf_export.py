@@ -10,8 +10,8 @@ import pytest
 from configs import bitnet, llama
 from eval import gguf_export
 from eval.packed import quantize_kernel
+from modeling.vocab import NUM_SPECIAL
 from train import trainer
-from train.data.tokenizers import NUM_SPECIAL
 
 LAYERS, D, F = 2, 256, 512
 

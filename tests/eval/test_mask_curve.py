@@ -14,8 +14,9 @@ import pytest
 import scipy.special
 
 from eval.evaluate import mask_curve
-from modeling import diffusion, registry
-from train.data.tokenizers import MASK_ID, NUM_SPECIAL
+from modeling import diffusion
+from modeling.vocab import MASK_ID, NUM_SPECIAL
+from train import families
 from train.trainer import load_for_inference
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -79,9 +80,9 @@ def test_mask_curve_of_a_trained_model_counts_every_row(mdlm_run):
   config, model, params, tokenizer = load_for_inference(str(workdir))
   ratios = [0.1, 0.5, 1.0]
   curve = mask_curve(config, model, params, tokenizer, ratios, eval_steps=2, seed=1)
-  fam, task = registry.family(config), registry.task(config)
+  task = families.resolve(config).task
   rows = config.train.eval_batch_size or config.train.batch_size
-  batches = list(task.eval_data(config, tokenizer, fam, batch_size=rows, max_batches=2))
+  batches = list(task.eval_batches(config, tokenizer, batch_size=rows, max_batches=2))
   n_B = np.concatenate([(b["segment_ids"] > 0).sum(-1) for b in batches])
   want = [int(np.clip(np.ceil(r * n_B - 1e-6), 1, n_B).sum()) for r in ratios]
   assert [(r, n) for r, _, n in curve] == list(zip(ratios, want, strict=True))

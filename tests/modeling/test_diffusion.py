@@ -17,10 +17,12 @@ import scipy.special
 import scipy.stats
 
 from configs import base, mdlm
-from modeling import diffusion, registry
+from modeling import diffusion
 from modeling.transformer import Transformer, TransformerConfig
+from modeling.vocab import EOS_ID, MASK_ID, NUM_SPECIAL
 from tests.tiny_models import VOCAB, abstract_init, random_params
-from train.data.tokenizers import EOS_ID, MASK_ID, NUM_SPECIAL, ByteTokenizer
+from train import families
+from train.data.tokenizers import ByteTokenizer
 
 RULE_NAMES = {name for name, _ in base.get_config().logical_axis_rules}
 SCHEDULES = [("loglinear", 1.0), ("cosine", 1.0), ("polynomial", 2.0), ("polynomial", 3.0)]
@@ -281,7 +283,9 @@ def diffusion_cfg(**overrides) -> TransformerConfig:
   """configs/mdlm.py's `size=tiny` model with a small vocabulary and context."""
   config = mdlm.get_config("size=tiny")
   config.data.seq_len = LEN
-  return dataclasses.replace(registry.transformer_config(config, vocab_size=VOCAB), **overrides)
+  return dataclasses.replace(
+    families.resolve(config).transformer_config(config, vocab_size=VOCAB), **overrides
+  )
 
 
 def model_and_params(**overrides):

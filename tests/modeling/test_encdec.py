@@ -1,4 +1,4 @@
-"""T5 encoder-decoder (modeling/transformer.py) and its decoding (eval/decoding.py): T5's
+"""T5 encoder-decoder (modeling/transformer.py) and its decoding (modeling/decoding.py): T5's
 relative position buckets, the per-stack bias tables, the masks, both KV caches, greedy and
 beam search, and the configs/t5.py variants.
 
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 from configs import t5
-from eval import decoding
-from modeling import registry
+from modeling import decoding
 from modeling.transformer import (
   EncoderDecoder,
   RelativeBias,
@@ -29,8 +28,9 @@ from modeling.transformer import (
   init_encdec_cache,
   relative_buckets,
 )
+from modeling.vocab import BOS_ID, EOS_ID
 from tests.tiny_models import draw_params
-from train.data.tokenizers import BOS_ID, EOS_ID
+from train import families
 
 VOCAB = 32
 B, S, T = 2, 8, 6
@@ -38,7 +38,9 @@ B, S, T = 2, 8, 6
 
 def tiny_encdec(**overrides) -> TransformerConfig:
   """configs/t5.py's tiny v1_1 model with a small vocabulary."""
-  cfg = registry.transformer_config(t5.get_config("size=tiny,variant=v1_1"), vocab_size=VOCAB)
+  cfg = families.resolve(t5.get_config("size=tiny,variant=v1_1")).transformer_config(
+    t5.get_config("size=tiny,variant=v1_1"), vocab_size=VOCAB
+  )
   return dataclasses.replace(cfg, **{"vocab_size": VOCAB, "scan_layers": False, **overrides})
 
 
@@ -540,7 +542,7 @@ def test_length_penalty_ranks_the_beams():
 @pytest.mark.parametrize("variant", ["v1_1", "original"])
 def test_t5_variants_build(variant):
   config = t5.get_config(f"size=tiny,variant={variant}")
-  model, objective = registry.build(config, 300)
+  model, objective = families.resolve(config).build(config, 300)
   assert isinstance(model, EncoderDecoder) and callable(objective)
   cfg = model.cfg
   assert cfg.vocab_size == 300 + config.task.num_sentinels

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from configs import base, bert
-from modeling import registry
 from modeling.transformer import Transformer, TransformerConfig
 from tests.tiny_models import VOCAB, abstract_init, draw_params, random_params
+from train import families
 
 ARCHS = ("bert", "roberta", "albert", "modern")
 RULE_NAMES = {name for name, _ in base.get_config().logical_axis_rules}
@@ -32,7 +32,7 @@ def encoder(arch: str, seq_len: int = 16, **overrides) -> TransformerConfig:
   """The arch's `size=tiny` encoder with a small vocabulary and context, no dropout."""
   config = bert.get_config(f"size=tiny,arch={arch}")
   config.data.seq_len = seq_len
-  cfg = registry.transformer_config(config, vocab_size=VOCAB)
+  cfg = families.resolve(config).transformer_config(config, vocab_size=VOCAB)
   return dataclasses.replace(cfg, **{"dropout": 0.0, **overrides})
 
 

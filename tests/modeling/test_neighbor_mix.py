@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import base, bert, gpt, mdlm, t5
-from modeling import registry
 from modeling.layers import NeighborMix
 from modeling.transformer import Transformer
+from train import families
 from train.validation import validate_config
 
 SEG_BL = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
@@ -73,7 +73,7 @@ def test_each_position_reads_its_reach_within_its_segment_only():
 def _diffusion_cfg(neighbor_mix: int):
   config = mdlm.get_config("size=tiny")
   config.data.seq_len = 12
-  cfg = registry.transformer_config(config, vocab_size=40)
+  cfg = families.resolve(config).transformer_config(config, vocab_size=40)
   return dataclasses.replace(cfg, neighbor_mix=neighbor_mix)
 
 

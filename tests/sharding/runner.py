@@ -79,13 +79,12 @@ def memory_job(job: dict) -> dict:
   import flax.linen as nn
   import jax
 
-  from modeling import registry
-  from train import sharding
+  from train import families, sharding
   from train.optim import make_optimizer
   from train.trainer import abstract_state
 
   c = tiny_config(job["corpus"], job.get("overrides"))
-  model, _ = registry.build(c, 264)
+  model, _ = families.resolve(c).build(c, 264)
   mesh, rules = sharding.make_mesh(c.mesh), sharding.rules(c)
   abstract, shardings, init_fn = abstract_state(c, model, make_optimizer(c.train), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

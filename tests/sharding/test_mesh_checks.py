@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from configs import gpt, llama
-from modeling import registry
 from tests.sharding import runner
-from train import sharding
+from train import families, sharding
 from train.data import make_tokenizer, train_iterator
 from train.distributed import cluster_env
 from train.optim import make_optimizer
@@ -71,7 +70,7 @@ def test_rules_must_name_mesh_axes():
 def test_uneven_parameter_split_names_the_parameter():
   """A vocabulary of 97 cannot split over tensor=2: the error names the embedding."""
   c = config()
-  model, _ = registry.build(c, 97)
+  model, _ = families.resolve(c).build(c, 97)
   devices = np.array(jax.devices() * 2)  # shape checks only: nothing runs on the mesh
   mesh = jax.sharding.Mesh(devices.reshape(1, 1, 2), sharding.MESH_AXES)
   with pytest.raises(ValueError, match=r"'vocab' dimension \(97\) does not split.*'tensor'"):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from configs import mdlm
-from modeling import registry
+from modeling.vocab import MASK_ID, NUM_SPECIAL
 from tests.tiny_models import random_params, short_run
-from train import trainer
-from train.data.tokenizers import MASK_ID, NUM_SPECIAL, ByteTokenizer
+from train import families, trainer
+from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
 from train.objectives import summarize_diffusion
 from train.validation import validate_config
@@ -96,7 +96,7 @@ def test_eval_objective_averages_draws_keyed_on_the_batch():
   config = mdlm.get_config("size=tiny")
   config.data.seq_len = 16
   config.task.eval_t_samples = 3
-  model, objective = registry.build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, VOCAB)
   model, params = Recorder(model), random_params(model.cfg)
   rng = np.random.default_rng(0)
   tokens_BL = rng.integers(0, VOCAB, (4, 16)).astype(np.int32)
@@ -130,7 +130,7 @@ def test_count_estimator_trains_with_exact_counts_and_evaluates_with_times():
   config.data.seq_len = 16
   config.task.estimator = "count"
   config.task.eval_t_samples = 1
-  model, objective = registry.build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, VOCAB)
   model, params = Recorder(model), random_params(model.cfg)
   rng = np.random.default_rng(1)
   tokens_BL = rng.integers(NUM_SPECIAL, VOCAB, (64, 16)).astype(np.int32)

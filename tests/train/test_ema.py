@@ -10,9 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import gpt
-from modeling import registry
 from tests.train.test_trainer import tiny
-from train import trainer
+from train import families, trainer
 from train.checkpoint import _step_dir
 from train.step import ema_rate, eval_params, make_init, make_train_step
 
@@ -21,7 +20,7 @@ def test_ema_follows_its_recurrence_in_float64():
   """Three steps: ema_{k+1} = ema_k + (1 - d_k)(params_{k+1} - ema_k), from the init, with
   d_k = min(decay, (1 + k) / (10 + k)); a NumPy float64 reference of the same recurrence."""
   config = tiny(gpt)
-  model, objective = registry.build(config, 97)
+  model, objective = families.resolve(config).build(config, 97)
   tx = optax.adam(1e-2)
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(3, 97, (4, 32)), jnp.int32)}

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 
 from configs import t5
-from eval import decoding, metrics
 from eval.evaluate import evaluate_workdir
-from modeling import registry
+from modeling import decoding, metrics
 from tests.tiny_models import short_run
-from train import trainer
+from train import families, trainer
 from train.data import seq2seq
 from train.data.make_seq2seq_task import make_records
 from train.data.tokenizers import ByteTokenizer
@@ -157,7 +156,7 @@ def test_decode_eval_metrics_score_the_decoded_validation_examples(tmp_path, mon
     return [texts[0] + " x", *texts[1:]]
 
   monkeypatch.setattr(decoding, "seq2seq_texts", oracle)
-  got = registry.decode_eval_metrics(config, None, None, ByteTokenizer())
+  got = families.decode_eval_metrics(config, None, None, ByteTokenizer())
   refs = [r["targets"] for r in records[90:96]]  # the validation split's first six
   preds = [refs[0] + " x", *refs[1:]]
   assert got == metrics.text_metrics(preds, refs)
@@ -166,7 +165,7 @@ def test_decode_eval_metrics_score_the_decoded_validation_examples(tmp_path, mon
   options = dict(batch_size=8, src_len=48, temperature=0.0, beam_size=3, length_penalty=0.6)
   assert calls == [(6, 24, options)]
   config.task.eval_decode = 0
-  assert registry.decode_eval_metrics(config, None, None, ByteTokenizer()) == {}
+  assert families.decode_eval_metrics(config, None, None, ByteTokenizer()) == {}
 
 
 def sample(workdir, *flags):
@@ -202,7 +201,7 @@ def test_decode_eval_metrics_of_a_mixture_per_source(tmp_path, monkeypatch):
     return [t.split(": ")[1][::-1] for t in texts]
 
   monkeypatch.setattr(decoding, "seq2seq_texts", oracle)
-  got = registry.decode_eval_metrics(config, None, None, ByteTokenizer())
+  got = families.decode_eval_metrics(config, None, None, ByteTokenizer())
   assert got["eval/exact_match/reverse"] == 1.0
   held_out = make_records("sort", 100, 4, 10, "abcdefghij", seed=2)[90:94]
   sort_refs = [r["targets"] for r in held_out]

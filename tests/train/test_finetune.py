@@ -17,10 +17,9 @@ import pytest
 import scipy.stats
 
 from configs import bert
-from modeling import registry
 from modeling.transformer import Transformer
 from tests.tiny_models import abstract_init, draw_params
-from train import trainer
+from train import families, trainer
 from train.checkpoint import restore_matching_params
 from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
@@ -197,7 +196,9 @@ def flat(tree) -> dict[str, jax.Array]:
 
 def fresh_params(config):
   """A fresh param tree of the config's model (values drawn in NumPy: no compile)."""
-  return draw_params(abstract_init(registry.transformer_config(config, VOCAB)), seed=7)
+  return draw_params(
+    abstract_init(families.resolve(config).transformer_config(config, VOCAB)), seed=7
+  )
 
 
 def test_init_from_restores_the_body_bit_for_bit(pretrained_arch):
@@ -223,7 +224,7 @@ def test_init_from_restores_the_body_bit_for_bit(pretrained_arch):
   assert all(not np.array_equal(np.asarray(init[n]), np.asarray(pre[n])) for n in body)
 
   # The body computes the same hidden states under both trees: pool the [CLS] state.
-  cfg = registry.transformer_config(config, VOCAB)
+  cfg = families.resolve(config).transformer_config(config, VOCAB)
   assert cfg.pooling == "cls"
   pool_model = Transformer(dataclasses.replace(cfg, head="pool"))
   rng = np.random.default_rng(0)
@@ -300,7 +301,7 @@ def labeled_batch(label_B, weight_B):
 
 def test_summarize_classify_matches_sklearn():
   sklearn_metrics = pytest.importorskip("sklearn.metrics")
-  objective = make_classify(CLASSIFY_CONFIG, VOCAB)
+  objective = make_classify(CLASSIFY_CONFIG.task, VOCAB)
   rng = np.random.default_rng(0)
   for trial in range(4):
     sums, labels, preds, nll = None, [], [], []
@@ -339,7 +340,7 @@ def test_summarize_classify_without_examples():
 
 
 def test_summarize_regress_matches_scipy_over_the_real_rows():
-  objective = make_regress(bert.get_config("task=regress"), VOCAB)
+  objective = make_regress(bert.get_config("task=regress").task, VOCAB)
   rng = np.random.default_rng(1)
   sums, rows, kept_pred, kept_target = None, {}, [], []
   for _ in range(3):

@@ -12,10 +12,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import bert
-from modeling import registry
+from modeling.vocab import MASK_ID, NUM_SPECIAL
 from tests.tiny_models import random_params
-from train import trainer
-from train.data.tokenizers import MASK_ID, NUM_SPECIAL, ByteTokenizer
+from train import families, trainer
+from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
 from train.objectives import mask_tokens
 
@@ -110,7 +110,7 @@ def mlm_setup(**task):
   config = bert.get_config("size=tiny,arch=bert")
   config.data.seq_len = 32
   config.task.update(task)
-  model, objective = registry.build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, VOCAB)
   tokens_BL, seg_BL = packed_tokens(3, (4, 32))
   pos_BL = np.zeros_like(seg_BL)
   for row in range(4):
@@ -222,7 +222,7 @@ def test_bert_pretrains_and_resumes_exactly(tmp_path):
 def test_unigram_baseline_counts_the_most_frequent_ordinary_token(tmp_path):
   """On a corpus where 'a' is 3/4 of the bytes, the baseline is about 3/4 on train and eval,
   and the framing tokens ([CLS], [SEP]) are never counted."""
-  from train.data.unigram_baseline import count_tokens, unigram_baseline
+  from bench.unigram_baseline import count_tokens, unigram_baseline
 
   (tmp_path / "docs.txt").write_text("aaab" * 2000)
   c = bert.get_config("size=tiny")

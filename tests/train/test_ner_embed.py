@@ -17,9 +17,9 @@ import seqeval.metrics
 import tensorflow_datasets as tfds
 
 from configs import bert
-from modeling import registry
+from modeling.vocab import CLS_ID, NUM_SPECIAL, SEP_ID
 from tests.tiny_models import abstract_init, draw_params
-from train import trainer
+from train import families, trainer
 from train.data import validate_source
 from train.data.labeled import (
   encode_rows,
@@ -29,7 +29,7 @@ from train.data.labeled import (
   load_tagged,
   tag_names,
 )
-from train.data.tokenizers import CLS_ID, NUM_SPECIAL, SEP_ID, ByteTokenizer
+from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
 from train.objectives import summarize_ner, tag_sequences
 
@@ -444,7 +444,7 @@ def test_embed_loss_is_symmetric_info_nce_over_mean_pooled_unit_embeddings():
   temperature = 0.1
   config = embed_config("jsonl:unused", temperature=temperature)
   config.model.dropout = 0.0
-  model, objective = registry.build(config, TOK.vocab_size)
+  model, objective = families.resolve(config).build(config, TOK.vocab_size)
   assert model.cfg.head == "pool" and model.cfg.pooling == "mean"
   params = draw_params(abstract_init(model.cfg), seed=1)
   pairs = [("a cat sat", "the cat sits"), ("dogs bark", "a dog barks"), ("hello", "hi there")]
@@ -545,7 +545,7 @@ def test_embed_eval_counts_only_positive_pairs():
   loss and accuracy are over positive pairs only (eval keeps every scored pair)."""
   c = bert.get_config("size=tiny,task=embed")
   c.data.seq_len = 32
-  model, objective = registry.build(c, 264)
+  model, objective = families.resolve(c).build(c, 264)
   pairs = [("alpha beta", "beta alpha"), ("gamma", "delta"), ("eta theta", "theta eta")]
   batch = {k: jnp.asarray(v) for k, v in pair_rows(pairs, [5.0, 0.5, 4.5]).items()}
   tokens = batch["tokens"]

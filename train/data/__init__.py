@@ -3,14 +3,6 @@
 from train.data.pipeline import eval_batches, train_iterator
 from train.data.sources import load_documents, validate_source
 from train.data.tokenizers import (
-  BOS_ID,
-  CLS_ID,
-  EOS_ID,
-  MASK_ID,
-  NUM_SPECIAL,
-  PAD_ID,
-  SEP_ID,
-  UNK_ID,
   ByteTokenizer,
   SentencePieceTokenizer,
   Tokenizer,
@@ -18,14 +10,6 @@ from train.data.tokenizers import (
 )
 
 __all__ = [
-  "BOS_ID",
-  "CLS_ID",
-  "EOS_ID",
-  "MASK_ID",
-  "NUM_SPECIAL",
-  "PAD_ID",
-  "SEP_ID",
-  "UNK_ID",
   "ByteTokenizer",
   "SentencePieceTokenizer",
   "Tokenizer",

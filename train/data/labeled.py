@@ -24,9 +24,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from modeling.vocab import CLS_ID, SEP_ID
 from train.data import sources
 from train.data.pipeline import ShardedBatches, check_process
-from train.data.tokenizers import CLS_ID, SEP_ID, Tokenizer
+from train.data.tokenizers import Tokenizer
 
 _HELD_OUT_FRACTION = 10
 

@@ -21,8 +21,9 @@ import grain
 import ml_collections
 import numpy as np
 
+from modeling.vocab import EOS_ID
 from train.data.sources import load_documents
-from train.data.tokenizers import EOS_ID, Tokenizer
+from train.data.tokenizers import Tokenizer
 
 
 def _check_cfg(data_cfg: ml_collections.ConfigDict, batch_size: int) -> None:

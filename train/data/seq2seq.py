@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from modeling.vocab import EOS_ID
 from train.data import labeled, pipeline, sources
-from train.data.tokenizers import EOS_ID, Tokenizer
+from train.data.tokenizers import Tokenizer
 
 # ---- span corruption (T5 section 3.1.4: noise density 0.15, mean span length 3)
 

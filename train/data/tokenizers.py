@@ -12,14 +12,7 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-PAD_ID = 0  # padding; segment id 0 in packed batches
-EOS_ID = 1  # appended to every document
-BOS_ID = 2
-MASK_ID = 3  # MLM and masked-diffusion mask
-CLS_ID = 4
-SEP_ID = 5
-UNK_ID = 6
-NUM_SPECIAL = 8  # ids 0..7 are reserved (7 is spare); ordinary tokens start here
+from modeling.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID
 
 # Control pieces at the reserved ids 3, 4, 5, 7 of the SentencePiece models train_spm writes.
 SPM_RESERVED_PIECES = ("[MASK]", "[CLS]", "[SEP]", "[RESERVED7]")

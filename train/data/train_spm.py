@@ -16,16 +16,9 @@ import sentencepiece as spm
 from absl import app, flags
 from ml_collections import config_flags
 
+from modeling.vocab import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, UNK_ID
 from train.data.sources import load_documents
-from train.data.tokenizers import (
-  BOS_ID,
-  EOS_ID,
-  NUM_SPECIAL,
-  PAD_ID,
-  SPM_RESERVED_PIECES,
-  UNK_ID,
-  SentencePieceTokenizer,
-)
+from train.data.tokenizers import SPM_RESERVED_PIECES, SentencePieceTokenizer
 
 _MAX_CHUNK_CHARS = 4096  # SentencePiece skips overlong sentences; longer lines are cut
 

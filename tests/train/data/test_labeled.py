@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import bert
+from modeling.vocab import CLS_ID, NUM_SPECIAL, SEP_ID
 from train.data import validate_source
 from train.data.labeled import (
   encode_rows,
@@ -19,7 +20,7 @@ from train.data.labeled import (
   labeled_train_iterator,
   load_labeled,
 )
-from train.data.tokenizers import CLS_ID, NUM_SPECIAL, SEP_ID, ByteTokenizer
+from train.data.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 C, S = CLS_ID, SEP_ID

@@ -13,8 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import base
+from modeling.vocab import EOS_ID, NUM_SPECIAL
 from train.data import pipeline
-from train.data.tokenizers import EOS_ID, NUM_SPECIAL, ByteTokenizer
+from train.data.tokenizers import ByteTokenizer
 
 BYTES = ByteTokenizer()
 

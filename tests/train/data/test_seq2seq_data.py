@@ -15,9 +15,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import t5
-from modeling import registry
+from modeling.vocab import EOS_ID, NUM_SPECIAL
+from train import families
 from train.data import seq2seq
-from train.data.tokenizers import EOS_ID, NUM_SPECIAL, ByteTokenizer
+from train.data.tokenizers import ByteTokenizer
 
 BYTES = ByteTokenizer()
 FIRST = BYTES.vocab_size  # the first sentinel id: sentinels follow the vocabulary
@@ -146,8 +147,8 @@ def _pretrain_config(tmp_path, docs: list[str], seq_len: int = 64, shuffle_windo
 
 def _span_train(config, batch_size: int = 4):
   """The encdec pretraining task's own training data (as the trainer builds it)."""
-  fam, task = registry.family(config), registry.task(config)
-  return task.train_data(config, BYTES, fam, batch_size=batch_size, seed=config.seed)
+  task = families.resolve(config).task
+  return task.train_iterator(config, BYTES, batch_size=batch_size, seed=config.seed)
 
 
 def _row_chunks(batch: dict) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Metrics of decoded text (eval/metrics.py) against hand-computed values and against the
+"""Metrics of decoded text (train/text_metrics.py) against hand-computed values and against the
 reference packages (rouge-score, sacrebleu) called directly."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from eval import metrics
+from train import text_metrics as metrics
 
 PREDICTIONS = [
   "police killed the gunman after a standoff that lasted three hours",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from modeling.transformer import TransformerConfig, init_cache, init_encdec_cache
-from train.data.tokenizers import BOS_ID, EOS_ID
+from modeling.vocab import BOS_ID, EOS_ID
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:

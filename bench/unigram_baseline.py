@@ -1,7 +1,7 @@
 """The unigram baseline of a config's evaluation data: how often the training data's most
 frequent ordinary token is right, over the validation tokens a model is scored on.
 
-  python -m train.data.unigram_baseline --config=configs/bert.py:size=tiny
+  python -m bench.unigram_baseline --config=configs/bert.py:size=tiny
 
 For MLM every ordinary token is equally likely to be masked, so this is the accuracy of
 always predicting that one token; it is the floor `eval/mlm_accuracy` should clear.
@@ -15,9 +15,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from modeling import registry
+from modeling.vocab import NUM_SPECIAL
+from train import families
 from train.data import eval_batches, make_tokenizer, train_iterator
-from train.data.tokenizers import NUM_SPECIAL
 
 FLAGS = flags.FLAGS
 
@@ -34,8 +34,7 @@ def count_tokens(batches) -> collections.Counter:
 def unigram_baseline(config, train_batches: int = 200) -> tuple[int, float, float]:
   """(most frequent training token, its share of training tokens, its share of eval tokens)."""
   tokenizer = make_tokenizer(config.data.tokenizer)
-  fam = registry.family(config)
-  frame = (fam.doc_prefix, fam.doc_suffix)
+  frame = families.resolve(config).task.frame
   batch_size = config.train.batch_size
   it = train_iterator(config.data, tokenizer, batch_size=batch_size, seed=config.seed, frame=frame)
   train = count_tokens(next(it) for _ in range(train_batches))

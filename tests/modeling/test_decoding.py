@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.decoding import choose_tokens, filter_logits, generate
+from modeling.decoding import choose_tokens, filter_logits, generate
 from modeling.transformer import Transformer, init_cache
 from tests.tiny_models import VOCAB, random_params, tiny
 

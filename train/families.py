@@ -1,0 +1,361 @@
+"""The one table that maps `model.family` and `task.name` to a model (its mask and head),
+an objective, its data and its evaluation; `resolve(config)` reads it once per command.
+
+Read top to bottom: the dataclasses, the data adapters and samplers they point to, the
+table, then what a resolved `Wiring` builds (the frozen model config, the model and its
+objective, batch shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from modeling import decoding, diffusion
+from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
+from modeling.vocab import CLS_ID, EOS_ID, SEP_ID
+from train import objectives
+from train.data import labeled, pipeline, seq2seq
+from train.text_metrics import text_metrics
+
+# A pretraining document is framed by (prefix ids, suffix ids) before packing.
+Frame = tuple[tuple[int, ...], tuple[int, ...]]
+END_OF_DOCUMENT: Frame = ((), (EOS_ID,))
+CLS_SEP: Frame = ((CLS_ID,), (SEP_ID,))
+
+
+# ---- packed documents, the data of every pretraining task
+
+
+def packed_lengths(config) -> dict[str, int]:
+  """A packed batch: tokens, positions and segment ids of `data.seq_len`."""
+  return {k: config.data.seq_len for k in ("tokens", "positions", "segment_ids")}
+
+
+def packed_train(config, tokenizer, frame: Frame, **kw):
+  return pipeline.train_iterator(config.data, tokenizer, frame=frame, **kw)
+
+
+def packed_eval(config, tokenizer, frame: Frame, **kw):
+  return pipeline.eval_batches(config.data, tokenizer, frame=frame, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  head: str  # TransformerConfig.head
+  # (task config, vocab size) -> the objective (train/objectives.py)
+  objective: Callable[[ml_collections.ConfigDict, int], objectives.Objective]
+  # (config, tokenizer, frame, **kw) -> training batches / evaluation batches
+  train_data: Callable = packed_train
+  eval_data: Callable = packed_eval
+  summarize: Callable = objectives.summarize_lm  # (sums, rows, config, byte_level) -> metrics
+  # (config, model, params, tokenizer) -> metrics of decoded text, added to each evaluation
+  decode_metrics: Callable | None = None
+  # config -> {batch key: row length}: the int32 [batch, length] arrays of a training batch
+  # (ahead-of-time compiles build the batch from it); None: labeled rows, not described
+  batch_lengths: Callable | None = packed_lengths
+  frame: Frame = END_OF_DOCUMENT  # how packed pretraining documents are framed
+
+  def train_iterator(self, config, tokenizer, **kw):
+    """The task's training batches (process-local rows)."""
+    return self.train_data(config, tokenizer, self.frame, **kw)
+
+  def eval_batches(self, config, tokenizer, **kw):
+    """The task's evaluation batches (process-local rows)."""
+    return self.eval_data(config, tokenizer, self.frame, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  mask_kind: str
+  tasks: dict[str, Task]
+  autoregressive: bool  # can be sampled token by token with a KV cache
+  # (config, model, params, tokenizer, prompt, num_tokens, rng, **options) -> (text, network
+  # calls); None: the family does not generate text
+  sample: Callable | None = None
+  sample_options: tuple[str, ...] = ()  # the eval.sample flags its sampler reads
+  model: type = Transformer  # the flax module: one stack, or encoder + decoder
+  sentinels: bool = False  # task.num_sentinels ids follow the tokenizer's vocabulary (T5)
+
+
+# ---- the other data adapters: (config, tokenizer, frame, **kw) -> batches
+
+
+def seq2seq_lengths(config) -> dict[str, int]:
+  """An encoder-decoder batch: the packed source plus the targets' three arrays."""
+  length = seq2seq.target_len(config)
+  targets = {k: length for k in ("targets", "targets_positions", "targets_segment_ids")}
+  return {**packed_lengths(config), **targets}
+
+
+def _span_train(config, tokenizer, frame: Frame, **kw):
+  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size)
+  return packed_train(config, tokenizer, frame, rows_fn=rows_fn, **kw)
+
+
+def _span_eval(config, tokenizer, frame: Frame, **kw):
+  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size)
+  return packed_eval(config, tokenizer, frame, rows_fn=rows_fn, **kw)
+
+
+def _seq2seq_train(config, tokenizer, frame: Frame, **kw):
+  """Examples bring their own framing (the source and target each end at EOS)."""
+  return seq2seq.seq2seq_train_iterator(config, tokenizer, **kw)
+
+
+def _seq2seq_eval(config, tokenizer, frame: Frame, **kw):
+  return seq2seq.seq2seq_eval_batches(config, tokenizer, **kw)
+
+
+def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> Task:
+  """A fine-tuning task on examples `load(config, tokenizer, split)` gives as row arrays
+  (each row framed [CLS] ... [SEP] by the loader)."""
+
+  def train_data(config, tokenizer, frame: Frame, **kw):
+    return labeled.labeled_train_iterator(load(config, tokenizer, "train"), **kw)
+
+  def eval_data(config, tokenizer, frame: Frame, **kw):
+    split = "all" if config.data.eval_name else "validation"
+    return labeled.labeled_eval_batches(load(config, tokenizer, split), **kw)
+
+  return Task(head, objective, train_data, eval_data, summarize, batch_lengths=None, frame=CLS_SEP)
+
+
+def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
+  """Exact match, ROUGE and BLEU of each evaluation source's first `task.eval_decode`
+  examples, decoded greedily (or with `task.beam_size` beams) up to `data.target_len`
+  tokens: over all of them, and for a mixture also per source (`eval/<metric>/<source>`)."""
+  t = config.task
+  if not t.eval_decode:
+    return {}
+  per_source = seq2seq.decode_sources(config, tokenizer, t.eval_decode)
+  preds = decoding.seq2seq_texts(
+    model,
+    params,
+    tokenizer,
+    [ids for _, source_ids, _, _ in per_source for ids in source_ids],
+    seq2seq.target_len(config),
+    jax.random.PRNGKey(config.seed),
+    batch_size=config.train.eval_batch_size or config.train.batch_size,
+    src_len=config.data.seq_len,
+    temperature=0.0,
+    beam_size=t.beam_size,
+    length_penalty=t.length_penalty,
+  )
+  refs = [r for _, _, _, source_refs in per_source for r in source_refs]
+  out = text_metrics(preds, refs)
+  if len(per_source) > 1:
+    start = 0
+    for label, _, _, source_refs in per_source:
+      n = len(source_refs)
+      for key, value in text_metrics(preds[start : start + n], source_refs).items():
+        out[f"{key}/{label}"] = value
+      start += n
+  return out
+
+
+# ---- samplers: (config, model, params, tokenizer, prompt, num_tokens, rng, **options)
+
+
+def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  text = decoding.complete(model, params, tokenizer, prompt, num_tokens, rng, **opts)
+  return text, num_tokens  # a prefill, then one call per further token
+
+
+def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  schedule = diffusion.make_schedule(config.task.schedule, config.task.schedule_exponent)
+  return diffusion.complete(
+    model, params, tokenizer, prompt, num_tokens, rng, schedule=schedule, **opts
+  )
+
+
+def _sample_seq2seq(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+  """The prompt is the encoder's input; the text returned is the decoder's output."""
+  ids = tokenizer.encode(prompt)
+  if ids.size == 0:
+    raise ValueError("--prompt must be non-empty: it is the encoder's input")
+  src = np.concatenate([ids, [EOS_ID]])[None].astype(np.int32)
+  out = decoding.seq2seq_generate(model, params, src, num_tokens, rng, **opts)[0]
+  text = decoding.text_of(tokenizer, out)
+  return text, 1 + int(np.count_nonzero(out))  # the encoder and first step, then one per token
+
+
+# ---- the table
+
+ENCODER_TASKS = {
+  "pretrain": Task("mlm", objectives.make_mlm, frame=CLS_SEP),
+  "classify": _labeled_task(
+    "classify",
+    objectives.make_classify,
+    functools.partial(labeled.load_labeled, regression=False),
+    objectives.summarize_classify,
+  ),
+  "regress": _labeled_task(
+    "classify",
+    objectives.make_regress,
+    functools.partial(labeled.load_labeled, regression=True),
+    objectives.summarize_regress,
+  ),
+  "ner": _labeled_task(
+    "tokens", objectives.make_ner, labeled.load_tagged, objectives.summarize_ner
+  ),
+  "embed": _labeled_task(
+    "pool", objectives.make_embed, labeled.load_pairs, objectives.summarize_embed
+  ),
+}
+FAMILIES: dict[str, Family] = {
+  "decoder": Family(
+    "causal",
+    {"pretrain": Task("lm", objectives.make_causal_lm)},
+    autoregressive=True,
+    sample=_sample_ar,
+    sample_options=("temperature", "top_k", "top_p"),
+  ),
+  "encoder": Family("bidirectional", ENCODER_TASKS, autoregressive=False),
+  # T5: a bidirectional encoder and a causal decoder with cross-attention; pretraining is
+  # span corruption (in the data pipeline), fine-tuning text-to-text, both teacher-forced.
+  "encdec": Family(
+    "bidirectional",
+    {
+      "pretrain": Task(
+        "lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths
+      ),
+      "seq2seq": Task(
+        "lm",
+        objectives.make_seq2seq,
+        _seq2seq_train,
+        _seq2seq_eval,
+        decode_metrics=decode_eval_metrics,
+        batch_lengths=seq2seq_lengths,
+      ),
+    },
+    autoregressive=True,
+    sample=_sample_seq2seq,
+    sample_options=("temperature", "top_k", "top_p", "beam_size", "length_penalty"),
+    model=EncoderDecoder,
+    sentinels=True,
+  ),
+  # masked diffusion (MDLM / MD4 / LLaDA): the encoder's bidirectional stack with an LM head,
+  # trained on the NELBO, sampled by unmasking (modeling/diffusion.py)
+  "diffusion": Family(
+    "bidirectional",
+    {"pretrain": Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion)},
+    autoregressive=False,
+    sample=_sample_diffusion,
+    sample_options=(
+      "temperature",
+      "top_p",
+      "steps",
+      "sampler",
+      "block_length",
+      "grid",
+      "cache",
+      "suffix",
+      "remasking",
+    ),
+  ),
+}
+SAMPLE_OPTIONS = tuple(sorted({o for fam in FAMILIES.values() for o in fam.sample_options}))
+
+
+# ---- a config's family and task, resolved once
+
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+  """What `resolve(config)` found in the table; commands resolve once and pass it down."""
+
+  family: Family
+  task: Task
+
+  def num_labels(self, config: ml_collections.ConfigDict) -> int:
+    """Outputs of the task head: one for regression, the tags for NER, else task.num_labels."""
+    if config.task.name == "regress":
+      return 1
+    if config.task.name == "ner":
+      return len(labeled.tag_names(config))
+    return config.task.num_labels
+
+  def target_len(self, config: ml_collections.ConfigDict) -> int:
+    """The decoder's length of an encoder-decoder, 0 for the one-stack families."""
+    return seq2seq.target_len(config) if self.family.model is EncoderDecoder else 0
+
+  def batch_lengths(self, config: ml_collections.ConfigDict) -> dict[str, int]:
+    """{key: row length} of the task's training batches."""
+    if self.task.batch_lengths is None:
+      raise ValueError(
+        f"task.name={config.task.name!r}: its labeled batches are not described for "
+        "ahead-of-time compiles; compile the pretraining task"
+      )
+    return self.task.batch_lengths(config)
+
+  def transformer_config(
+    self, config: ml_collections.ConfigDict, vocab_size: int
+  ) -> TransformerConfig:
+    """The frozen model config; layers see only this, never the whole config."""
+    m, fam = config.model, self.family
+    return TransformerConfig(
+      vocab_size=m.vocab_size or vocab_size + (config.task.num_sentinels if fam.sentinels else 0),
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads,
+      d_model=m.d_model,
+      d_ff=m.d_ff,
+      head_dim=m.head_dim or m.d_model // m.num_heads,
+      max_len=m.max_len or config.data.seq_len,
+      mask_kind=fam.mask_kind,
+      position=m.position,
+      rope_theta=m.rope_theta,
+      norm=m.norm,
+      norm_eps=m.norm_eps,
+      mlp=m.mlp,
+      use_bias=m.use_bias,
+      tie_embeddings=m.tie_embeddings,
+      dropout=m.dropout,
+      sliding_window=m.sliding_window,
+      attention_impl=m.attention_impl,
+      dtype=m.dtype,
+      scan_layers=m.scan_layers,
+      remat=m.remat,
+      norm_position=m.norm_position,
+      type_vocab_size=m.type_vocab_size,
+      embed_dim=m.embed_dim,
+      share_layers=m.share_layers,
+      head=self.task.head,
+      num_labels=self.num_labels(config),
+      pooling=config.task.pooling,
+      time_conditioning=m.time_conditioning,
+      quant=m.quant,
+      num_decoder_layers=(m.num_decoder_layers or m.num_layers)
+      if fam.model is EncoderDecoder
+      else 0,
+      rel_buckets=m.rel_buckets,
+      rel_max_distance=m.rel_max_distance,
+      neighbor_mix=m.neighbor_mix,
+    )
+
+  def build(
+    self, config: ml_collections.ConfigDict, vocab_size: int
+  ) -> tuple[nn.Module, objectives.Objective]:
+    """(model, objective) for the configured family and task."""
+    model = self.family.model(self.transformer_config(config, vocab_size))
+    return model, self.task.objective(config.task, vocab_size)
+
+
+def resolve(config: ml_collections.ConfigDict) -> Wiring:
+  """The config's family and task; an unknown name is refused naming its key."""
+  name = config.model.family
+  if name not in FAMILIES:
+    raise ValueError(f"model.family={name!r}: allowed {sorted(FAMILIES)}")
+  tasks = FAMILIES[name].tasks
+  if config.task.name not in tasks:
+    raise ValueError(
+      f"task.name={config.task.name!r}: model.family={name!r} allows {sorted(tasks)}"
+    )
+  return Wiring(FAMILIES[name], tasks[config.task.name])
