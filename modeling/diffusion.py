@@ -42,6 +42,13 @@ class Schedule:
     return -self.dalpha(t) / (1.0 - self.alpha(t))
 
 
+SCHEDULES = ("loglinear", "cosine", "polynomial")  # task.schedule
+ESTIMATORS = ("time", "count")  # task.estimator: NELBO draws over t, or over masked counts
+SAMPLERS = ("ancestral", "llada")  # eval.sample --sampler
+GRIDS = ("uniform", "alpha")  # eval.sample --grid: ancestral time grids
+REMASKING = ("low_confidence", "random")  # eval.sample --remasking: what LLaDA remasks
+
+
 def make_schedule(name: str, exponent: float = 1.0) -> Schedule:
   """log-linear: alpha = 1 - t (MDLM; w = 1/t); cosine: alpha = 1 - cos(pi/2 (1 - t)) (MD4;
   w = pi/2 tan(pi/2 (1 - t))); polynomial: alpha = 1 - t^exponent (MD4; w = exponent / t)."""
@@ -56,7 +63,7 @@ def make_schedule(name: str, exponent: float = 1.0) -> Schedule:
     )
   if name == "polynomial":
     return Schedule(name, lambda t: 1.0 - t**exponent, lambda t: -exponent * t ** (exponent - 1))
-  raise ValueError(f"task.schedule={name!r}: allowed ['loglinear', 'cosine', 'polynomial']")
+  raise ValueError(f"task.schedule={name!r}: allowed {list(SCHEDULES)}")
 
 
 def antithetic_times(rng: jax.Array, batch: int) -> jax.Array:
@@ -208,7 +215,7 @@ def time_grid(steps: int, grid: str, schedule: Schedule) -> np.ndarray:
     out = np.interp(targets, alphas[::-1], fine[::-1])
     out[0], out[-1] = 1.0, 0.0  # alpha is flat at the ends in float32
     return out
-  raise ValueError(f"--grid={grid!r}: allowed ['uniform', 'alpha']")
+  raise ValueError(f"--grid={grid!r}: allowed {list(GRIDS)}")
 
 
 def _sample_tokens(rng, logits_BLV, temperature: float, top_p: float) -> jax.Array:
@@ -363,8 +370,8 @@ def llada_sample(
     return z_BL, 0
   if not (masked == masked[:1]).all():
     raise ValueError("llada_sample: every row must have its [MASK] positions in the same places")
-  if remasking not in ("low_confidence", "random"):
-    raise ValueError(f"--remasking={remasking!r}: allowed ['low_confidence', 'random']")
+  if remasking not in REMASKING:
+    raise ValueError(f"--remasking={remasking!r}: allowed {list(REMASKING)}")
   where = np.flatnonzero(masked[0])
   start, stop = int(where[0]), int(where[-1]) + 1
   span = stop - start
@@ -446,7 +453,7 @@ def complete(
       model, params, z_1L, rng, steps, block_length, temperature, top_p, remasking
     )
   else:
-    raise ValueError(f"--sampler={sampler!r}: allowed ['ancestral', 'llada']")
+    raise ValueError(f"--sampler={sampler!r}: allowed {list(SAMPLERS)}")
   span = out[0, pre.size : pre.size + num_tokens]
   end = np.flatnonzero(span == EOS_ID)
   if end.size:

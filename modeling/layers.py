@@ -79,6 +79,9 @@ class Embed(nn.Module):
     return jnp.einsum("bld,vd->blv", x_BLD.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
+NORMS = ("layernorm", "rmsnorm")
+
+
 class Norm(nn.Module):
   """LayerNorm or RMSNorm, computed in float32, returned in the compute dtype."""
 

@@ -36,6 +36,8 @@ REMAT_POLICIES = {
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+POSITIONS = ("learned", "rope", "relative", "none")  # absolute table, rotary, T5 buckets, none
+NORM_POSITIONS = ("pre", "post")  # x + f(norm(x)), or norm(x + f(x)) (BERT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +304,9 @@ def run_stack(
     norm = dict(kind=c.norm, eps=c.norm_eps, use_bias=c.use_bias, dtype=c.jnp_dtype)
     x_BLD = Norm(name=f"{prefix}final_norm", **norm)(x_BLD)
   return x_BLD, cache
+
+
+POOLINGS = ("cls", "mean")  # task.pooling
 
 
 def pool(x_BLD: jax.Array, seg_BL: jax.Array, kind: str) -> jax.Array:

@@ -10,27 +10,39 @@ import ml_collections
 import numpy as np
 
 from configs import base
+from modeling import diffusion
 from modeling.attention import ATTENTION_IMPLS
-from modeling.layers import MLP_KINDS
+from modeling.layers import MLP_KINDS, NORMS
 from modeling.quant import QUANT_KINDS
-from modeling.transformer import DTYPES, REMAT_POLICIES, Transformer
+from modeling.transformer import (
+  DTYPES,
+  NORM_POSITIONS,
+  POOLINGS,
+  POSITIONS,
+  REMAT_POLICIES,
+  Transformer,
+)
 from train import families, sharding
 from train.data import make_tokenizer, validate_source
+from train.data.seq2seq import TEMPLATE_STYLES
 from train.optim import SCHEDULES
 
+# Each key's allowed values, defined once beside their implementation; configs/base.py's
+# comment for the key lists the same values (tests/train/test_validation.py checks).
 CHOICES = {
-  "model.position": ("learned", "rope", "relative", "none"),
-  "model.norm": ("layernorm", "rmsnorm"),
+  "model.family": tuple(families.FAMILIES),
+  "model.position": POSITIONS,
+  "model.norm": NORMS,
   "model.mlp": MLP_KINDS,
   "model.attention_impl": ATTENTION_IMPLS,
   "model.dtype": tuple(DTYPES),
   "model.remat": tuple(REMAT_POLICIES),
   "model.quant": QUANT_KINDS,
-  "model.norm_position": ("pre", "post"),
-  "task.pooling": ("cls", "mean"),
-  "task.schedule": ("loglinear", "cosine", "polynomial"),
-  "task.estimator": ("time", "count"),
-  "task.templates": ("t5", "flan"),
+  "model.norm_position": NORM_POSITIONS,
+  "task.pooling": POOLINGS,
+  "task.schedule": diffusion.SCHEDULES,
+  "task.estimator": diffusion.ESTIMATORS,
+  "task.templates": TEMPLATE_STYLES,
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = (

@@ -17,9 +17,10 @@ import pytest
 
 from configs import t5
 from eval.evaluate import evaluate_workdir
-from modeling import decoding, metrics
+from modeling import decoding
 from tests.tiny_models import short_run
 from train import families, trainer
+from train import text_metrics as metrics
 from train.data import seq2seq
 from train.data.make_seq2seq_task import make_records
 from train.data.tokenizers import ByteTokenizer

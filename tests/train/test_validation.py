@@ -8,7 +8,7 @@ import pytest
 
 from configs import gpt, llama
 from train import sharding
-from train.validation import validate_config
+from train.validation import CHOICES, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -134,3 +134,21 @@ def test_readme_quickstart_is_two_commands():
   block = re.search(r"## Quickstart\n.*?```bash\n(.*?)```", readme, re.S).group(1)
   lines = block.strip().splitlines()
   assert len(lines) == 2 and "train.main" in lines[0] and "pytest" in lines[1]
+
+
+def listed_values(comment: str) -> tuple[str, ...]:
+  """The `a | b | c` values of a base.py comment: parentheses dropped, then the last word
+  before the first bar and the first word after each."""
+  while re.search(r"\([^()]*\)", comment):
+    comment = re.sub(r"\([^()]*\)", "", comment)
+  first, *rest = comment.split("|")
+  return (re.findall(r"\w+", first)[-1], *(re.findall(r"\w+", part)[0] for part in rest))
+
+
+def test_base_comments_list_exactly_the_allowed_values():
+  """Each choice key's comment in configs/base.py names the values validation allows."""
+  source = open(os.path.join(REPO, "configs", "base.py")).read()
+  for key, allowed in CHOICES.items():
+    line = re.search(rf"^\s*c\.{re.escape(key)} = .*?# (.*)$", source, re.M)
+    assert line, key
+    assert sorted(listed_values(line.group(1))) == sorted(allowed), key

@@ -167,6 +167,9 @@ def span_rows_fn(config: ml_collections.ConfigDict, vocab_size: int):
 # ---- text-to-text examples
 
 
+TEMPLATE_STYLES = ("t5", "flan")  # task.templates: T5's one prefix format, or Flan's phrasings
+
+
 @dataclasses.dataclass(frozen=True)
 class Template:
   """How a TFDS dataset's examples become (input text, target text)."""
