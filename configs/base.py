@@ -8,10 +8,25 @@ and override. Any key can be overridden from the command line, e.g.
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
+  # Derived keys follow the keys they come from, through presets and `--config.x=y`
+  # overrides, until they are set themselves (ml_collections one-way field references; a
+  # run's config.json holds the resolved values):
+  #   model.num_kv_heads      = model.num_heads (MHA); Llama presets set GQA counts
+  #   model.d_ff              = 4 x model.d_model; Llama, T5 and BitNet presets set their own
+  #   model.embed_dim         = min(128, model.d_model // 4) in configs/bert.py:arch=albert
+  #   data.text_field         configs/bert.py:task=classify: 'sentence' while data.name is
+  #                           glue/sst2, else 'text' (JSONL records {"text", "label"})
+  # Keys whose 0 means "derived", resolved where they are read:
+  #   model.vocab_size = the tokenizer's, model.head_dim = d_model // num_heads,
+  #   model.max_len = data.seq_len, model.embed_dim = d_model,
+  #   model.num_decoder_layers = model.num_layers, data.target_len = span corruption's
+  #   need / data.seq_len, train.eval_batch_size = train.batch_size.
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds init, data order and in-step randomness (dropout, masks)
   c.init_from = ""  # a run's workdir or step dir to start from when the workdir has none
@@ -28,14 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.target_len = 0  # encdec: decoder length; 0: what span corruption needs / data.seq_len
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "decoder"  # decoder | encoder | encdec (T5) | diffusion (modeling/registry.py)
+  c.model.family = "decoder"  # decoder | encoder | encdec (T5) | diffusion (train/families.py)
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
   c.model.num_layers = 4  # transformer blocks (encdec: of the encoder)
   c.model.num_decoder_layers = 0  # encdec: decoder blocks; 0: model.num_layers
   c.model.num_heads = 4  # query heads
-  c.model.num_kv_heads = 4  # key/value heads: = num_heads is MHA, 1 is MQA, in between is GQA
+  # key/value heads: follows num_heads (MHA) unless set; 1 is MQA, in between is GQA
+  c.model.num_kv_heads = c.model.get_oneway_ref("num_heads")
   c.model.d_model = 128  # model width
-  c.model.d_ff = 512  # MLP hidden width
+  c.model.d_ff = c.model.get_ref("d_model") * 4  # MLP hidden width: follows 4 x d_model unless set
   c.model.head_dim = 0  # 0: d_model // num_heads
   c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
   c.model.position = "learned"  # learned | rope | relative (T5 buckets) | none
@@ -146,6 +162,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # processes in all; needed with coordinator_address
   c.distributed.process_id = -1  # this process, 0 .. num_processes - 1; needed with it too
   return c
+
+
+def derived(node: ml_collections.ConfigDict, key: str, fn) -> ml_collections.FieldReference:
+  """A one-way reference to `fn(node[key])`: it follows `key` through later overrides until
+  it is set itself. (ml_collections' public reference ops are arithmetic; this applies any
+  function the same way, as `get_oneway_ref` does.)"""
+  return node.get_ref(key)._apply_op(fn)
+
+
+def source_field(c: ml_collections.ConfigDict, source: str, there: str, elsewhere: str):
+  """A field name that is `there` while `data.name` is the TFDS dataset `source` (any
+  version), else `elsewhere`: a task preset's feature names follow its data source."""
+  return derived(c.data, "name", functools.partial(_field_for, source, there, elsewhere))
+
+
+def _field_for(source: str, there: str, elsewhere: str, name: str) -> str:
+  return there if name.split(":")[0] == source else elsewhere
 
 
 def parse_args(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:

@@ -3,7 +3,12 @@
 `--config=configs/bert.py:size=tiny,arch=roberta,task=pretrain`. Tasks: pretrain (MLM on
 packed documents), classify (default glue/sst2), regress (default glue/stsb), ner (default
 conll2003), embed (contrastive on glue/stsb pairs, scored by Spearman); fine-tune
-from a pretrained workdir with `--config.init_from=<workdir>`. Sizes (see README
+from a pretrained workdir with `--config.init_from=<workdir>`. Any `jsonl:<glob>` source
+works too: classify reads records {"text", "label"} (its field name follows `data.name`:
+glue/sst2's 'sentence' applies only while it names glue/sst2), regress and embed
+{"sentence1", "sentence2", "label"}, ner {"tokens", "ner"} (make_ner_task writes "tags":
+`--config.task.label_field=tags`). Sizes (every size has d_ff =
+4 x d_model and as many key/value heads as heads, both following overrides; see README
 for parameter counts):
   tiny  2 x 64,   4 heads    tests, CPU
   XS    4 x 128,  4 heads    CPU-sized (default)
@@ -22,12 +27,12 @@ learned absolute positions sit on a long plateau at small budgets, see the READM
 from configs import base
 
 SIZES = {
-  "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, d_ff=256),
-  "XS": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=512),
-  "S": dict(num_layers=6, d_model=384, num_heads=6, num_kv_heads=6, d_ff=1536),
-  "M": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, d_ff=3072),
-  "L": dict(num_layers=24, d_model=1024, num_heads=16, num_kv_heads=16, d_ff=4096),
-}
+  "tiny": dict(num_layers=2, d_model=64, num_heads=4),
+  "XS": dict(num_layers=4, d_model=128, num_heads=4),
+  "S": dict(num_layers=6, d_model=384, num_heads=6),
+  "M": dict(num_layers=12, d_model=768, num_heads=12),
+  "L": dict(num_layers=24, d_model=1024, num_heads=16),
+}  # num_kv_heads = num_heads and d_ff = 4 x d_model: base.py's derived defaults
 BERT = dict(
   norm_position="post",
   position="learned",
@@ -41,7 +46,7 @@ BERT = dict(
 ARCHS = {
   "bert": BERT,
   "roberta": {**BERT, "type_vocab_size": 0},
-  "albert": {**BERT, "share_layers": True},  # embed_dim set from the size below
+  "albert": {**BERT, "share_layers": True},  # embed_dim follows d_model, below
   "modern": dict(
     norm_position="pre",
     position="rope",
@@ -53,23 +58,31 @@ ARCHS = {
     dropout=0.0,
   ),
 }
-# task -> (task keys, data keys): the defaults name a TFDS dataset; any jsonl:<glob> works too.
+# task -> (task keys, data keys, fields): the defaults name a TFDS dataset; fields maps
+# "section.key" to (its feature in that dataset, its name in any other source).
 TASKS = {
-  "pretrain": (dict(name="pretrain"), {}),
+  "pretrain": (dict(name="pretrain"), {}, {}),
   "classify": (
     dict(name="classify", num_labels=2, label_field="label"),
-    dict(name="glue/sst2", text_field="sentence"),
+    dict(name="glue/sst2"),
+    {"data.text_field": ("sentence", "text")},
   ),
-  "ner": (dict(name="ner", label_field="ner", tokens_field="tokens"), dict(name="conll2003")),
+  "ner": (dict(name="ner", label_field="ner", tokens_field="tokens"), dict(name="conll2003"), {}),
   "embed": (
     dict(name="embed", pooling="mean", label_field="label", text_pair_field="sentence2"),
     dict(name="glue/stsb", text_field="sentence1"),
+    {},
   ),
   "regress": (
     dict(name="regress", label_field="label", text_pair_field="sentence2"),
     dict(name="glue/stsb", text_field="sentence1"),
+    {},
   ),
 }
+
+
+def _albert_embed_dim(d_model: int) -> int:
+  return min(128, d_model // 4)  # ALBERT's E is 128; CPU sizes narrower than 512 use d / 4
 
 
 def get_config(arg: str | None = None):
@@ -80,10 +93,13 @@ def get_config(arg: str | None = None):
   c.model.update(base.choose("size", args["size"], SIZES))
   c.model.update(base.choose("arch", args["arch"], ARCHS))
   if args["arch"] == "albert":
-    c.model.embed_dim = min(128, c.model.d_model // 4)
-  task, data = base.choose("task", args["task"], TASKS)
+    c.model.embed_dim = base.derived(c.model, "d_model", _albert_embed_dim)
+  task, data, fields = base.choose("task", args["task"], TASKS)
   c.task.update(task)
   c.data.update(data)
+  for key, (there, elsewhere) in fields.items():
+    section, _, leaf = key.partition(".")
+    c[section][leaf] = base.source_field(c, data["name"], there, elsewhere)
   c.data.seq_len = 128
   c.train.update(
     dict(batch_size=32, learning_rate=1e-3, min_learning_rate=1e-4, eval_every=200, num_samples=0)

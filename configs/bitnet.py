@@ -16,13 +16,11 @@ Trained with the two-stage BitNet recipe (`train.schedule=two_stage`).
 from configs import base
 
 SIZES = {
-  "tiny": dict(num_layers=2, d_model=256, num_heads=8, num_kv_heads=8, d_ff=512),
-  "S": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, d_ff=1536),
-  "M": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, d_ff=2048),
-  "L": dict(
-    scan_layers=True, num_layers=24, d_model=1536, num_heads=16, num_kv_heads=16, d_ff=4096
-  ),
-}
+  "tiny": dict(num_layers=2, d_model=256, num_heads=8, d_ff=512),
+  "S": dict(num_layers=6, d_model=512, num_heads=8, d_ff=1536),
+  "M": dict(num_layers=12, d_model=768, num_heads=12, d_ff=2048),
+  "L": dict(scan_layers=True, num_layers=24, d_model=1536, num_heads=16, d_ff=4096),
+}  # num_kv_heads follows num_heads (base.py)
 
 
 def get_config(arg: str | None = None):

@@ -29,7 +29,6 @@ def get_config(arg: str | None = None):
   c.model.use_bias = True
   c.model.tie_embeddings = True
   c.model.update(base.choose("size", args["size"], gpt.SIZES))
-  c.model.num_kv_heads = c.model.num_heads
   c.task.schedule = "loglinear"
   c.train.sample_tokens = 100  # prompt + generated tokens must fit the context
   return c

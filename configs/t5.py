@@ -41,7 +41,6 @@ def get_config(arg: str | None = None):
   c.model.use_bias = False
   c.model.update(base.choose("size", args["size"], SIZES))
   c.model.update(base.choose("variant", args["variant"], VARIANTS))
-  c.model.num_kv_heads = c.model.num_heads
   c.task.name = base.choose("task", args["task"], {"pretrain": "pretrain", "seq2seq": "seq2seq"})
   c.data.seq_len = 128  # encoder tokens; span corruption's targets then take 29
   c.train.learning_rate = 3e-3

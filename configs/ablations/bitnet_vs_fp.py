@@ -20,10 +20,10 @@ from configs import base, llama
 
 # layers, d_model, heads, d_ff (SwiGLU ~ 8/3 d_model)
 SIZES = {
-  "2x64": dict(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, d_ff=176),
-  "3x96": dict(num_layers=3, d_model=96, num_heads=3, num_kv_heads=3, d_ff=256),
-  "4x128": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, d_ff=352),
-}
+  "2x64": dict(num_layers=2, d_model=64, num_heads=2, d_ff=176),
+  "3x96": dict(num_layers=3, d_model=96, num_heads=3, d_ff=256),
+  "4x128": dict(num_layers=4, d_model=128, num_heads=4, d_ff=352),
+}  # multi-head attention: num_kv_heads follows num_heads, set below
 QUANTS = ("none", "bitnet158")
 GRID = [f"size={s},quant={q}" for s in SIZES for q in QUANTS]
 
@@ -31,6 +31,7 @@ GRID = [f"size={s},quant={q}" for s in SIZES for q in QUANTS]
 def get_config(arg: str | None = None):
   args = base.parse_args(arg, {"size": "4x128", "quant": "bitnet158"})
   c = llama.get_config("size=XS")
+  c.model.num_kv_heads = c.model.get_oneway_ref("num_heads")  # llama's XS has GQA
   c.model.update(base.choose("size", args["size"], SIZES))
   c.model.quant = base.choose("quant", args["quant"], {q: q for q in QUANTS})
   c.data.name = "text:../shared/data/tinyshakespeare.txt"  # run from the repo root

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
   preset = base.choose("side", args["side"], SIDES)
   module = __import__(f"configs.{preset}", fromlist=["get_config"])
   c = module.get_config("size=tiny")
-  c.model.update(dict(num_layers=4, num_heads=4, num_kv_heads=4, d_model=128, d_ff=512))
+  c.model.update(dict(num_layers=4, num_heads=4, d_model=128, d_ff=512))
   c.model.dropout = 0.0
   c.data.name = "text:../shared/data/tinyshakespeare.txt"  # run from the repo root
   c.data.seq_len = 128
