@@ -18,7 +18,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 def mdlm_run(tmp_path_factory):
   """(workdir, TFDS data dir, last metrics): configs/mdlm.py:size=tiny trained briefly on the default corpus,
   shared by the diffusion training and sampling tests (one training, not one per module)."""
-  from tests.train.test_diffusion_train import tiny_mdlm
+  from tests.tiny_models import tiny_mdlm
   from train import trainer
 
   tfds_dir = tmp_path_factory.mktemp("tfds")  # pystdlib builds here in about a second

@@ -12,22 +12,45 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from configs import gpt, llama
+from configs import bert, gpt, llama, mdlm, t5
 from modeling.transformer import Transformer, TransformerConfig
 from train import families
 
 VOCAB = 97
-PRESETS = {"gpt": gpt, "llama": llama}
+PRESETS = {"gpt": gpt, "llama": llama, "bert": bert, "t5": t5, "mdlm": mdlm}
+MDLM_STEPS = 40  # the steps of tiny_mdlm's run
 
 
-def tiny(preset: str = "gpt", seq_len: int = 16, **overrides) -> TransformerConfig:
-  """The preset's `size=tiny` model, with a small vocabulary and context."""
-  config = PRESETS[preset].get_config("size=tiny")
-  config.data.seq_len = seq_len
+def tiny_config(
+  preset="gpt", options: str = "", dropout: float | None = None, **data
+) -> ml_collections.ConfigDict:
+  """configs/<preset>.py (a PRESETS name or the module) at `size=tiny`, plus the rest of its
+  argument in `options` ("arch=bert,task=ner"); `dropout` and the `data` keys set when given."""
+  module = PRESETS[preset] if isinstance(preset, str) else preset
+  config = module.get_config(",".join(filter(None, ("size=tiny", options))))
+  if dropout is not None:
+    config.model.dropout = dropout
+  for key, value in data.items():
+    config.data[key] = value
+  return config
+
+
+def tiny(
+  preset: str = "gpt",
+  seq_len: int | None = 16,
+  options: str = "",
+  vocab: int = VOCAB,
+  **overrides,
+) -> TransformerConfig:
+  """The frozen model config of `tiny_config(preset, options)` for a tokenizer of `vocab`
+  ids and a context of `seq_len` (None: the preset's); `overrides` replace its fields."""
+  data = {} if seq_len is None else {"seq_len": seq_len}
+  config = tiny_config(preset, options, **data)
   return dataclasses.replace(
-    families.resolve(config).transformer_config(config, vocab_size=VOCAB), **overrides
+    families.resolve(config).transformer_config(config, vocab_size=vocab), **overrides
   )
 
 
@@ -76,3 +99,12 @@ def short_run(config, steps: int, **train):
   )
   config.train.update(train)
   return config
+
+
+def tiny_mdlm(tfds_dir: str, **train):
+  """mdlm `size=tiny` on the default data (the embedded pystdlib corpus), built into
+  `tfds_dir`; 2 time draws per evaluation batch; MDLM_STEPS steps (tests/conftest.py's
+  `mdlm_run` trains it once for the session)."""
+  c = tiny_config("mdlm", tfds_data_dir=tfds_dir, seq_len=32, shuffle_window=16)
+  c.task.eval_t_samples = 2
+  return short_run(c, MDLM_STEPS, **{"learning_rate": 3e-3, "min_learning_rate": 3e-4, **train})

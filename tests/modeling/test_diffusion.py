@@ -4,7 +4,6 @@ and LLaDA samplers on a tiny random model, and time conditioning."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -16,12 +15,11 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from configs import base, mdlm
+from configs import base
 from modeling import diffusion
 from modeling.transformer import Transformer, TransformerConfig
 from modeling.vocab import EOS_ID, MASK_ID, NUM_SPECIAL
-from tests.tiny_models import VOCAB, abstract_init, random_params
-from train import families
+from tests.tiny_models import VOCAB, abstract_init, random_params, tiny
 from train.data.tokenizers import ByteTokenizer
 
 RULE_NAMES = {name for name, _ in base.get_config().logical_axis_rules}
@@ -281,11 +279,7 @@ GIVEN_L = np.r_[0:2, 14:16]  # a 2-token prompt and a 2-token suffix around 12 m
 
 def diffusion_cfg(**overrides) -> TransformerConfig:
   """configs/mdlm.py's `size=tiny` model with a small vocabulary and context."""
-  config = mdlm.get_config("size=tiny")
-  config.data.seq_len = LEN
-  return dataclasses.replace(
-    families.resolve(config).transformer_config(config, vocab_size=VOCAB), **overrides
-  )
+  return tiny("mdlm", LEN, **overrides)
 
 
 def model_and_params(**overrides):

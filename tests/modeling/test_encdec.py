@@ -29,7 +29,7 @@ from modeling.transformer import (
   relative_buckets,
 )
 from modeling.vocab import BOS_ID, EOS_ID
-from tests.tiny_models import draw_params
+from tests.tiny_models import draw_params, tiny
 from train import families
 
 VOCAB = 32
@@ -38,10 +38,8 @@ B, S, T = 2, 8, 6
 
 def tiny_encdec(**overrides) -> TransformerConfig:
   """configs/t5.py's tiny v1_1 model with a small vocabulary."""
-  cfg = families.resolve(t5.get_config("size=tiny,variant=v1_1")).transformer_config(
-    t5.get_config("size=tiny,variant=v1_1"), vocab_size=VOCAB
-  )
-  return dataclasses.replace(cfg, **{"vocab_size": VOCAB, "scan_layers": False, **overrides})
+  overrides = {"vocab_size": VOCAB, "scan_layers": False, **overrides}
+  return tiny("t5", None, "variant=v1_1", vocab=VOCAB, **overrides)
 
 
 LOOP = tiny_encdec()

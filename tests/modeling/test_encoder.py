@@ -13,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base, bert
+from configs import base
 from modeling.transformer import Transformer, TransformerConfig
-from tests.tiny_models import VOCAB, abstract_init, draw_params, random_params
-from train import families
+from tests.tiny_models import abstract_init, draw_params, random_params, tiny
 
 ARCHS = ("bert", "roberta", "albert", "modern")
 RULE_NAMES = {name for name, _ in base.get_config().logical_axis_rules}
@@ -30,10 +29,7 @@ HEAD_PARAMS = {
 
 def encoder(arch: str, seq_len: int = 16, **overrides) -> TransformerConfig:
   """The arch's `size=tiny` encoder with a small vocabulary and context, no dropout."""
-  config = bert.get_config(f"size=tiny,arch={arch}")
-  config.data.seq_len = seq_len
-  cfg = families.resolve(config).transformer_config(config, vocab_size=VOCAB)
-  return dataclasses.replace(cfg, **{"dropout": 0.0, **overrides})
+  return tiny("bert", seq_len, f"arch={arch}", **{"dropout": 0.0, **overrides})
 
 
 def packed_batch(cfg: TransformerConfig, seed: int = 0):

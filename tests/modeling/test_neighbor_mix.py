@@ -3,8 +3,6 @@ neighbours' inputs, within its segment; zero at init."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ import pytest
 from configs import base, bert, gpt, mdlm, t5
 from modeling.layers import NeighborMix
 from modeling.transformer import Transformer
-from train import families
+from tests.tiny_models import tiny
 from train.validation import validate_config
 
 SEG_BL = np.array([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
@@ -71,10 +69,7 @@ def test_each_position_reads_its_reach_within_its_segment_only():
 
 
 def _diffusion_cfg(neighbor_mix: int):
-  config = mdlm.get_config("size=tiny")
-  config.data.seq_len = 12
-  cfg = families.resolve(config).transformer_config(config, vocab_size=40)
-  return dataclasses.replace(cfg, neighbor_mix=neighbor_mix)
+  return tiny("mdlm", 12, vocab=40, neighbor_mix=neighbor_mix)
 
 
 def test_zero_init_leaves_the_model_unchanged_and_params_are_named_for_sharding():

@@ -15,7 +15,7 @@ import pytest
 
 from configs import mdlm
 from modeling.vocab import MASK_ID, NUM_SPECIAL
-from tests.tiny_models import random_params, short_run
+from tests.tiny_models import MDLM_STEPS, random_params, tiny_mdlm
 from train import families, trainer
 from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
@@ -23,18 +23,7 @@ from train.objectives import summarize_diffusion
 from train.validation import validate_config
 
 VOCAB = ByteTokenizer.vocab_size
-STEPS = 40
-
-
-def tiny_mdlm(tfds_dir: str, **train):
-  """mdlm `size=tiny` on the default data (the embedded pystdlib corpus), built into
-  `tfds_dir`; 2 time draws per evaluation batch."""
-  c = mdlm.get_config("size=tiny")
-  c.data.tfds_data_dir = tfds_dir
-  c.data.seq_len = 32
-  c.data.shuffle_window = 16
-  c.task.eval_t_samples = 2
-  return short_run(c, STEPS, **{"learning_rate": 3e-3, "min_learning_rate": 3e-4, **train})
+STEPS = MDLM_STEPS
 
 
 def by_step(workdir, key: str) -> dict[int, float]:
@@ -42,7 +31,8 @@ def by_step(workdir, key: str) -> dict[int, float]:
 
 
 def test_mdlm_tiny_trains_on_the_default_corpus(mdlm_run):
-  """The run of the session fixture `mdlm_run` (tests/conftest.py): tiny_mdlm() as is."""
+  """The run of the session fixture `mdlm_run` (tests/conftest.py): tiny_mdlm() as is
+  (tests/tiny_models.py)."""
   workdir, _, last = mdlm_run
   assert mdlm.get_config("size=tiny").data.name == "pystdlib"
   loss = by_step(workdir, "train/loss")

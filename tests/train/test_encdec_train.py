@@ -18,7 +18,7 @@ import pytest
 from configs import t5
 from eval.evaluate import evaluate_workdir
 from modeling import decoding
-from tests.tiny_models import short_run
+from tests.tiny_models import short_run, tiny_config
 from train import families, trainer
 from train import text_metrics as metrics
 from train.data import seq2seq
@@ -38,18 +38,13 @@ def _train(config, **train):
 
 def tiny_pretrain(tfds_dir: str):
   """T5 `size=tiny` span corruption on the default corpus (pystdlib, built in `tfds_dir`)."""
-  c = t5.get_config("size=tiny,task=pretrain")
-  c.data.tfds_data_dir = tfds_dir
-  c.data.seq_len = 64
-  c.data.shuffle_window = 16
-  return _train(c)
+  return _train(
+    tiny_config("t5", "task=pretrain", tfds_data_dir=tfds_dir, seq_len=64, shuffle_window=16)
+  )
 
 
 def tiny_seq2seq(data: str):
-  c = t5.get_config("size=tiny,task=seq2seq")
-  c.data.name = f"jsonl:{data}"
-  c.data.seq_len = 48
-  c.data.target_len = 24
+  c = tiny_config("t5", "task=seq2seq", name=f"jsonl:{data}", seq_len=48, target_len=24)
   c.task.eval_decode = 16
   return _train(c, learning_rate=3e-3, eval_every=STEPS, checkpoint_every=STEPS)
 

@@ -18,7 +18,7 @@ import scipy.stats
 
 from configs import bert
 from modeling.transformer import Transformer
-from tests.tiny_models import abstract_init, draw_params
+from tests.tiny_models import abstract_init, draw_params, tiny_config
 from train import families, trainer
 from train.checkpoint import restore_matching_params
 from train.data.tokenizers import ByteTokenizer
@@ -83,11 +83,8 @@ def share_records(n: int, seed: int) -> list[dict]:
 
 
 def tiny_encoder(task: str, data_name: str, arch: str = "bert", **train):
-  c = bert.get_config(f"size=tiny,arch={arch},task={task}")
-  c.model.dropout = 0.0
-  c.data.name = data_name
-  c.data.text_field = "text"
-  c.data.seq_len = SEQ_LEN
+  options = f"arch={arch},task={task}"
+  c = tiny_config("bert", options, 0.0, name=data_name, text_field="text", seq_len=SEQ_LEN)
   c.train.update(
     dict(
       steps=10,

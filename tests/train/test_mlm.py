@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import bert
 from modeling.vocab import MASK_ID, NUM_SPECIAL
-from tests.tiny_models import random_params
+from tests.tiny_models import random_params, short_run, tiny_config
 from train import families, trainer
 from train.data.tokenizers import ByteTokenizer
 from train.metrics import read_metrics
@@ -161,29 +161,10 @@ def test_mlm_objective_with_berts_corruption():
 
 
 def tiny_bert(**train):
-  c = bert.get_config("size=tiny,arch=bert")
-  c.model.dropout = 0.0
-  c.data.name = "tiny_shakespeare"
-  c.data.seq_len = 32
-  c.data.shuffle_window = 16
-  c.train.update(
-    dict(
-      steps=30,
-      batch_size=8,
-      learning_rate=3e-3,
-      min_learning_rate=3e-4,
-      warmup_steps=0,
-      schedule="constant",
-      log_every=1,
-      eval_every=30,
-      eval_steps=2,
-      checkpoint_every=15,
-      num_samples=0,
-      peak_tflops=1.0,
-    )
+  c = tiny_config("bert", "arch=bert", 0.0, name="tiny_shakespeare", seq_len=32, shuffle_window=16)
+  return short_run(
+    c, 30, **{"learning_rate": 3e-3, "min_learning_rate": 3e-4, "eval_every": 30, **train}
   )
-  c.train.update(train)
-  return c
 
 
 def by_step(workdir, key: str) -> dict[int, float]:

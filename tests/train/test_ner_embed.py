@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from configs import bert
 from modeling.vocab import CLS_ID, NUM_SPECIAL, SEP_ID
-from tests.tiny_models import abstract_init, draw_params
+from tests.tiny_models import abstract_init, draw_params, tiny_config
 from train import families, trainer
 from train.data import validate_source
 from train.data.labeled import (
@@ -50,17 +50,14 @@ def write_lines(path, lines: list) -> str:
 
 
 def ner_config(name: str = "conll2003", seq_len: int = 32, **task_keys):
-  c = bert.get_config("size=tiny,task=ner")
-  c.data.name = name
-  c.data.seq_len = seq_len
+  c = tiny_config("bert", "task=ner", name=name, seq_len=seq_len)
   c.task.update(task_keys)
   return c
 
 
 def embed_config(name: str, seq_len: int = 32, **task_keys):
   # arch=bert: post-norm, so the pooled states are the last block's outputs
-  c = bert.get_config("size=tiny,arch=bert,task=embed")
-  c.data.update(name=name, text_field="s1", seq_len=seq_len)
+  c = tiny_config("bert", "arch=bert,task=embed", name=name, text_field="s1", seq_len=seq_len)
   c.task.update(dict(text_pair_field="s2", label_field="score"))
   c.task.update(task_keys)
   return c

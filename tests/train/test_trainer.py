@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import gpt, llama
+from tests.tiny_models import tiny_config
 from train import trainer
 from train.metrics import read_metrics
 
@@ -19,10 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def tiny(preset, **train):
-  c = preset.get_config("size=tiny")
-  c.data.name = "tiny_shakespeare"
-  c.data.seq_len = 32
-  c.data.shuffle_window = 16
+  c = tiny_config(preset, name="tiny_shakespeare", seq_len=32, shuffle_window=16)
   c.train.update(
     dict(
       steps=8,
