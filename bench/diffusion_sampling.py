@@ -28,7 +28,7 @@ from absl import app, flags
 
 from modeling import decoding, diffusion
 from modeling.vocab import MASK_ID
-from train import objectives
+from train import console, objectives
 from train.data import eval_batches
 from train.trainer import load_for_inference
 
@@ -73,6 +73,7 @@ def timed(fn, repeats: int):
 
 def main(argv):
   del argv
+  console.setup(None)
   dcfg, dmodel, dparams, tokenizer = load_for_inference(FLAGS.diffusion_workdir)
   acfg, amodel, aparams, _ = load_for_inference(FLAGS.ar_workdir)
   n = FLAGS.length

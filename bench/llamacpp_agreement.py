@@ -25,6 +25,7 @@ from absl import app, flags
 
 from eval.gguf_export import write_gguf
 from modeling import decoding
+from train import console
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a BitNet run (configs/bitnet.py)", required=True)
@@ -36,6 +37,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  console.setup(FLAGS.workdir)
   from llama_cpp import Llama  # optional dependency: pip install -e '.[llamacpp]'
 
   config, model, params, tokenizer = load_for_inference(FLAGS.workdir)

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 from modeling.flops import flops_per_token
 from modeling.transformer import DTYPES
-from train import sharding
+from train import console, sharding
 from train.data import make_tokenizer
 from train.metrics import measure_matmul_peak
 from train.optim import make_optimizer
@@ -128,6 +128,7 @@ def report(r: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(None)
   if not FLAGS.compare:
     report(benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n))
     return

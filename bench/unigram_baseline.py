@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from modeling.vocab import NUM_SPECIAL
-from train import families
+from train import console, families
 from train.data import eval_batches, make_tokenizer, train_iterator
 
 FLAGS = flags.FLAGS
@@ -53,6 +53,7 @@ def unigram_baseline(config, train_batches: int = 200) -> tuple[int, float, floa
 
 def main(argv) -> None:
   del argv
+  console.setup(None)
   top, train_share, eval_share = unigram_baseline(FLAGS.config)
   token = make_tokenizer(FLAGS.config.data.tokenizer).decode(np.asarray([top]))
   print(f"most frequent training token {token!r}: {train_share:.4f} of training tokens")

@@ -16,6 +16,7 @@ from absl import app, flags
 
 from eval.gguf_export import read_tensors, write_gguf
 from eval.packed import write_packed
+from train import console
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
 flags.DEFINE_enum(
@@ -36,6 +37,7 @@ def mib(n: int) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir)
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
   if FLAGS.format == "gguf":

@@ -11,6 +11,7 @@ import jax
 from absl import app, flags
 
 from eval.evaluate import evaluate_workdir
+from train import console
 
 flags.DEFINE_string(
   "workdir", None, "a training workdir (config.json + checkpoints/)", required=True
@@ -29,6 +30,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir)
   results = evaluate_workdir(
     FLAGS.workdir,
     FLAGS.tasks,

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from eval.evaluate import mask_curve
+from train import console
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a diffusion training workdir", required=True)
@@ -31,6 +32,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir)
   config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
   ratios = [float(r) for r in FLAGS.ratios]
   curve = mask_curve(

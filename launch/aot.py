@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from modeling.flops import flops_per_token
-from train import families, sharding
+from train import console, families, sharding
 from train.data import make_tokenizer
 from train.optim import make_optimizer
 from train.trainer import abstract_state, config_train_step
@@ -182,6 +182,7 @@ def report(r: dict) -> str:
 
 def main(argv) -> None:
   del argv
+  console.setup(None)
   from absl import flags
 
   flags_ = flags.FLAGS

@@ -18,7 +18,7 @@ import time
 import jax
 from absl import app, flags
 
-from train import trainer
+from train import console, trainer
 from train.metrics import read_metrics
 
 flags.DEFINE_string(
@@ -63,6 +63,7 @@ def run_point(ablation, arg: str, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  console.setup(FLAGS.workdir)
   ablation = load_ablation(FLAGS.config)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   path = os.path.join(FLAGS.workdir, "results.json")

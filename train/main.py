@@ -3,7 +3,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from train import trainer
+from train import console, trainer
 
 config_flags.DEFINE_config_file("config", "configs/gpt.py", "preset config file", lock_config=True)
 flags.DEFINE_string(
@@ -15,6 +15,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir)
   trainer.run(FLAGS.config, FLAGS.workdir)
 
 

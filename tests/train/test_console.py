@@ -1,0 +1,90 @@
+"""The console shows a command's own lines and the warnings; libraries' INFO records go to
+<workdir>/log.txt only, unless absl's --verbosity (or --alsologtostderr) asks for them."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from absl import logging as absl_logging
+from absl.testing import flagsaver
+
+from train import console
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+  root = logging.getLogger()
+  handlers, level = list(root.handlers), root.level
+  yield
+  for handler in list(root.handlers):
+    root.removeHandler(handler)
+    if handler not in handlers:
+      handler.close()
+  for handler in handlers:
+    root.addHandler(handler)
+  root.setLevel(level)
+
+
+def emit(level: int, message: str, pathname: str) -> None:
+  """A log record as if logged from `pathname`, through the root logger."""
+  logger = logging.getLogger("some.library")
+  logger.handle(logger.makeRecord(logger.name, level, pathname, 1, message, (), None))
+
+
+LIBRARY = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+
+
+def lines(path) -> str:
+  return open(path).read() if os.path.exists(path) else ""
+
+
+def test_library_info_goes_to_the_log_file_only(tmp_path, capsys):
+  logging.getLogger().setLevel(logging.INFO)
+  with flagsaver.flagsaver(verbosity=0, alsologtostderr=False, logtostderr=False):
+    path = console.setup(str(tmp_path))
+    emit(logging.INFO, "Saving checkpoint", LIBRARY)
+    emit(logging.WARNING, "disk nearly full", LIBRARY)
+    emit(logging.WARNING, "Metadata file does not exist: /x/_CHECKPOINT_METADATA", LIBRARY)
+    emit(logging.INFO, "resuming from step 5", os.path.join(ROOT, "train", "trainer.py"))
+    absl_logging.info("absl's own info")
+  assert path == str(tmp_path / "log.txt")
+  err = capsys.readouterr().err
+  assert "Saving checkpoint" not in err and "absl's own info" not in err
+  assert "disk nearly full" in err and "resuming from step 5" in err
+  assert "_CHECKPOINT_METADATA" not in err  # a harmless library warning
+  log = lines(path)
+  for message in ("Saving checkpoint", "full", "_CHECKPOINT_METADATA", "step 5", "absl's own"):
+    assert message in log
+  assert log.splitlines()[0].startswith("I")  # absl's format: I<date> <time> <thread> file:line]
+
+
+@pytest.mark.parametrize("flag", ["verbosity", "alsologtostderr"])
+def test_raised_verbosity_shows_library_info(flag, tmp_path, capsys):
+  logging.getLogger().setLevel(logging.INFO)
+  with flagsaver.flagsaver(**{flag: 1 if flag == "verbosity" else True}):
+    path = console.setup(str(tmp_path))
+    emit(logging.INFO, "Saving checkpoint", LIBRARY)
+  assert "Saving checkpoint" in capsys.readouterr().err
+  assert "Saving checkpoint" in lines(path)
+
+
+def test_logtostderr_writes_no_file(tmp_path, capsys):
+  logging.getLogger().setLevel(logging.INFO)
+  with flagsaver.flagsaver(logtostderr=True):
+    assert console.setup(str(tmp_path)) is None
+    emit(logging.INFO, "Saving checkpoint", LIBRARY)
+  assert "Saving checkpoint" in capsys.readouterr().err
+  assert not (tmp_path / "log.txt").exists()
+
+
+def test_setup_twice_keeps_one_console_handler(tmp_path, capsys):
+  logging.getLogger().setLevel(logging.INFO)
+  for _ in range(2):
+    console.configure(str(tmp_path / "log.txt"), verbose=False)
+  emit(logging.WARNING, "once", LIBRARY)
+  assert capsys.readouterr().err.count("once") == 1
+  assert lines(tmp_path / "log.txt").count("once") == 1
