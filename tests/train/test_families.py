@@ -1,0 +1,133 @@
+"""The wiring table (train/families.py): every (family, task) builds, abstractly, and its
+training batches have the layout its objective reads; an unknown name is refused naming its
+key. Batches come from each task's own iterator on small local files; models are only
+traced (jax.eval_shape), never compiled."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from modeling.transformer import EncoderDecoder, Transformer
+from tests.tiny_models import tiny_config
+from train import families
+from train.data.make_seq2seq_task import make_records
+from train.data.tokenizers import ByteTokenizer
+
+ROWS, SEQ_LEN = 2, 32
+PRESET = {"decoder": "gpt", "encoder": "bert", "encdec": "t5", "diffusion": "mdlm"}
+PAIRS = [(family, task) for family, fam in families.FAMILIES.items() for task in fam.tasks]
+# The arrays a labeled task's objective reads besides tokens, positions, segment_ids and
+# token_types (each [rows, seq_len]); *_b: the second text of a pair.
+LABELED_KEYS = {
+  "classify": {"label": (), "weight": ()},
+  "regress": {"label": (), "weight": ()},
+  "ner": {"labels": (SEQ_LEN,), "dropped": None, "weight": ()},
+  "embed": {
+    "label": (),
+    "weight": (),
+    **{f"{k}_b": (SEQ_LEN,) for k in ("tokens", "positions", "segment_ids", "token_types")},
+  },
+}
+TEXT_KEYS = ("tokens", "positions", "segment_ids", "token_types")
+
+
+def write_jsonl(path, records) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return f"jsonl:{path}"
+
+
+def task_config(family: str, task: str, tmp_path):
+  """The family's preset at size=tiny for `task`, on a small local file of that task's data."""
+  options = "" if PRESET[family] in ("gpt", "mdlm") else f"task={task}"
+  c = tiny_config(PRESET[family], options, seq_len=SEQ_LEN, shuffle_window=4)
+  words = "the cat sat on a mat and the dog ran to it".split()
+  if task == "pretrain":
+    (tmp_path / "docs.txt").write_text(" ".join(words * 40))
+    c.data.name = f"text:{tmp_path / 'docs.txt'}"
+  elif task == "seq2seq":
+    c.data.name = write_jsonl(tmp_path / "s.jsonl", make_records("reverse", 20, 4, 10, "abcd", 0))
+    c.data.target_len = 16
+  elif task in ("classify", "regress"):
+    records = [
+      {"text": " ".join(words[i : i + 3]), "other": words[i], "label": i % 2} for i in range(8)
+    ]
+    c.data.update(name=write_jsonl(tmp_path / "l.jsonl", records), text_field="text")
+    if task == "regress":
+      c.task.text_pair_field = "other"
+  elif task == "ner":
+    records = [{"tokens": words[i : i + 3], "ner": ["B-X", "O", "I-X"]} for i in range(8)]
+    c.data.name = write_jsonl(tmp_path / "n.jsonl", records)
+    c.task.tag_names = "O,B-X,I-X"
+  elif task == "embed":
+    records = [{"s1": words[i], "s2": words[i + 1], "score": float(i % 5)} for i in range(8)]
+    c.data.update(name=write_jsonl(tmp_path / "e.jsonl", records), text_field="s1")
+    c.task.update(text_pair_field="s2", label_field="score", min_score=0.0)  # all positive
+  return c
+
+
+def test_every_family_has_a_preset_here():
+  assert set(PRESET) == set(families.FAMILIES)
+
+
+@pytest.mark.parametrize("family, task", PAIRS, ids=[f"{f}-{t}" for f, t in PAIRS])
+def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, task, tmp_path):
+  config = task_config(family, task, tmp_path)
+  wiring = families.resolve(config)
+  assert wiring.family is families.FAMILIES[family]
+  assert wiring.task is families.FAMILIES[family].tasks[task]
+  tokenizer = ByteTokenizer()
+  model, objective = wiring.build(config, tokenizer.vocab_size)
+  assert type(model) is (EncoderDecoder if family == "encdec" else Transformer)
+  assert model.cfg.head == wiring.task.head
+
+  batch = next(iter(wiring.task.train_iterator(config, tokenizer, batch_size=ROWS, seed=0)))
+  if wiring.task.batch_lengths is None:
+    with pytest.raises(ValueError, match=re.escape(f"task.name={task!r}")):
+      wiring.batch_lengths(config)
+    want = {k: (ROWS, SEQ_LEN) for k in TEXT_KEYS}
+    for key, row_shape in LABELED_KEYS[task].items():
+      want[key] = (ROWS, *batch[key].shape[1:]) if row_shape is None else (ROWS, *row_shape)
+    assert {k: v.shape for k, v in batch.items()} == want
+  else:
+    lengths = wiring.batch_lengths(config)
+    assert {k: v.shape for k, v in batch.items()} == {k: (ROWS, n) for k, n in lengths.items()}
+    assert all(v.dtype == np.int32 for v in batch.values())
+    assert lengths["tokens"] == SEQ_LEN
+  assert wiring.target_len(config) == (batch["targets"].shape[1] if family == "encdec" else 0)
+
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens)["params"]
+  params = nn.unbox(abstract)
+  for deterministic in (False, True):  # the train step's call, and evaluation's
+    out = jax.eval_shape(
+      lambda p, b, r, d=deterministic: objective(model, p, b, r, d),
+      params,
+      batch,
+      jax.random.key(1),
+    )
+    assert out["loss_sum"].shape == out["weight"].shape == ()
+    rows = {k: v.shape for k, v in out.items() if k.startswith("rows/")}
+    assert all(shape[0] == ROWS for shape in rows.values()), rows
+
+
+@pytest.mark.parametrize(
+  "preset, key, value, pattern",
+  [
+    ("gpt", "model.family", "rnn", r"model\.family='rnn': allowed \['decoder', 'diffusion', "),
+    ("gpt", "task.name", "classify", r"task\.name='classify': model\.family='decoder' allows"),
+    ("bert", "task.name", "seq2seq", r"task\.name='seq2seq': model\.family='encoder' allows"),
+  ],
+)
+def test_resolve_refuses_an_unknown_name_naming_its_key(preset, key, value, pattern):
+  config = tiny_config(preset)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=pattern):
+    families.resolve(config)
