@@ -2,6 +2,10 @@
 
 python -m launch.sweep --config=configs/ablations/bitnet_vs_fp.py --workdir=runs/bitnet_vs_fp
 
+Tiny Shakespeare comes from TFDS (`tiny_shakespeare`, downloaded on first use); offline,
+point SOURCE below at a local copy (`text:path/to/input.txt`; see
+configs/repro/shakespeare_char_cpu.py for how the two routes split the text).
+
 One run per (size, quant) of GRID, each `get_config("size=...,quant=...")`: a Llama-style
 decoder (RoPE, RMSNorm, SwiGLU, untied head, no biases; head_dim 32) on Tiny Shakespeare,
 context 128, batch 32, 1,500 steps, the same data order for every run. Full precision uses
@@ -26,6 +30,7 @@ SIZES = {
 }  # multi-head attention: num_kv_heads follows num_heads, set below
 QUANTS = ("none", "bitnet158")
 GRID = [f"size={s},quant={q}" for s in SIZES for q in QUANTS]
+SOURCE = "tiny_shakespeare"
 
 
 def get_config(arg: str | None = None):
@@ -34,7 +39,8 @@ def get_config(arg: str | None = None):
   c.model.num_kv_heads = c.model.get_oneway_ref("num_heads")  # llama's XS has GQA
   c.model.update(base.choose("size", args["size"], SIZES))
   c.model.quant = base.choose("quant", args["quant"], {q: q for q in QUANTS})
-  c.data.name = "text:../shared/data/tinyshakespeare.txt"  # run from the repo root
+  c.data.name = SOURCE
+  c.data.eval_split = "validation+test"  # the last 10% of the text, as nanoGPT's validation
   c.data.seq_len = 128
   c.data.shuffle_window = 16384
   c.train.update(

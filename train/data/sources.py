@@ -4,6 +4,8 @@
 grain's `MapDataset.source` accepts. Shuffling and sharding happen in `pipeline.py`.
 Local sources hold out their last 10% for validation; split `"all"` (used for
 `data.eval_name`) is the whole local source, or a TFDS dataset's validation split.
+Evaluation reads `data.eval_split` of a TFDS dataset instead when it is set
+(`validation+test`: TFDS's split syntax); local sources have no named splits to choose.
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ def tfds_split(
   """A TFDS split (prepared on first use) as a random-access source of example dicts.
 
   `fields` maps config keys to the feature names they give; each must be a feature.
-  Split "validation" falls back to "test" when the dataset has no validation split.
+  Split "validation" (and "all") is `data.eval_split` if set, else "validation", falling
+  back to "test" when the dataset has no validation split.
   """
   validate_source(name, key)  # registers builders that need importing (glue, conll2003)
   builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None, file_format="array_record")
@@ -199,12 +202,22 @@ def tfds_split(
     builder.download_and_prepare(file_format="array_record")
     logging.info("Prepared %s in %s in %.1f s", name, builder.data_dir, time.perf_counter() - start)
   available = list(builder.info.splits.keys())  # empty under tfds.testing.mock_data
-  if split == "all":
-    split = "validation"
-  if split == "validation" and available and "validation" not in available:
-    split = "test"
-  if available and split not in available:
-    raise ValueError(f"{key}={name!r}: no {split!r} split; the dataset has {available}")
+  if split in ("validation", "all") and data_cfg.get("eval_split"):
+    split = data_cfg.eval_split
+    for part in split.split("+"):  # TFDS split syntax: 'validation+test', 'test[:50%]'
+      part = part.split("[")[0].strip()
+      if available and part not in available:
+        raise ValueError(
+          f"data.eval_split={split!r}: {name!r} has no split {part!r}; allowed: {available}, "
+          "joined with '+'"
+        )
+  else:
+    if split == "all":
+      split = "validation"
+    if split == "validation" and available and "validation" not in available:
+      split = "test"
+    if available and split not in available:
+      raise ValueError(f"{key}={name!r}: no {split!r} split; the dataset has {available}")
   features = builder.info.features
   for config_key, feature in fields.items():
     if features is not None and feature not in features:
