@@ -7,7 +7,8 @@ import ml_collections
 import pytest
 
 from configs import gpt, llama
-from train import sharding
+from modeling.flops import matmul_params
+from train import families, sharding
 from train.validation import CHOICES, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +25,25 @@ def config(**changes):
 @pytest.mark.parametrize("preset", [gpt, llama])
 @pytest.mark.parametrize("size", ["tiny", "XS", "S", "M", "L", "1B"])
 def test_every_preset_size_is_valid(preset, size):
-  validate_config(preset.get_config(f"size={size}"))
+  """Validation accepts it and returns its wiring; the model is the size's own."""
+  c = preset.get_config(f"size={size}")
+  wiring = validate_config(c)
+  assert wiring == families.resolve(c) and wiring.family is families.FAMILIES["decoder"]
+  cfg = wiring.transformer_config(c, 264)
+  assert (cfg.d_model, cfg.num_layers) == (c.model.d_model, c.model.num_layers)
+  assert cfg.num_heads * cfg.head_dim == cfg.d_model and cfg.num_heads % cfg.num_kv_heads == 0
+
+
+@pytest.mark.parametrize("preset", [gpt, llama])
+def test_preset_sizes_grow_in_order(preset):
+  sizes = ["tiny", "XS", "S", "M", "L", "1B"]
+  params = []
+  for size in sizes:
+    c = preset.get_config(f"size={size}")
+    params.append(matmul_params(families.resolve(c).transformer_config(c, 32000)))
+  assert params == sorted(params) and len(set(params)) == len(sizes), dict(
+    zip(sizes, params, strict=True)
+  )
 
 
 @pytest.mark.parametrize(
