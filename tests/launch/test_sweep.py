@@ -91,14 +91,14 @@ def bitnet_vs_fp():
 
 
 def test_bitnet_vs_fp_grid_configs_are_valid(bitnet_vs_fp, tmp_path):
-  text = tmp_path / "corpus.txt"  # stands in for ../shared/data/tinyshakespeare.txt
+  text = tmp_path / "corpus.txt"  # the offline route: a local copy of Tiny Shakespeare
   text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
   grid = bitnet_vs_fp.GRID
   assert len(grid) == len(set(grid)) == 6
   for arg in grid:
     c = bitnet_vs_fp.get_config(arg)
     size, quant = arg.split(",")
-    assert c.data.name.startswith("text:") and c.data.name.endswith("tinyshakespeare.txt")
+    assert (c.data.name, c.data.eval_split) == ("tiny_shakespeare", "validation+test")
     c.data.name = f"text:{text}"
     validate_config(c)
     expected = bitnet_vs_fp.SIZES[size.split("=")[1]]
