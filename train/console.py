@@ -57,8 +57,7 @@ def configure(path: str | None, verbose: bool, stream=None) -> str | None:
     console.addFilter(shown_on_console)
   handlers = [console]
   if path:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    handlers.append(logging.FileHandler(path, encoding="utf-8"))
+    handlers.append(_LazyFile(path, encoding="utf-8", delay=True))
   for handler in handlers:
     handler.fourfold = True
     handler.setFormatter(formatter)
@@ -71,6 +70,15 @@ HARMLESS_WARNINGS = (
   "Metadata file does not exist",  # orbax, reading a checkpoint's state item on its own
   "Variant folder",  # TFDS, looking at a dataset folder it is about to prepare
 )
+
+
+class _LazyFile(logging.FileHandler):
+  """Makes its folder and file at the first record: a command refused before anything is
+  logged leaves no workdir behind."""
+
+  def _open(self):
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    return super()._open()
 
 
 def shown_on_console(record: logging.LogRecord) -> bool:

@@ -81,6 +81,14 @@ def test_logtostderr_writes_no_file(tmp_path, capsys):
   assert not (tmp_path / "log.txt").exists()
 
 
+def test_no_file_until_something_is_logged(tmp_path):
+  workdir = tmp_path / "run"
+  console.configure(str(workdir / "log.txt"), verbose=False)
+  assert not workdir.exists()  # a command refused before it logs leaves no workdir
+  emit(logging.INFO, "Saving checkpoint", LIBRARY)
+  assert "Saving checkpoint" in lines(workdir / "log.txt")
+
+
 def test_setup_twice_keeps_one_console_handler(tmp_path, capsys):
   logging.getLogger().setLevel(logging.INFO)
   for _ in range(2):
