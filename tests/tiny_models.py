@@ -1,4 +1,6 @@
-"""Tiny models derived from the real presets, with random params drawn in NumPy.
+"""The tests' one set of tiny builders, derived from the real presets: run configs
+(`tiny_config`, `short_run`, `tiny_mdlm`), frozen model configs (`tiny`), and random params
+drawn in NumPy.
 
 A jitted random init takes seconds to compile on a CPU; drawing values for the
 abstract param tree (`jax.eval_shape(model.init, ...)`) takes milliseconds.
@@ -54,10 +56,10 @@ def tiny(
   )
 
 
-def abstract_init(cfg: TransformerConfig):
-  """The boxed param tree `init` returns, as shapes: no compile."""
+def abstract_init(cfg: TransformerConfig, module: type = Transformer):
+  """The boxed param tree `module(cfg).init` returns, as shapes: no compile."""
   tokens = jnp.zeros((1, 4), jnp.int32)
-  return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens, tokens)["params"]
+  return jax.eval_shape(module(cfg).init, jax.random.key(0), tokens, tokens, tokens)["params"]
 
 
 def draw_params(abstract, seed: int = 0):

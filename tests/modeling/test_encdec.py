@@ -29,7 +29,7 @@ from modeling.transformer import (
   relative_buckets,
 )
 from modeling.vocab import BOS_ID, EOS_ID
-from tests.tiny_models import draw_params, tiny
+from tests.tiny_models import abstract_init, draw_params, tiny
 from train import families
 
 VOCAB = 32
@@ -48,9 +48,7 @@ GQA = tiny_encdec(num_kv_heads=2)
 
 
 def abstract_params(cfg: TransformerConfig):
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  init = EncoderDecoder(cfg).init
-  return jax.eval_shape(init, jax.random.key(0), tokens, tokens, tokens)["params"]
+  return abstract_init(cfg, EncoderDecoder)
 
 
 @functools.cache

@@ -10,12 +10,11 @@ import re
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from modeling.transformer import EncoderDecoder, Transformer
-from tests.tiny_models import tiny_config
+from tests.tiny_models import abstract_init, tiny_config
 from train import families
 from train.data.make_seq2seq_task import make_records
 from train.data.tokenizers import ByteTokenizer
@@ -102,9 +101,7 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
     assert lengths["tokens"] == SEQ_LEN
   assert wiring.target_len(config) == (batch["targets"].shape[1] if family == "encdec" else 0)
 
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens)["params"]
-  params = nn.unbox(abstract)
+  params = nn.unbox(abstract_init(model.cfg, type(model)))
   for deterministic in (False, True):  # the train step's call, and evaluation's
     out = jax.eval_shape(
       lambda p, b, r, d=deterministic: objective(model, p, b, r, d),

@@ -12,6 +12,7 @@ import math
 import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -38,8 +39,8 @@ class StandIn:
   def apply(self, variables, tokens_BL, *args, **kwargs):
     self.calls.append((np.asarray(tokens_BL), args, kwargs))
     if isinstance(self.out, dict):
-      return jax.numpy.asarray(self.out[np.asarray(tokens_BL).tobytes()]), None
-    return jax.numpy.asarray(self.out), None
+      return jnp.asarray(self.out[np.asarray(tokens_BL).tobytes()]), None
+    return jnp.asarray(self.out), None
 
 
 def packed_tokens(seed: int) -> np.ndarray:
