@@ -15,7 +15,8 @@ import jax
 from absl import app, flags
 
 from eval.packed import load_packed
-from train import families
+from modeling import diffusion
+from train import console, families
 from train.trainer import load_for_inference
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
@@ -30,17 +31,17 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling: keep the smallest set with t
 flags.DEFINE_integer("num_samples", 1, "samples to draw")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("steps", 0, "diffusion: denoising steps; 0: one per generated token")
-flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "llada"], "diffusion sampler")
+flags.DEFINE_enum("sampler", "ancestral", diffusion.SAMPLERS, "diffusion sampler")
 flags.DEFINE_integer(
   "block_length", 0, "diffusion, llada: semi-autoregressive block length; 0: one block"
 )
 flags.DEFINE_enum(
-  "grid", "uniform", ["uniform", "alpha"], "diffusion, ancestral: time grid (uniform in t or alpha)"
+  "grid", "uniform", diffusion.GRIDS, "diffusion, ancestral: time grid (uniform in t or alpha)"
 )
 flags.DEFINE_bool("cache", True, "diffusion, ancestral: skip the network when no token changed")
 flags.DEFINE_string("suffix", "", "diffusion: text clamped after the generated span (infilling)")
 flags.DEFINE_enum(
-  "remasking", "low_confidence", ["low_confidence", "random"], "diffusion, llada: what to remask"
+  "remasking", "low_confidence", diffusion.REMASKING, "diffusion, llada: what to remask"
 )
 flags.DEFINE_integer("beam_size", 1, "encdec: beam search width; 1: sample (or greedy at 0)")
 flags.DEFINE_float("length_penalty", 0.6, "encdec, beam search: GNMT length penalty alpha")
@@ -51,6 +52,7 @@ SAMPLER_FLAGS = families.SAMPLE_OPTIONS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console.setup(FLAGS.workdir)
   if bool(FLAGS.workdir) == bool(FLAGS.packed):
     raise app.UsageError("give one of --workdir or --packed")
   if FLAGS.packed:
