@@ -3,15 +3,30 @@
 JAX runs on the CPU in the tests even where libtpu is installed (for the ahead-of-time
 TPU compiles): no TPU metadata-server queries, and several test processes may load
 libtpu at once (pytest-xdist workers, the multi-device subprocesses).
+
+Compiled programs are cached on disk for the session (JAX's persistent compilation cache,
+in a fresh temporary folder, inherited by the subprocesses the tests start): the many
+tests that train the same tiny model again (resume, kill, init_from, sharded against one
+device) load its train step instead of compiling it again. Compiles are deterministic, so
+a cached program computes exactly what a fresh compile would.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="fourfold-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -224,13 +224,24 @@ def _wait_for_step(workdir, step, proc, timeout=240):
   raise TimeoutError(f"step {step} not reached")
 
 
+KILL_STEPS = 150
+RUN = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """(corpus, workdir) of one uninterrupted command-line run, shared by the kill tests."""
+  tmp_path = tmp_path_factory.mktemp("straight")
+  data = _corpus(tmp_path)
+  subprocess.run(_train_cmd(tmp_path / "run", data, KILL_STEPS), check=True, timeout=300, **RUN)
+  return data, tmp_path / "run"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_killed_run_resumes_exactly(sig, tmp_path):
+def test_killed_run_resumes_exactly(sig, straight_run, tmp_path):
   """A run killed mid-training and restarted logs the same losses as an uninterrupted one."""
-  data, steps = _corpus(tmp_path), 150
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  run = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  subprocess.run(_train_cmd(straight, data, steps), check=True, timeout=300, **run)
+  (data, straight), steps, run = straight_run, KILL_STEPS, RUN
+  killed = tmp_path / "killed"
   proc = subprocess.Popen(_train_cmd(killed, data, steps), **run)
   _wait_for_step(killed, 12, proc)
   proc.send_signal(sig)
