@@ -28,6 +28,9 @@ setup(
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
     "aot": ["jax[tpu]>=0.10.2,<0.11"],
+    # what TFDS's own builders need to download and prepare a dataset once (most read their
+    # download with tf.io.gfile): tiny_shakespeare, glue, conll2003, lm1b, ...
+    "prepare": ["tensorflow-cpu", "importlib_resources"],
     # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement
     "llamacpp": ["llama-cpp-python>=0.3.36"],
     "test": [
