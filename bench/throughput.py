@@ -12,6 +12,7 @@ With --compare=key=value,... a variant is timed in the same process, alternating
 config for --rounds rounds; the last line is then ratio_step_s=<variant / config>.
 """
 
+import copy
 import time
 
 import flax.linen as nn
@@ -99,8 +100,9 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
 
 
 def variant_of(config, overrides: list[str]):
-  """A copy of `config` with `key=value` overrides, each parsed as the key's current type."""
-  out = config.copy_and_resolve_references()
+  """A copy of `config` with `key=value` overrides, each parsed as the key's current type;
+  derived keys follow them (a deep copy keeps the field references)."""
+  out = copy.deepcopy(config)
   with out.unlocked():
     for item in overrides:
       key, sep, value = item.partition("=")

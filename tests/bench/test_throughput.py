@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.throughput import benchmark
+from bench.throughput import benchmark, variant_of
 from configs import gpt
 from modeling.flops import flops_per_token, matmul_params
 from train import families
@@ -89,3 +89,11 @@ def test_encdec_flops_match_xla_and_the_benchmark_batch():
   assert np.isclose(r["model_gflops_per_step"], flops * 4 * 32 / 1e9)
   vocab = families.resolve(tiny).transformer_config(tiny, 264).vocab_size  # + 100 sentinels
   assert r["loss"] == pytest.approx(math.log(vocab), abs=0.1), r["loss"]
+
+
+def test_compare_variant_keeps_derived_keys_following():
+  """--compare=model.d_model=96 on gpt tiny gives d_ff 4 x 96; the config itself is untouched."""
+  c = gpt.get_config("size=tiny")
+  v = variant_of(c, ["model.d_model=96", "model.scan_layers=true"])
+  assert (v.model.d_model, v.model.d_ff, v.model.scan_layers) == (96, 384, True)
+  assert (c.model.d_model, c.model.d_ff, c.model.scan_layers) == (64, 256, False)
