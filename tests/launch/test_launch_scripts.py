@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NOTEBOOK = os.path.join(REPO, "launch", "colab_tpu.ipynb")
 TPU_POD = os.path.join(REPO, "launch", "tpu_pod.sh")
 SLURM = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
-DOCS = os.path.join(REPO, "README.md")  # its "Running on TPUs and clusters" section
+DOCS = os.path.join(REPO, "docs", "scaling.md")  # the guide to meshes, hosts and clusters
 LAUNCH_FILES = (NOTEBOOK, TPU_POD, SLURM, DOCS)
 SHELL_SCRIPTS = (TPU_POD, SLURM)
 
@@ -57,12 +57,7 @@ def launch_text(path: str) -> str:
   if path.endswith(".ipynb"):
     return "\n".join(cell_text(c) for c in load_notebook()["cells"])
   with open(path) as f:
-    text = f.read()
-  if path == DOCS:
-    section = re.search(r"^## Running on TPUs and clusters\n.*?(?=^## )", text, re.S | re.M)
-    assert section, "README.md has no '## Running on TPUs and clusters' section"
-    return section.group(0)
-  return text
+    return f.read()
 
 
 def flat_defaults(c, prefix: str = "") -> dict:
