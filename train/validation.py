@@ -23,8 +23,7 @@ from modeling.transformer import (
   Transformer,
 )
 from train import families, sharding
-from train.data import make_tokenizer, validate_source
-from train.data.seq2seq import TEMPLATE_STYLES
+from train.data import make_tokenizer, seq2seq, validate_source
 from train.optim import SCHEDULES
 
 # Each key's allowed values, defined once beside their implementation; configs/base.py's
@@ -42,7 +41,7 @@ CHOICES = {
   "task.pooling": POOLINGS,
   "task.schedule": diffusion.SCHEDULES,
   "task.estimator": diffusion.ESTIMATORS,
-  "task.templates": TEMPLATE_STYLES,
+  "task.templates": seq2seq.TEMPLATE_STYLES,
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = (
@@ -279,8 +278,6 @@ def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: i
 
 def _validate_encdec(config: ml_collections.ConfigDict, tokenizer) -> None:
   """T5: positions, span corruption lengths, sentinels and the seq2seq sources."""
-  from train.data import seq2seq
-
   m, t, d = config.model, config.task, config.data
   if m.position == "learned":
     fail(
