@@ -130,7 +130,7 @@ def write_gguf(workdir: str, output: str, ternary_type: str = "TQ2_0") -> dict[s
   w.add_head_count(cfg.num_heads)
   w.add_head_count_kv(cfg.num_kv_heads)
   w.add_rope_dimension_count(cfg.head_dim)
-  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_rope_freq_base(cfg.rope.theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
   w.add_vocab_size(cfg.vocab_size)
   w.add_file_type(

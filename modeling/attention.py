@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from modeling.layers import Dense, DotGeneral, Norm
+from modeling.rope import Rope, apply_rope  # noqa: F401  (apply_rope: re-exported)
 
 MASK_KINDS = ("causal", "bidirectional")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
@@ -46,18 +47,6 @@ def make_mask(
   return mask[:, None, :, :]
 
 
-def apply_rope(x_BLHK: jax.Array, pos_BL: jax.Array, theta: float = 10000.0) -> jax.Array:
-  """Rotary position embedding (rotate-half layout), computed in float32."""
-  half = x_BLHK.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BL1F = (pos_BL.astype(jnp.float32)[:, :, None] * freq)[:, :, None, :]
-  sin, cos = jnp.sin(angle_BL1F), jnp.cos(angle_BL1F)
-  x = x_BLHK.astype(jnp.float32)
-  x1, x2 = x[..., :half], x[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BLHK.dtype)
-
-
 def attend(
   q_BLHK: jax.Array,
   k_BSGK: jax.Array,
@@ -66,6 +55,7 @@ def attend(
   impl: str = "xla",
   causal_blocks: int = 1,
   bias_BHLS: jax.Array | None = None,
+  scale: float | None = None,
 ) -> jax.Array:
   """Softmax attention of H query heads over G kv heads (H % G == 0).
 
@@ -73,17 +63,20 @@ def attend(
   attention with a causal mask, packed or not): the queries are then split into that
   many blocks, and each block attends only to the keys up to its end, which skips
   most of the masked upper triangle. The result is the same. `bias_BHLS` (float) is added
-  to the scaled logits.
+  to the scaled logits. `scale` multiplies the logits: None is 1/sqrt(head_dim), 1.0 is
+  T5's unscaled attention.
   """
+  if scale is None:
+    scale = q_BLHK.shape[-1] ** -0.5
   if impl == "cudnn":
     return jax.nn.dot_product_attention(
-      q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS, implementation="cudnn"
+      q_BLHK, k_BSGK, v_BSGK, bias=bias_BHLS, mask=mask_B1LS, scale=scale, implementation="cudnn"
     )
   if impl != "xla":
     raise ValueError(f"model.attention_impl={impl!r}: allowed {ATTENTION_IMPLS}")
   q_len = q_BLHK.shape[1]
   if causal_blocks <= 1:
-    return _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS)
+    return _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS, scale)
   if q_len % causal_blocks or k_BSGK.shape[1] != q_len:
     raise ValueError(f"causal_blocks={causal_blocks} needs equal q/kv lengths divisible by it")
   size = q_len // causal_blocks
@@ -97,6 +90,7 @@ def attend(
         v_BSGK[:, :kv_end],
         mask_B1LS[:, :, q_rows, :kv_end],
         None if bias_BHLS is None else bias_BHLS[:, :, q_rows, :kv_end],
+        scale,
       )
     )
   return jnp.concatenate(outs, axis=1)
@@ -107,14 +101,14 @@ def causal_blocks_for(q_len: int, block: int = 64) -> int:
   return q_len // block if q_len % block == 0 and q_len >= 2 * block else 1
 
 
-def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS=None) -> jax.Array:
+def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS=None, scale=None) -> jax.Array:
   b, q_len, h, k = q_BLHK.shape
   g = k_BSGK.shape[2]
   # Heads-major layout, with the R = H / G query heads of a kv group stacked along the
   # query axis (Q = R * L): both einsums become plain batched matmuls over [B, G].
   r = h // g
   q_BGQK = (
-    (q_BLHK * k**-0.5)
+    (q_BLHK * (k**-0.5 if scale is None else scale))
     .reshape(b, q_len, g, r, k)
     .transpose(0, 2, 3, 1, 4)
     .reshape(b, g, r * q_len, k)
@@ -140,6 +134,7 @@ def attend_splash(
   kind: str = "causal",
   window: int = 0,
   interpret: bool = False,
+  scale: float | None = None,
 ) -> jax.Array:
   """Self-attention with the Pallas TPU splash kernel (same result as `attend`).
 
@@ -189,7 +184,7 @@ def attend_splash(
     q_seq_shards=1,
     interpret=interpret,
   )
-  q_BHLK = (q_BLHK * k**-0.5).transpose(0, 2, 1, 3)
+  q_BHLK = (q_BLHK * (k**-0.5 if scale is None else scale)).transpose(0, 2, 1, 3)
   k_BGLK, v_BGLK = k_BLGK.transpose(0, 2, 1, 3), v_BLGK.transpose(0, 2, 1, 3)
   seg_BL = seg_BL.astype(jnp.int32)
 
@@ -224,8 +219,8 @@ class Attention(nn.Module):
   head_dim: int
   mask_kind: str = "causal"
   window: int = 0
-  rope: bool = False
-  rope_theta: float = 10000.0
+  rope: Rope | None = None
+  scale: float | None = None  # logits scale; None: 1/sqrt(head_dim); 1.0: T5 (unscaled)
   impl: str = "xla"
   use_bias: bool = False
   dropout: float = 0.0
@@ -255,9 +250,8 @@ class Attention(nn.Module):
       return self._cross(q_BLHK, x_BLD, pos_BL, seg_BL, cache, deterministic, kv_BSD, kv_seg_BS)
     k_BLGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="key", **dense)(x_BLD)
     v_BLGK = Dense((g, k), ("embed",), ("kv_heads", "head_dim"), name="value", **dense)(x_BLD)
-    if self.rope:
-      q_BLHK = apply_rope(q_BLHK, pos_BL, self.rope_theta)
-      k_BLGK = apply_rope(k_BLGK, pos_BL, self.rope_theta)
+    if self.rope is not None:
+      q_BLHK, k_BLGK = self.rope(q_BLHK, pos_BL), self.rope(k_BLGK, pos_BL)
     q_BLHK = nn.with_logical_constraint(q_BLHK, ("act_batch", "act_length", "act_heads", None))
 
     if cache is None:
@@ -273,13 +267,15 @@ class Attention(nn.Module):
       kv_seg_BS = jnp.ones_like(kv_pos_BS, dtype=seg_BL.dtype)
       seg_BL = jnp.ones_like(seg_BL)
     if self.impl == "splash" and cache is None:
-      out_BLHK = attend_splash(q_BLHK, k_BSGK, v_BSGK, seg_BL, self.mask_kind, self.window)
+      out_BLHK = attend_splash(
+        q_BLHK, k_BSGK, v_BSGK, seg_BL, self.mask_kind, self.window, scale=self.scale
+      )
     else:  # decoding with a cache always takes the XLA path
       mask = make_mask(pos_BL, kv_pos_BS, seg_BL, kv_seg_BS, self.mask_kind, self.window)
       causal = self.mask_kind == "causal" and cache is None
       blocks = causal_blocks_for(x_BLD.shape[1]) if causal else 1
       impl = "xla" if self.impl == "splash" else self.impl
-      out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks, bias_BHLS)
+      out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, blocks, bias_BHLS, self.scale)
     return self._output(out_BLHK, x_BLD, deterministic), cache
 
   def _cross(self, q_BLHK, x_BLD, pos_BL, seg_BL, cache, deterministic, kv_BSD, kv_seg_BS):
@@ -296,7 +292,7 @@ class Attention(nn.Module):
     q_seg_BL = jnp.ones_like(seg_BL) if cache is not None else seg_BL  # decoding: one example
     mask = make_mask(pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS, "bidirectional")
     impl = "xla" if self.impl == "splash" else self.impl
-    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl)
+    out_BLHK = attend(q_BLHK, k_BSGK, v_BSGK, mask, impl, scale=self.scale)
     return self._output(out_BLHK, x_BLD, deterministic), cache
 
   def _dense_kwargs(self) -> dict:

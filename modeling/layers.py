@@ -104,15 +104,21 @@ class Norm(nn.Module):
 
 
 MLP_KINDS = ("gelu", "relu", "swiglu", "geglu")
-GATED = {"swiglu": nn.silu, "geglu": lambda x: nn.gelu(x, approximate=True)}
+GATED = ("swiglu", "geglu")  # a gate and an up projection
+GELUS = ("tanh", "erf")  # GPT-2's tanh approximation ("gelu_new"), or the exact erf form (BERT)
+
+
+def gelu(x: jax.Array, kind: str = "tanh") -> jax.Array:
+  return nn.gelu(x, approximate=kind == "tanh")
 
 
 class Mlp(nn.Module):
   """GELU MLP (GPT-2, BERT), ReLU (the original T5), or gated: SwiGLU (Llama), GeGLU
-  (T5 v1.1's gated-GELU)."""
+  (T5 v1.1's gated-GELU). Both GELUs follow `gelu` (GELUS)."""
 
   d_ff: int
   kind: str = "gelu"
+  gelu: str = "tanh"
   use_bias: bool = True
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -126,11 +132,11 @@ class Mlp(nn.Module):
     up = Dense((self.d_ff,), ("embed",), ("mlp",), name="up", **dense)(x_BLD)
     if self.kind in GATED:
       gate = Dense((self.d_ff,), ("embed",), ("mlp",), name="gate", **dense)(x_BLD)
-      h_BLF = GATED[self.kind](gate) * up
+      h_BLF = (nn.silu(gate) if self.kind == "swiglu" else gelu(gate, self.gelu)) * up
     elif self.kind == "relu":
       h_BLF = nn.relu(up)
     else:
-      h_BLF = nn.gelu(up, approximate=True)
+      h_BLF = gelu(up, self.gelu)
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
     if self.sub_norm is not None:
       h_BLF = Norm(name="sub_norm", **self.sub_norm)(h_BLF)

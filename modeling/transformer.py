@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from modeling.attention import Attention
-from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, param_with_axes
+from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
 from modeling.quant import make_dot_general
+from modeling.rope import Rope
 
 REMAT_POLICIES = {
   "none": None,
@@ -54,10 +55,13 @@ class TransformerConfig:
   max_len: int
   mask_kind: str = "causal"
   position: str = "learned"
-  rope_theta: float = 10000.0
+  rope: Rope = Rope()  # position="rope": theta, partial rotation, context scaling
+  position_offset: int = 0  # position="learned": the table row of position 0 (RoBERTa: 2)
   norm: str = "layernorm"
   norm_eps: float = 1e-5
   mlp: str = "gelu"
+  gelu: str = "tanh"  # tanh | erf: every GELU (MLP, GeGLU, MLM head)
+  scale_attention: bool = True  # logits scaled by 1/sqrt(head_dim); False: T5 (unscaled)
   use_bias: bool = True
   tie_embeddings: bool = True
   dropout: float = 0.0
@@ -72,7 +76,7 @@ class TransformerConfig:
   share_layers: bool = False  # every layer uses one set of weights (ALBERT)
   head: str = "lm"  # lm | mlm | classify | tokens | pool
   num_labels: int = 0  # outputs of the classify / tokens heads
-  pooling: str = "cls"  # cls (first token) | mean (over the sequence's tokens)
+  pooling: str = "cls"  # cls (first token) | mean (over the tokens) | pooler (BERT's tanh(dense(cls)))
   time_conditioning: bool = False  # diffusion: add an embedding of the time t to the input
   quant: str = "none"  # none | bitnet158 | bitnet1: the body's linear layers (modeling/quant.py)
   quant_deployed: bool = False  # kernels hold already-quantized weights (a packed checkpoint)
@@ -125,6 +129,7 @@ class Block(nn.Module):
       num_kv_heads=c.num_kv_heads,
       head_dim=c.head_dim,
       impl=c.attention_impl,
+      scale=None if c.scale_attention else 1.0,
       use_bias=c.use_bias,
       dropout=c.dropout,
       dtype=dtype,
@@ -135,8 +140,7 @@ class Block(nn.Module):
     h_BLD, self_cache = Attention(
       mask_kind=c.mask_kind,
       window=c.sliding_window,
-      rope=c.position == "rope",
-      rope_theta=c.rope_theta,
+      rope=c.rope if c.position == "rope" else None,
       name="attn",
       **attention,
     )(
@@ -168,6 +172,7 @@ class Block(nn.Module):
     h_BLD = Mlp(
       d_ff=c.d_ff,
       kind=c.mlp,
+      gelu=c.gelu,
       use_bias=c.use_bias,
       dropout=c.dropout,
       dtype=dtype,
@@ -306,12 +311,13 @@ def run_stack(
   return x_BLD, cache
 
 
-POOLINGS = ("cls", "mean")  # task.pooling
+POOLINGS = ("cls", "mean", "pooler")  # task.pooling
 
 
 def pool(x_BLD: jax.Array, seg_BL: jax.Array, kind: str) -> jax.Array:
-  """[B, D]: the first token (CLS) or the mean over the row's non-padding tokens."""
-  if kind == "cls":
+  """[B, D]: the first token (CLS; also under BERT's pooler) or the mean over the row's
+  non-padding tokens."""
+  if kind in ("cls", "pooler"):
     return x_BLD[:, 0]
   w_BL = (seg_BL > 0).astype(x_BLD.dtype)
   return jnp.einsum("bld,bl->bd", x_BLD, w_BL) / jnp.maximum(w_BL.sum(-1, keepdims=True), 1.0)
@@ -365,10 +371,11 @@ class Transformer(nn.Module):
     width = c.embed_dim or c.d_model
     width_axis = embed_axes[1]
     if c.position == "learned":
+      rows = c.max_len + c.position_offset
       table = param_with_axes(
-        self, "pos_embedding", nn.initializers.normal(0.01), (c.max_len, width), (None, width_axis)
+        self, "pos_embedding", nn.initializers.normal(0.01), (rows, width), (None, width_axis)
       )
-      x_BLE = x_BLE + jnp.take(table, positions_BL, axis=0).astype(dtype)
+      x_BLE = x_BLE + jnp.take(table, positions_BL + c.position_offset, axis=0).astype(dtype)
     if c.type_vocab_size:
       types = param_with_axes(
         self,
@@ -410,7 +417,7 @@ class Transformer(nn.Module):
       h_BLE = Dense(
         (width,), ("embed",), ("factor",), use_bias=True, dtype=dtype, name="mlm_transform"
       )(x_BLD)
-      h_BLE = Norm(c.norm, c.norm_eps, True, dtype, name="mlm_norm")(nn.gelu(h_BLE))
+      h_BLE = Norm(c.norm, c.norm_eps, True, dtype, name="mlm_norm")(gelu(h_BLE, c.gelu))
       bias_V = self.param(
         "mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (c.vocab_size,)
       )
@@ -422,12 +429,14 @@ class Transformer(nn.Module):
       out = Dense((c.num_labels,), ("embed",), ("labels",), True, dtype, name="token_classifier")
       return out(x_BLD).astype(jnp.float32)
     pooled_BD = pool(x_BLD, seg_BL, c.pooling)
-    if c.head == "pool":
+    if c.head == "pool" and c.pooling != "pooler":
       return pooled_BD.astype(jnp.float32)
-    # classify: BERT's pooler (dense + tanh) then the classifier
+    # BERT's pooler (dense + tanh); classify then adds the classifier
     pooled_BD = jnp.tanh(
       Dense((c.d_model,), ("embed",), ("factor",), True, dtype, name="pooler")(pooled_BD)
     )
+    if c.head == "pool":
+      return pooled_BD.astype(jnp.float32)
     pooled_BD = nn.Dropout(c.dropout)(pooled_BD, deterministic=deterministic)
     out = Dense((c.num_labels,), ("factor",), ("labels",), True, dtype, name="classifier")
     return out(pooled_BD).astype(jnp.float32)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from modeling import decoding, diffusion
+from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import CLS_ID, EOS_ID, SEP_ID
 from train import objectives
@@ -267,6 +268,23 @@ SAMPLE_OPTIONS = tuple(sorted({o for fam in FAMILIES.values() for o in fam.sampl
 # ---- a config's family and task, resolved once
 
 
+def rope_of(m: ml_collections.ConfigDict) -> Rope:
+  """The frozen RoPE settings of `config.model`."""
+  r = m.rope_scaling
+  return Rope(
+    theta=m.rope_theta,
+    fraction=m.rope_fraction,
+    scaling=r.type,
+    factor=r.factor,
+    low_freq_factor=r.low_freq_factor,
+    high_freq_factor=r.high_freq_factor,
+    original_max_len=r.original_max_len,
+    short_factor=tuple(float(x) for x in r.short_factor),
+    long_factor=tuple(float(x) for x in r.long_factor),
+    attention_factor=r.attention_factor,
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class Wiring:
   """What `resolve(config)` found in the table; commands resolve once and pass it down."""
@@ -311,10 +329,13 @@ class Wiring:
       max_len=m.max_len or config.data.seq_len,
       mask_kind=fam.mask_kind,
       position=m.position,
-      rope_theta=m.rope_theta,
+      rope=rope_of(m),
+      position_offset=m.position_offset,
       norm=m.norm,
       norm_eps=m.norm_eps,
       mlp=m.mlp,
+      gelu=m.gelu,
+      scale_attention=m.scale_attention,
       use_bias=m.use_bias,
       tie_embeddings=m.tie_embeddings,
       dropout=m.dropout,

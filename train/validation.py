@@ -12,8 +12,9 @@ import numpy as np
 from configs import base
 from modeling import diffusion
 from modeling.attention import ATTENTION_IMPLS
-from modeling.layers import MLP_KINDS, NORMS
+from modeling.layers import GELUS, MLP_KINDS, NORMS
 from modeling.quant import QUANT_KINDS
+from modeling.rope import ROPE_SCALINGS
 from modeling.transformer import (
   DTYPES,
   NORM_POSITIONS,
@@ -38,6 +39,8 @@ CHOICES = {
   "model.remat": tuple(REMAT_POLICIES),
   "model.quant": QUANT_KINDS,
   "model.norm_position": NORM_POSITIONS,
+  "model.gelu": GELUS,
+  "model.rope_scaling.type": ROPE_SCALINGS,
   "task.pooling": POOLINGS,
   "task.schedule": diffusion.SCHEDULES,
   "task.estimator": diffusion.ESTIMATORS,
@@ -121,6 +124,35 @@ def fail(key: str, value, allowed: str) -> None:
   raise ValueError(f"{key}={value!r}: {allowed}")
 
 
+def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
+  r = m.rope_scaling
+  rotary = int(head_dim * m.rope_fraction)
+  if not 0 < m.rope_fraction <= 1 or rotary % 2:
+    fail(
+      "model.rope_fraction",
+      m.rope_fraction,
+      f"must be in (0, 1] and rotate an even number of the head's {head_dim} features",
+    )
+  if r.type in ("linear", "llama3") and r.factor < 1:
+    fail("model.rope_scaling.factor", r.factor, f"must be >= 1 with type={r.type!r}")
+  if r.type in ("llama3", "longrope") and r.original_max_len <= 0:
+    fail("model.rope_scaling.original_max_len", r.original_max_len, f"must be > 0 with type={r.type!r}")
+  if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+    fail(
+      "model.rope_scaling.high_freq_factor",
+      r.high_freq_factor,
+      f"must be > low_freq_factor={r.low_freq_factor}",
+    )
+  if r.type == "longrope":
+    for key in ("short_factor", "long_factor"):
+      if len(r[key]) != rotary // 2:
+        fail(
+          f"model.rope_scaling.{key}",
+          r[key],
+          f"needs rotary_dim / 2 = {rotary // 2} values (one per rotated frequency)",
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
   """Raises ValueError on the first bad key; cheap, compiles nothing. Returns the config's
   family and task (`families.resolve`), for the caller to pass down."""
@@ -184,6 +216,10 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
   head_dim = m.head_dim or m.d_model // m.num_heads
   if m.position == "rope" and head_dim % 2:
     fail("model.head_dim", head_dim, "must be even with model.position='rope'")
+  if m.position == "rope":
+    _validate_rope(m, head_dim)
+  if m.position_offset < 0 or (m.position_offset and m.position != "learned"):
+    fail("model.position_offset", m.position_offset, "must be >= 0, and 0 unless position='learned'")
   if m.max_len and m.max_len < config.data.seq_len:
     fail("model.max_len", m.max_len, f"must be 0 or >= data.seq_len={config.data.seq_len}")
   if m.attention_impl == "splash" and config.data.seq_len % 128:

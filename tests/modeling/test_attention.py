@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from modeling.attention import Attention, apply_rope, attend, make_mask, write_cache
+from modeling.rope import Rope
 from modeling.layers import Embed
 from modeling.transformer import Transformer, TransformerConfig, init_cache
 from tests.tiny_models import VOCAB, draw_params, random_params, tiny
@@ -193,7 +194,7 @@ def test_write_cache_scatters_rows_at_their_positions():
 
 def test_attention_module_with_cache_matches_without():
   """Prefill 5 tokens into the cache, then 3 more: same outputs as one uncached call."""
-  module = Attention(num_heads=4, num_kv_heads=2, head_dim=8, rope=True)
+  module = Attention(num_heads=4, num_kv_heads=2, head_dim=8, rope=Rope())
   x_BLD = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 16)), jnp.float32)
   pos_BL = jnp.broadcast_to(jnp.arange(8), (2, 8))
   seg_BL = jnp.ones((2, 8), jnp.int32)

@@ -117,7 +117,7 @@ def _rope(x_BLHK, pos_BL, theta):
 def _attention(x_BLD, p, pos_BL, seg_BL, cfg):
   q_BLHK, k_BLHK, v_BLHK = (_dense(x_BLD, p[n]) for n in ("query", "key", "value"))
   if cfg.position == "rope":
-    q_BLHK, k_BLHK = _rope(q_BLHK, pos_BL, cfg.rope_theta), _rope(k_BLHK, pos_BL, cfg.rope_theta)
+    q_BLHK, k_BLHK = _rope(q_BLHK, pos_BL, cfg.rope.theta), _rope(k_BLHK, pos_BL, cfg.rope.theta)
   scores_BHLS = np.einsum("blhk,bshk->bhls", q_BLHK, k_BLHK) / np.sqrt(cfg.head_dim)
   same_B1LS = (seg_BL[:, :, None] == seg_BL[:, None, :])[:, None]
   scores_BHLS = np.where(same_B1LS, scores_BHLS, -np.inf)
