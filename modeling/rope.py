@@ -62,7 +62,9 @@ class Rope:
       low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
       wavelen = 2 * math.pi / inv
       scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
-      smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+      smooth = (old / wavelen - self.low_freq_factor) / (
+        self.high_freq_factor - self.low_freq_factor
+      )
       smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
       medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
       return np.where(medium, smoothed, scaled).astype(np.float32), None

@@ -76,7 +76,9 @@ class TransformerConfig:
   share_layers: bool = False  # every layer uses one set of weights (ALBERT)
   head: str = "lm"  # lm | mlm | classify | tokens | pool
   num_labels: int = 0  # outputs of the classify / tokens heads
-  pooling: str = "cls"  # cls (first token) | mean (over the tokens) | pooler (BERT's tanh(dense(cls)))
+  pooling: str = (
+    "cls"  # cls (first token) | mean (over the tokens) | pooler (BERT's tanh(dense(cls)))
+  )
   time_conditioning: bool = False  # diffusion: add an embedding of the time t to the input
   quant: str = "none"  # none | bitnet158 | bitnet1: the body's linear layers (modeling/quant.py)
   quant_deployed: bool = False  # kernels hold already-quantized weights (a packed checkpoint)

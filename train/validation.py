@@ -136,7 +136,9 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
   if r.type in ("linear", "llama3") and r.factor < 1:
     fail("model.rope_scaling.factor", r.factor, f"must be >= 1 with type={r.type!r}")
   if r.type in ("llama3", "longrope") and r.original_max_len <= 0:
-    fail("model.rope_scaling.original_max_len", r.original_max_len, f"must be > 0 with type={r.type!r}")
+    fail(
+      "model.rope_scaling.original_max_len", r.original_max_len, f"must be > 0 with type={r.type!r}"
+    )
   if r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
     fail(
       "model.rope_scaling.high_freq_factor",
@@ -219,7 +221,9 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
   if m.position == "rope":
     _validate_rope(m, head_dim)
   if m.position_offset < 0 or (m.position_offset and m.position != "learned"):
-    fail("model.position_offset", m.position_offset, "must be >= 0, and 0 unless position='learned'")
+    fail(
+      "model.position_offset", m.position_offset, "must be >= 0, and 0 unless position='learned'"
+    )
   if m.max_len and m.max_len < config.data.seq_len:
     fail("model.max_len", m.max_len, f"must be 0 or >= data.seq_len={config.data.seq_len}")
   if m.attention_impl == "splash" and config.data.seq_len % 128:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from modeling.attention import Attention, apply_rope, attend, make_mask, write_cache
-from modeling.rope import Rope
 from modeling.layers import Embed
+from modeling.rope import Rope
 from modeling.transformer import Transformer, TransformerConfig, init_cache
 from tests.tiny_models import VOCAB, draw_params, random_params, tiny
 
