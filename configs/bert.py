@@ -15,6 +15,15 @@ for parameter counts):
   S     6 x 384,  6 heads
   M     12 x 768, 12 heads   BERT-base's body
   L     24 x 1024, 16 heads  BERT-large's body
+As published, with arch=bert (bert-base-uncased, bert-large-uncased) or arch=roberta
+(roberta-base, roberta-large): the published vocabulary's rows (the tokenizer stays
+`data.tokenizer`), 512 learned positions, exact (erf) GELU, scanned layers; bert has 2
+token types and LayerNorm eps 1e-12, roberta 1 token type, eps 1e-5 and position ids
+from 2 (514 position rows). MLM parameter counts equal BertForMaskedLM's /
+RobertaForMaskedLM's (tests/test_presets.py; neither has BERT's pooler, nor has our MLM
+model; classify adds it):
+  base   12 x 768, 12 heads    bert 109,514,298   roberta 124,697,433
+  large  24 x 1024, 16 heads   bert 335,174,458   roberta 355,412,057
 Archs (default modern: it learns at CPU sizes; the others are the published recipes, whose
 learned absolute positions sit on a long plateau at small budgets, see the README):
   bert     post-norm, learned positions, token-type embeddings, GELU, dropout 0.1
@@ -58,6 +67,21 @@ ARCHS = {
     dropout=0.0,
   ),
 }
+BERT_RELEASE = dict(scan_layers=True, vocab_size=30522, max_len=512, gelu="erf")
+ROBERTA_RELEASE = {
+  **BERT_RELEASE,
+  "vocab_size": 50265,
+  "type_vocab_size": 1,
+  "norm_eps": 1e-5,
+  "position_offset": 2,  # position ids start after the padding id: 514 rows
+}
+PUBLISHED = {  # arch -> size -> its shape and release settings, set after the arch's
+  "bert": {"base": {**SIZES["M"], **BERT_RELEASE}, "large": {**SIZES["L"], **BERT_RELEASE}},
+  "roberta": {
+    "base": {**SIZES["M"], **ROBERTA_RELEASE},
+    "large": {**SIZES["L"], **ROBERTA_RELEASE},
+  },
+}
 # task -> (task keys, data keys, fields): the defaults name a TFDS dataset; fields maps
 # "section.key" to (its feature in that dataset, its name in any other source).
 TASKS = {
@@ -90,8 +114,15 @@ def get_config(arg: str | None = None):
   c = base.get_config()
   c.model.family = "encoder"
   c.model.tie_embeddings = True
-  c.model.update(base.choose("size", args["size"], SIZES))
   c.model.update(base.choose("arch", args["arch"], ARCHS))
+  published = PUBLISHED.get(args["arch"], {})
+  if args["size"] not in published and any(args["size"] in p for p in PUBLISHED.values()):
+    archs = sorted(a for a, p in PUBLISHED.items() if args["size"] in p)
+    raise ValueError(
+      f"config argument size={args['size']!r}: a published size of arch in {archs}, "
+      f"not of arch={args['arch']!r}"
+    )
+  c.model.update(base.choose("size", args["size"], {**SIZES, **published}))
   if args["arch"] == "albert":
     c.model.embed_dim = base.derived(c.model, "d_model", _albert_embed_dim)
   task, data, fields = base.choose("task", args["task"], TASKS)

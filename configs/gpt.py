@@ -10,6 +10,14 @@ vocabulary and the preset's context; see README):
   M     12 x 768, 12 heads             GPT-2 small's body
   L     24 x 1024, 16 heads            GPT-2 medium's body
   1B    24 x 2048, 16 heads
+GPT-2 as published (Radford et al. 2019; transformers' gpt2, gpt2-medium, gpt2-large,
+gpt2-xl): the BPE vocabulary's 50257 rows (the tokenizer stays `data.tokenizer`), 1024
+learned positions, tanh GELU, LayerNorm eps 1e-5, scanned layers, data.seq_len 1024.
+Parameter counts equal GPT2LMHeadModel's (tests/test_presets.py):
+  124M  12 x 768,  12 heads   124,439,808
+  355M  24 x 1024, 16 heads   354,823,168
+  774M  36 x 1280, 20 heads   774,030,080
+  1.5B  48 x 1600, 25 heads   1,557,611,200
 """
 
 from configs import base
@@ -22,6 +30,13 @@ SIZES = {
   "L": dict(scan_layers=True, num_layers=24, d_model=1024, num_heads=16),
   "1B": dict(scan_layers=True, num_layers=24, d_model=2048, num_heads=16),
 }  # num_kv_heads = num_heads and d_ff = 4 x d_model: base.py's derived defaults
+GPT2 = dict(scan_layers=True, vocab_size=50257, max_len=1024, gelu="tanh", norm_eps=1e-5)
+PUBLISHED = {
+  "124M": dict(num_layers=12, d_model=768, num_heads=12, **GPT2),
+  "355M": dict(num_layers=24, d_model=1024, num_heads=16, **GPT2),
+  "774M": dict(num_layers=36, d_model=1280, num_heads=20, **GPT2),
+  "1.5B": dict(num_layers=48, d_model=1600, num_heads=25, **GPT2),
+}  # not in SIZES: configs/mdlm.py reads SIZES, and the published vocabularies are GPT-2's
 
 
 def get_config(arg: str | None = None):
@@ -33,5 +48,7 @@ def get_config(arg: str | None = None):
   c.model.mlp = "gelu"
   c.model.use_bias = True
   c.model.tie_embeddings = True
-  c.model.update(base.choose("size", args["size"], SIZES))
+  c.model.update(base.choose("size", args["size"], {**SIZES, **PUBLISHED}))
+  if args["size"] in PUBLISHED:
+    c.data.seq_len = 1024
   return c
