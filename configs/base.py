@@ -190,6 +190,17 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's config from its config.json: keys added since it was saved keep their defaults,
+  and the axis rules are tuples again."""
+  c = get_config()
+  c.update(saved)
+  c.logical_axis_rules = tuple(
+    (k, tuple(v) if isinstance(v, list) else v) for k, v in c.logical_axis_rules
+  )
+  return c
+
+
 def derived(node: ml_collections.ConfigDict, key: str, fn) -> ml_collections.FieldReference:
   """A one-way reference to `fn(node[key])`: it follows `key` through later overrides until
   it is set itself. (ml_collections' public reference ops are arithmetic; this applies any

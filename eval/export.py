@@ -1,4 +1,7 @@
-"""Export a trained BitNet checkpoint: the project's packed format, or GGUF for llama.cpp.
+"""Export a checkpoint: a Hugging Face model folder, or (BitNet) the project's packed
+format or GGUF for llama.cpp.
+
+python -m eval.export --workdir=runs/x --format=hf --output=runs/x/hf  (docs/huggingface.md)
 
 python -m eval.export --workdir=runs/bitnet --format=packed --output=runs/bitnet/model.packed.npz [--base3]
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
@@ -15,15 +18,20 @@ import numpy as np
 from absl import app, flags
 
 from eval.gguf_export import read_tensors, write_gguf
+from eval.hf_io import export_hf
 from eval.packed import write_packed
 from train import console
 
 flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoints/)")
 flags.DEFINE_enum(
-  "format", "packed", ["packed", "gguf"], "packed: the project's own format; gguf: llama.cpp"
+  "format",
+  "packed",
+  ["packed", "gguf", "hf"],
+  "packed: the project's own format (BitNet); gguf: llama.cpp (BitNet); hf: a Hugging Face "
+  "model folder (config.json, model.safetensors, tokenizer)",
 )
 flags.DEFINE_enum("gguf_type", "TQ2_0", ["TQ2_0", "TQ1_0"], "gguf: the ternary tensor type")
-flags.DEFINE_string("output", None, "the file to write")
+flags.DEFINE_string("output", None, "the file to write (hf: the folder)")
 flags.DEFINE_bool(
   "base3", False, "packed: five ternary weights per byte (1.6 bits) instead of four"
 )
@@ -40,6 +48,13 @@ def main(argv):
   console.setup(FLAGS.workdir)
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
+  if FLAGS.format == "hf":
+    out = export_hf(FLAGS.workdir, FLAGS.output)
+    print(
+      f"wrote {FLAGS.output}: {out['architecture']}, {out['parameters']:,} parameters in "
+      f"{out['tensors']} tensors (float32 safetensors), config.json and the tokenizer"
+    )
+    return
   if FLAGS.format == "gguf":
     write_gguf(FLAGS.workdir, FLAGS.output, FLAGS.gguf_type)
     tensors = read_tensors(FLAGS.output)

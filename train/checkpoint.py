@@ -61,6 +61,12 @@ class Checkpointer:
   def check_compatible(self, step: int, abstract_state) -> None:
     meta = self.manager.item_metadata(step)["state"]
     where = f"{self.directory}/{step}"
+    if "opt_state" not in meta:
+      raise ValueError(
+        f"checkpoint {where} holds weights only (an import, eval.import_hf): train from it in "
+        f"a new workdir, --config=configs/workdir.py:{os.path.dirname(self.directory)} "
+        "--workdir=<new dir> (it starts from these weights through config.init_from)"
+      )
     check_same_shapes(meta["params"], abstract_state.params, where)
     saved_ema, want_ema = _has_ema(meta), abstract_state.ema_params is not None
     if saved_ema != want_ema:

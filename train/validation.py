@@ -328,12 +328,14 @@ def _validate_encdec(config: ml_collections.ConfigDict, tokenizer) -> None:
   if not 0 < t.noise_density < 1:
     fail("task.noise_density", t.noise_density, "must lie strictly between 0 and 1")
   seq2seq.target_len(config)  # raises on a data.target_len too short for span corruption
-  if m.vocab_size and m.vocab_size < tokenizer.vocab_size + t.num_sentinels:
+  # span corruption's sentinels follow the tokenizer's ids; text-to-text needs none
+  sentinels = t.num_sentinels if t.name == "pretrain" else 0
+  if m.vocab_size and m.vocab_size < tokenizer.vocab_size + sentinels:
     fail(
       "model.vocab_size",
       m.vocab_size,
-      f"must be 0 or >= the tokenizer's {tokenizer.vocab_size} + task.num_sentinels="
-      f"{t.num_sentinels}",
+      f"must be 0 or >= the tokenizer's {tokenizer.vocab_size}"
+      + (f" + task.num_sentinels={sentinels} (span corruption)" if sentinels else ""),
     )
   if t.name == "pretrain":
     seq2seq.span_rows_fn(config, tokenizer.vocab_size)  # raises on too few sentinels

@@ -1,0 +1,654 @@
+"""How each Hugging Face architecture maps onto fourfold's models, both ways.
+
+An `Arch` holds, for one `architectures` entry of a config.json:
+  read_config   HF config.json -> fourfold config keys ({"model": {...}, "task": {...}}),
+                refusing (naming the field) what the model cannot compute exactly
+  write_config  a fourfold config -> HF config.json (both RoPE schemas, ties explicit)
+  links         every tensor: HF names <-> fourfold param paths, with the reshapes,
+                transposes and splits of fused projections between them
+
+Import and export read the same links, so a name or a transpose is written once. fourfold
+params are unscanned here (`block_{i}`): one tensor per layer, as the checkpoints store them.
+Dense kernels are [in..., out...]; HF Linear weights are [out, in], GPT-2's Conv1D [in, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from modeling.transformer import TransformerConfig
+
+# ---- tensors: HF names <-> param paths
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """HF tensors `hf` <-> fourfold params `ours` ('/'-joined paths)."""
+
+  hf: tuple[str, ...]
+  ours: tuple[str, ...]
+  # (HF arrays, our shapes) -> our arrays
+  to_ours: Callable[[list[np.ndarray], list[tuple]], list[np.ndarray]]
+  # our arrays -> HF arrays
+  to_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def _same(hf: str, ours: str) -> Link:
+  """Embeddings, norms, tables, vector biases: the same array."""
+  return Link((hf,), (ours,), lambda a, shapes: [a[0].reshape(shapes[0])], lambda a: [a[0]])
+
+
+def _bias(hf: str, ours: str) -> Link:
+  """A bias [out] <-> a Dense bias of the kernel's out dims ([H, K] for attention)."""
+  return Link(
+    (hf,), (ours,), lambda a, shapes: [a[0].reshape(shapes[0])], lambda a: [a[0].reshape(-1)]
+  )
+
+
+def _flat_in(shape: tuple, n_in: int) -> int:
+  return int(np.prod(shape[:n_in]))
+
+
+def _linear(hf: str, ours: str, n_in: int = 1) -> Link:
+  """An HF Linear weight [out, in] <-> a Dense kernel [*in, *out] (n_in input dims)."""
+  return Link(
+    (hf,),
+    (ours,),
+    lambda a, shapes: [a[0].T.reshape(shapes[0])],
+    lambda a: [a[0].reshape(_flat_in(a[0].shape, n_in), -1).T],
+  )
+
+
+def _conv1d(hf: str, ours: str, n_in: int = 1) -> Link:
+  """GPT-2's Conv1D weight [in, out] <-> a Dense kernel."""
+  return Link(
+    (hf,),
+    (ours,),
+    lambda a, shapes: [a[0].reshape(shapes[0])],
+    lambda a: [a[0].reshape(_flat_in(a[0].shape, n_in), -1)],
+  )
+
+
+def _fused(hf: str, ours: tuple[str, ...], kind: str) -> Link:
+  """One HF tensor holding several projections side by side (GPT-2's c_attn, Phi-3's
+  qkv_proj and gate_up_proj) <-> one param each. kind: linear (split the out rows),
+  conv1d (split the out columns), bias (split the vector)."""
+  axis = {"linear": 0, "conv1d": 1, "bias": 0}[kind]
+
+  def sizes(shapes):
+    return [int(np.prod(s[1:] if kind != "bias" else s)) for s in shapes]
+
+  def to_ours(a, shapes):
+    parts = np.split(a[0], np.cumsum(sizes(shapes))[:-1], axis=axis)
+    if kind == "linear":
+      parts = [p.T for p in parts]
+    return [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+
+  def to_hf(arrays):
+    if kind == "bias":
+      return [np.concatenate([x.reshape(-1) for x in arrays])]
+    flat = [x.reshape(x.shape[0], -1) for x in arrays]  # [in, out]
+    return [np.concatenate([f.T for f in flat], 0) if kind == "linear" else np.concatenate(flat, 1)]
+
+  return Link((hf,), ours, to_ours, to_hf)
+
+
+def _norm(hf: str, ours: str, bias: bool, names=("weight", "bias")) -> list[Link]:
+  out = [_same(f"{hf}.{names[0]}", f"{ours}/scale")]
+  return out + ([_same(f"{hf}.{names[1]}", f"{ours}/bias")] if bias else [])
+
+
+def _dense(hf: str, ours: str, bias: bool, n_in: int = 1, make=_linear) -> list[Link]:
+  out = [make(f"{hf}.weight", f"{ours}/kernel", n_in)]
+  return out + ([_bias(f"{hf}.bias", f"{ours}/bias")] if bias else [])
+
+
+# ---- config helpers
+
+
+class Unsupported(ValueError):
+  """An HF config value the model cannot compute exactly."""
+
+
+def _require(hf: dict, key: str, allowed, default=None):
+  value = hf.get(key, default)
+  if value not in allowed:
+    raise Unsupported(f"config.json {key}={value!r}: fourfold supports {list(allowed)}")
+  return value
+
+
+def read_rope(hf: dict) -> dict:
+  """Our RoPE keys from either schema: transformers 5's `rope_parameters`, or the older
+  top-level `rope_theta` / `rope_scaling` (and Phi-3's `original_max_position_embeddings`,
+  `partial_rotary_factor`)."""
+  params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  kind = params.get("rope_type", params.get("type", "default"))
+  kind = {"su": "longrope", "default": "none"}.get(kind, kind)
+  if kind not in ("none", "linear", "llama3", "longrope"):
+    raise Unsupported(
+      f"config.json rope type {kind!r}: fourfold supports default, linear, llama3, longrope"
+    )
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  max_len = hf.get("max_position_embeddings", 0)
+  original = hf.get("original_max_position_embeddings") or params.get(
+    "original_max_position_embeddings", max_len
+  )
+  scaling = {"type": kind}
+  if kind in ("linear", "llama3"):
+    scaling["factor"] = float(params["factor"])
+  if kind == "llama3":
+    scaling.update(
+      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+      original_max_len=int(original),
+    )
+  if kind == "longrope":
+    factor = params.get("factor") or max_len / original
+    attention = params.get("attention_factor")
+    if attention is None:
+      attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    scaling.update(
+      original_max_len=int(original),
+      short_factor=tuple(float(x) for x in params["short_factor"]),
+      long_factor=tuple(float(x) for x in params["long_factor"]),
+      attention_factor=float(attention),
+    )
+  return {"rope_theta": float(theta), "rope_fraction": float(fraction), "rope_scaling": scaling}
+
+
+def write_rope(m) -> dict:
+  """HF RoPE fields in both schemas, from `config.model`."""
+  r = m.rope_scaling
+  params: dict = {
+    "rope_type": "default" if r.type == "none" else r.type,
+    "rope_theta": m.rope_theta,
+  }
+  if r.type in ("linear", "llama3"):
+    params["factor"] = r.factor
+  if r.type == "llama3":
+    params.update(
+      low_freq_factor=r.low_freq_factor,
+      high_freq_factor=r.high_freq_factor,
+      original_max_position_embeddings=r.original_max_len,
+    )
+  if r.type == "longrope":
+    params.update(
+      short_factor=list(r.short_factor),
+      long_factor=list(r.long_factor),
+      attention_factor=r.attention_factor,
+      original_max_position_embeddings=r.original_max_len,
+    )
+  if m.rope_fraction != 1.0:
+    params["partial_rotary_factor"] = m.rope_fraction
+  legacy = {k: v for k, v in params.items() if k != "rope_theta"}
+  out = {"rope_theta": m.rope_theta, "rope_parameters": params}
+  out["rope_scaling"] = None if r.type == "none" else {**legacy, "type": params["rope_type"]}
+  if r.type == "longrope":
+    out["original_max_position_embeddings"] = r.original_max_len
+  if m.rope_fraction != 1.0:
+    out["partial_rotary_factor"] = m.rope_fraction
+  return out
+
+
+GELU_ACTS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "erf"}
+GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
+
+
+# ---- the architectures
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  name: str  # the `architectures` entry
+  model_type: str
+  family: str
+  task: dict  # task keys of the imported workdir
+  read_config: Callable[[dict], dict]  # HF config -> {"model": {...}}
+  write_config: Callable  # config -> HF config fields
+  links: Callable[[TransformerConfig], list[Link]]
+  prefix: str = ""  # the base model's name prefix in the checkpoint ("transformer.")
+  # HF tensors the model never reads: tied copies and buffers (regex-free suffix tests)
+  ignored: tuple[str, ...] = ()
+  # tensors of heads this architecture does not have (the NSP head of BERT checkpoints):
+  # read past, and named in the import's log
+  unused: tuple[str, ...] = ()
+
+
+def _gpt2_config(hf: dict) -> dict:
+  _require(hf, "scale_attn_by_inverse_layer_idx", (False, None), False)
+  _require(hf, "scale_attn_weights", (True,), True)
+  _require(hf, "tie_word_embeddings", (True,), True)
+  _require(hf, "add_cross_attention", (False,), False)
+  act = _require(hf, "activation_function", tuple(GELU_ACTS), "gelu_new")
+  d = hf["n_embd"]
+  return {
+    "model": dict(
+      vocab_size=hf["vocab_size"],
+      num_layers=hf["n_layer"],
+      num_heads=hf["n_head"],
+      num_kv_heads=hf["n_head"],
+      d_model=d,
+      d_ff=hf.get("n_inner") or 4 * d,
+      max_len=hf["n_positions"],
+      position="learned",
+      norm="layernorm",
+      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+      mlp="gelu",
+      gelu=GELU_ACTS[act],
+      use_bias=True,
+      tie_embeddings=True,
+      dropout=hf.get("resid_pdrop", 0.0),
+    )
+  }
+
+
+def _gpt2_write(m) -> dict:
+  return dict(
+    vocab_size=m.vocab_size,
+    n_layer=m.num_layers,
+    n_head=m.num_heads,
+    n_embd=m.d_model,
+    n_inner=m.d_ff,
+    n_positions=m.max_len,
+    layer_norm_epsilon=m.norm_eps,
+    activation_function=GELU_NAMES[m.gelu],
+    resid_pdrop=m.dropout,
+    embd_pdrop=m.dropout,
+    attn_pdrop=0.0,
+    tie_word_embeddings=True,
+  )
+
+
+def _gpt2_links(c: TransformerConfig) -> list[Link]:
+  out = [_same("wte.weight", "embed/embedding"), _same("wpe.weight", "pos_embedding")]
+  for i in range(c.num_layers):
+    h, b = f"h.{i}", f"block_{i}"
+    qkv = tuple(f"{b}/attn/{p}/kernel" for p in ("query", "key", "value"))
+    qkv_bias = tuple(f"{b}/attn/{p}/bias" for p in ("query", "key", "value"))
+    out += _norm(f"{h}.ln_1", f"{b}/attn_norm", True)
+    out += [
+      _fused(f"{h}.attn.c_attn.weight", qkv, "conv1d"),
+      _fused(f"{h}.attn.c_attn.bias", qkv_bias, "bias"),
+    ]
+    out += _dense(f"{h}.attn.c_proj", f"{b}/attn/out", True, 2, _conv1d)
+    out += _norm(f"{h}.ln_2", f"{b}/mlp_norm", True)
+    out += _dense(f"{h}.mlp.c_fc", f"{b}/mlp/up", True, 1, _conv1d)
+    out += _dense(f"{h}.mlp.c_proj", f"{b}/mlp/down", True, 1, _conv1d)
+  return out + _norm("ln_f", "final_norm", True)
+
+
+def _llama_config(hf: dict, phi3: bool = False) -> dict:
+  _require(hf, "hidden_act", ("silu",), "silu")
+  bias = _require(hf, "attention_bias", (False, True), False)
+  _require(hf, "mlp_bias", (bias,), False)
+  window = hf.get("sliding_window") or 0
+  if window and not phi3:
+    raise Unsupported(f"config.json sliding_window={window}: not part of LlamaForCausalLM")
+  heads = hf["num_attention_heads"]
+  return {
+    "model": dict(
+      vocab_size=hf["vocab_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      d_model=hf["hidden_size"],
+      d_ff=hf["intermediate_size"],
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      max_len=hf["max_position_embeddings"],
+      position="rope",
+      **read_rope(hf),
+      norm="rmsnorm",
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      mlp="swiglu",
+      use_bias=bias,
+      tie_embeddings=hf.get("tie_word_embeddings", False),
+      sliding_window=window,
+      dropout=hf.get("resid_pdrop", 0.0) if phi3 else 0.0,
+    )
+  }
+
+
+def _llama_write(m) -> dict:
+  return dict(
+    vocab_size=m.vocab_size,
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    num_key_value_heads=m.num_kv_heads,
+    hidden_size=m.d_model,
+    intermediate_size=m.d_ff,
+    head_dim=m.head_dim or m.d_model // m.num_heads,
+    max_position_embeddings=m.max_len,
+    rms_norm_eps=m.norm_eps,
+    hidden_act="silu",
+    attention_bias=m.use_bias,
+    mlp_bias=m.use_bias,
+    tie_word_embeddings=m.tie_embeddings,
+    **write_rope(m),
+  )
+
+
+def _phi3_write(m) -> dict:
+  return {**_llama_write(m), "sliding_window": m.sliding_window or None, "resid_pdrop": m.dropout}
+
+
+def _decoder_tail(c: TransformerConfig, final: str) -> list[Link]:
+  out = _norm(final, "final_norm", False)
+  return out + ([] if c.tie_embeddings else [_linear("lm_head.weight", "head/kernel")])
+
+
+def _llama_links(c: TransformerConfig) -> list[Link]:
+  out = [_same("model.embed_tokens.weight", "embed/embedding")]
+  for i in range(c.num_layers):
+    h, b = f"model.layers.{i}", f"block_{i}"
+    out += _norm(f"{h}.input_layernorm", f"{b}/attn_norm", False)
+    for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+      out += _dense(f"{h}.self_attn.{hf}", f"{b}/attn/{ours}", c.use_bias)
+    out += _dense(f"{h}.self_attn.o_proj", f"{b}/attn/out", c.use_bias, 2)
+    out += _norm(f"{h}.post_attention_layernorm", f"{b}/mlp_norm", False)
+    for hf, ours in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+      out += _dense(f"{h}.mlp.{hf}", f"{b}/mlp/{ours}", c.use_bias)
+  return out + _decoder_tail(c, "model.norm")
+
+
+def _phi3_links(c: TransformerConfig) -> list[Link]:
+  out = [_same("model.embed_tokens.weight", "embed/embedding")]
+  for i in range(c.num_layers):
+    h, b = f"model.layers.{i}", f"block_{i}"
+    qkv = tuple(f"{b}/attn/{p}/kernel" for p in ("query", "key", "value"))
+    out += _norm(f"{h}.input_layernorm", f"{b}/attn_norm", False)
+    out += [_fused(f"{h}.self_attn.qkv_proj.weight", qkv, "linear")]
+    out += _dense(f"{h}.self_attn.o_proj", f"{b}/attn/out", False, 2)
+    out += _norm(f"{h}.post_attention_layernorm", f"{b}/mlp_norm", False)
+    gate_up = (f"{b}/mlp/gate/kernel", f"{b}/mlp/up/kernel")
+    out += [_fused(f"{h}.mlp.gate_up_proj.weight", gate_up, "linear")]
+    out += _dense(f"{h}.mlp.down_proj", f"{b}/mlp/down", False)
+  return out + _decoder_tail(c, "model.norm")
+
+
+def _bert_config(hf: dict, roberta: bool = False) -> dict:
+  act = _require(hf, "hidden_act", tuple(GELU_ACTS), "gelu")
+  _require(hf, "position_embedding_type", ("absolute",), "absolute")
+  _require(hf, "is_decoder", (False,), False)
+  _require(hf, "tie_word_embeddings", (True,), True)
+  offset = hf.get("pad_token_id", 1) + 1 if roberta else 0
+  return {
+    "model": dict(
+      vocab_size=hf["vocab_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf["num_attention_heads"],
+      d_model=hf["hidden_size"],
+      d_ff=hf["intermediate_size"],
+      max_len=hf["max_position_embeddings"] - offset,
+      position="learned",
+      position_offset=offset,
+      norm="layernorm",
+      norm_eps=hf.get("layer_norm_eps", 1e-12),
+      norm_position="post",
+      mlp="gelu",
+      gelu=GELU_ACTS[act],
+      use_bias=True,
+      tie_embeddings=True,
+      type_vocab_size=hf.get("type_vocab_size", 2),
+      dropout=hf.get("hidden_dropout_prob", 0.0),
+    )
+  }
+
+
+def _bert_write(m) -> dict:
+  return dict(
+    vocab_size=m.vocab_size,
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    hidden_size=m.d_model,
+    intermediate_size=m.d_ff,
+    max_position_embeddings=m.max_len + m.position_offset,
+    layer_norm_eps=m.norm_eps,
+    hidden_act=GELU_NAMES[m.gelu],
+    type_vocab_size=m.type_vocab_size,
+    hidden_dropout_prob=m.dropout,
+    attention_probs_dropout_prob=m.dropout,
+    position_embedding_type="absolute",
+    tie_word_embeddings=True,
+  )
+
+
+def _roberta_write(m) -> dict:
+  return {**_bert_write(m), "pad_token_id": m.position_offset - 1}
+
+
+def _bert_body(c: TransformerConfig, p: str) -> list[Link]:
+  e = f"{p}embeddings"
+  out = [
+    _same(f"{e}.word_embeddings.weight", "embed/embedding"),
+    _same(f"{e}.position_embeddings.weight", "pos_embedding"),
+  ]
+  if c.type_vocab_size:
+    out.append(_same(f"{e}.token_type_embeddings.weight", "type_embedding"))
+  out += _norm(f"{e}.LayerNorm", "embed_norm", True)
+  for i in range(c.num_layers):
+    h, b = f"{p}encoder.layer.{i}", f"block_{i}"
+    for name in ("query", "key", "value"):
+      out += _dense(f"{h}.attention.self.{name}", f"{b}/attn/{name}", True)
+    out += _dense(f"{h}.attention.output.dense", f"{b}/attn/out", True, 2)
+    out += _norm(f"{h}.attention.output.LayerNorm", f"{b}/attn_norm", True)
+    out += _dense(f"{h}.intermediate.dense", f"{b}/mlp/up", True)
+    out += _dense(f"{h}.output.dense", f"{b}/mlp/down", True)
+    out += _norm(f"{h}.output.LayerNorm", f"{b}/mlp_norm", True)
+  return out
+
+
+def _bert_mlm_links(c: TransformerConfig) -> list[Link]:
+  t = "cls.predictions"
+  out = _bert_body(c, "bert.")
+  out += _dense(f"{t}.transform.dense", "mlm_transform", True)
+  out += _norm(f"{t}.transform.LayerNorm", "mlm_norm", True)
+  return out + [_same(f"{t}.bias", "mlm_bias")]
+
+
+def _bert_model_links(c: TransformerConfig) -> list[Link]:
+  return _bert_body(c, "") + _dense("pooler.dense", "pooler", True)
+
+
+def _roberta_links(c: TransformerConfig) -> list[Link]:
+  out = _bert_body(c, "roberta.")
+  out += _dense("lm_head.dense", "mlm_transform", True)
+  out += _norm("lm_head.layer_norm", "mlm_norm", True)
+  return out + [_same("lm_head.bias", "mlm_bias")]
+
+
+T5_MLPS = {
+  "relu": ("relu", "erf"),
+  "gated-gelu": ("geglu", "tanh"),
+  "gated-silu": ("swiglu", "tanh"),
+}
+
+
+def _t5_config(hf: dict) -> dict:
+  ff = _require(hf, "feed_forward_proj", tuple(T5_MLPS), "relu")
+  mlp, gelu = T5_MLPS[ff]
+  layers = hf["num_layers"]
+  tied = hf.get("tie_word_embeddings", True)
+  if tied and not hf.get("scale_decoder_outputs", True):
+    raise Unsupported(
+      "config.json tie_word_embeddings=true with scale_decoder_outputs=false: fourfold ties "
+      "T5's head only with the d_model^-0.5 output scale of the original T5"
+    )
+  return {
+    "model": dict(
+      vocab_size=hf["vocab_size"],
+      num_layers=layers,
+      num_decoder_layers=hf.get("num_decoder_layers") or layers,
+      num_heads=hf["num_heads"],
+      num_kv_heads=hf["num_heads"],
+      d_model=hf["d_model"],
+      d_ff=hf["d_ff"],
+      head_dim=hf["d_kv"],
+      position="relative",
+      rel_buckets=hf.get("relative_attention_num_buckets", 32),
+      rel_max_distance=hf.get("relative_attention_max_distance", 128),
+      norm="rmsnorm",
+      norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+      mlp=mlp,
+      gelu=gelu,
+      use_bias=False,
+      scale_attention=False,
+      tie_embeddings=tied,
+      dropout=hf.get("dropout_rate", 0.0),
+    )
+  }
+
+
+def _t5_write(m) -> dict:
+  mlp = {v[0]: k for k, v in T5_MLPS.items()}
+  return dict(
+    vocab_size=m.vocab_size,
+    num_layers=m.num_layers,
+    num_decoder_layers=m.num_decoder_layers or m.num_layers,
+    num_heads=m.num_heads,
+    d_model=m.d_model,
+    d_ff=m.d_ff,
+    d_kv=m.head_dim or m.d_model // m.num_heads,
+    relative_attention_num_buckets=m.rel_buckets,
+    relative_attention_max_distance=m.rel_max_distance,
+    layer_norm_epsilon=m.norm_eps,
+    feed_forward_proj=mlp[m.mlp],
+    dense_act_fn={"relu": "relu", "geglu": "gelu_new", "swiglu": "silu"}[m.mlp],
+    is_gated_act=m.mlp != "relu",
+    tie_word_embeddings=m.tie_embeddings,
+    scale_decoder_outputs=m.tie_embeddings,
+    dropout_rate=m.dropout,
+    is_encoder_decoder=True,
+  )
+
+
+def _t5_mlp(c: TransformerConfig, h: str, b: str) -> list[Link]:
+  if c.mlp == "relu":
+    names = (("wi", "up"), ("wo", "down"))
+  else:
+    names = (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))
+  return [_linear(f"{h}.DenseReluDense.{hf}.weight", f"{b}/mlp/{o}/kernel") for hf, o in names]
+
+
+def _t5_attention(h: str, b: str) -> list[Link]:
+  names = (("q", "query"), ("k", "key"), ("v", "value"))
+  out = [_linear(f"{h}.{hf}.weight", f"{b}/{ours}/kernel") for hf, ours in names]
+  return out + [_linear(f"{h}.o.weight", f"{b}/out/kernel", 2)]
+
+
+def _t5_links(c: TransformerConfig) -> list[Link]:
+  out = [_same("shared.weight", "embed/embedding")]
+  for side, layers in (
+    ("encoder", c.num_layers),
+    ("decoder", c.num_decoder_layers or c.num_layers),
+  ):
+    rel = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    out.append(_same(rel, f"{side}_rel_bias/embedding"))
+    for i in range(layers):
+      h, b = f"{side}.block.{i}.layer", f"{side}_block_{i}"
+      out += _t5_attention(f"{h}.0.SelfAttention", f"{b}/attn")
+      out += _norm(f"{h}.0.layer_norm", f"{b}/attn_norm", False)
+      mlp = 1
+      if side == "decoder":
+        out += _t5_attention(f"{h}.1.EncDecAttention", f"{b}/cross_attn")
+        out += _norm(f"{h}.1.layer_norm", f"{b}/cross_norm", False)
+        mlp = 2
+      out += _t5_mlp(c, f"{h}.{mlp}", b)
+      out += _norm(f"{h}.{mlp}.layer_norm", f"{b}/mlp_norm", False)
+    out += _norm(f"{side}.final_layer_norm", f"{side}_final_norm", False)
+  return out + ([] if c.tie_embeddings else [_linear("lm_head.weight", "head/kernel")])
+
+
+PRETRAIN = {"name": "pretrain"}
+ARCHITECTURES = {
+  a.name: a
+  for a in (
+    Arch(
+      "GPT2LMHeadModel",
+      "gpt2",
+      "decoder",
+      PRETRAIN,
+      _gpt2_config,
+      _gpt2_write,
+      _gpt2_links,
+      prefix="transformer.",
+      ignored=("lm_head.weight", ".attn.bias", ".attn.masked_bias"),
+    ),
+    Arch(
+      "LlamaForCausalLM",
+      "llama",
+      "decoder",
+      PRETRAIN,
+      _llama_config,
+      _llama_write,
+      _llama_links,
+      ignored=("rotary_emb.inv_freq",),
+    ),
+    Arch(
+      "Phi3ForCausalLM",
+      "phi3",
+      "decoder",
+      PRETRAIN,
+      lambda hf: _llama_config(hf, phi3=True),
+      _phi3_write,
+      _phi3_links,
+      ignored=("rotary_emb.inv_freq",),
+    ),
+    Arch(
+      "BertForMaskedLM",
+      "bert",
+      "encoder",
+      PRETRAIN,
+      _bert_config,
+      _bert_write,
+      _bert_mlm_links,
+      ignored=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "position_ids"),
+      unused=("bert.pooler.", "cls.seq_relationship."),
+    ),
+    Arch(
+      "BertModel",
+      "bert",
+      "encoder",
+      {"name": "embed", "pooling": "pooler"},
+      _bert_config,
+      _bert_write,
+      _bert_model_links,
+      ignored=("position_ids",),
+    ),
+    Arch(
+      "RobertaForMaskedLM",
+      "roberta",
+      "encoder",
+      PRETRAIN,
+      lambda hf: _bert_config(hf, roberta=True),
+      _roberta_write,
+      _roberta_links,
+      ignored=("lm_head.decoder.weight", "lm_head.decoder.bias", "position_ids"),
+      unused=("roberta.pooler.",),
+    ),
+    Arch(
+      "T5ForConditionalGeneration",
+      "t5",
+      "encdec",
+      {"name": "seq2seq"},
+      _t5_config,
+      _t5_write,
+      _t5_links,
+      ignored=("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"),
+    ),
+  )
+}
+
+
+def arch_of(hf_config: dict) -> Arch:
+  """The Arch of a config.json's `architectures`, or an error listing the supported ones."""
+  names = hf_config.get("architectures") or []
+  for name in names:
+    if name in ARCHITECTURES:
+      return ARCHITECTURES[name]
+  raise Unsupported(f"config.json architectures={names}: fourfold imports {sorted(ARCHITECTURES)}")

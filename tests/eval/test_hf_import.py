@@ -1,0 +1,135 @@
+"""Hugging Face checkpoints in and out, against transformers' own outputs.
+
+The fixtures (tests/fixtures/hf, made by its make_fixtures.py with transformers 5.25) are
+tiny random checkpoints of each architecture, with transformers' logits for a prompt of
+256-300 tokens and its greedy generation of 32 tokens. Logits have a standard deviation near
+1, so a wrong RoPE pairing or GELU moves them far past the tolerance (the negative controls).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from eval.hf_io import export_hf, import_hf
+from modeling import decoding, rope
+from train.trainer import load_for_inference
+
+FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+NAMES = ("gpt2", "llama2", "llama3", "phi3", "bert", "bert_model", "roberta", "t5", "t5_v1_1")
+
+
+def forward(model, params, ref) -> np.ndarray:
+  """The output transformers recorded: logits, or BertModel's pooler output."""
+  ids = jnp.asarray(ref["input_ids"])
+  pos, seg = jnp.arange(ids.shape[1])[None], jnp.ones_like(ids)
+  if "decoder_input_ids" in ref:
+    dec = jnp.asarray(ref["decoder_input_ids"])
+    kw = dict(
+      targets_in_BL=dec,
+      targets_positions_BL=jnp.arange(dec.shape[1])[None],
+      targets_segment_ids_BL=jnp.ones_like(dec),
+    )
+    return np.asarray(model.apply({"params": params}, ids, pos, seg, **kw)[0])
+  return np.asarray(model.apply({"params": params}, ids, pos, seg)[0])
+
+
+def reference(ref) -> np.ndarray:
+  return ref["pooled"] if "pooled" in ref else ref["logits"]
+
+
+def tolerance(ref) -> float:
+  return 1e-4 * max(1.0, float(reference(ref).std()))
+
+
+def greedy(model, params, tokenizer, prompt_1P: np.ndarray, encdec: bool) -> np.ndarray:
+  rng = jax.random.PRNGKey(0)
+  if encdec:
+    out = decoding.seq2seq_generate(
+      model, params, prompt_1P, 32, rng, temperature=0.0, specials=tokenizer.specials
+    )
+  else:
+    stop = tokenizer.specials.stop_ids
+    out = decoding.generate(model, params, prompt_1P, 32, rng, temperature=0.0, eos_id=stop)
+  return np.asarray(out)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  """name -> an imported workdir (imported on first use)."""
+  made = {}
+
+  def get(name):
+    if name not in made:
+      made[name] = str(tmp_path_factory.mktemp(name) / "wd")
+      import_hf(str(FIXTURES / name), made[name])
+    return made[name]
+
+  return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_import_matches_transformers_and_exports_the_same_tensors(name, workdirs, tmp_path):
+  ref = np.load(FIXTURES / name / "reference.npz")
+  config, model, params, tokenizer = load_for_inference(workdirs(name))
+  diff = np.abs(forward(model, params, ref) - reference(ref)).max()
+  assert diff <= tolerance(ref), f"{name}: max |logit difference| {diff:.3g}"
+  encdec = config.model.family == "encdec"
+  for prompt, want in (("prompt_ids", "generated"), ("prompt_cross_ids", "generated_cross")):
+    if prompt in ref:  # greedy continuations, as transformers' generate(do_sample=False)
+      got = greedy(model, params, tokenizer, ref[prompt], encdec)
+      np.testing.assert_array_equal(got, ref[want], err_msg=f"{name}: {want}")
+
+  out = tmp_path / "hf"
+  export_hf(workdirs(name), str(out))
+  with safe_open(str(FIXTURES / name / "model.safetensors"), "numpy") as f:
+    source = {k: f.get_tensor(k) for k in f.keys()}
+  with safe_open(str(out / "model.safetensors"), "numpy") as f:
+    assert f.metadata() == {"format": "pt"}
+    exported = {k: f.get_tensor(k) for k in f.keys()}
+  assert set(exported) <= set(source), sorted(set(exported) - set(source))
+  for key, x in exported.items():
+    np.testing.assert_array_equal(x, source[key], err_msg=key)
+  written = json.loads((out / "config.json").read_text())
+  original = json.loads((FIXTURES / name / "config.json").read_text())
+  assert "tie_word_embeddings" in written
+  for key in ("architectures", "vocab_size", "tie_word_embeddings", "eos_token_id"):
+    if key in original:
+      assert written[key] == original[key], key
+
+
+def interleaved_rope(x_BLHK, pos_BL, inv_F=10000.0, scale=1.0):
+  """The wrong pairing: features (2i, 2i+1) instead of HF's rotate-half (i, i + F)."""
+  half = inv_F.shape[0]
+  angle_BL1F = (pos_BL.astype(jnp.float32)[:, :, None] * inv_F)[:, :, None, :]
+  sin, cos = jnp.sin(angle_BL1F) * scale, jnp.cos(angle_BL1F) * scale
+  x = x_BLHK.astype(jnp.float32)
+  x1, x2, rest = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2], x[..., 2 * half :]
+  y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+  rotated = jnp.stack([y1, y2], axis=-1).reshape(*x.shape[:-1], 2 * half)
+  return jnp.concatenate([rotated, rest], axis=-1)
+
+
+def test_negative_controls_exceed_the_tolerance(workdirs, monkeypatch):
+  """Each mutation that breaks an architecture detail fails the parity check."""
+  import dataclasses
+
+  cases = {
+    "llama3": lambda m: m,  # with the interleaved RoPE patched in below
+    "bert": lambda m: m.clone(cfg=dataclasses.replace(m.cfg, gelu="tanh")),
+    "t5_v1_1": lambda m: m.clone(cfg=dataclasses.replace(m.cfg, tie_embeddings=True)),
+  }
+  for name, mutate in cases.items():
+    ref = np.load(FIXTURES / name / "reference.npz")
+    _, model, params, _ = load_for_inference(workdirs(name))
+    with monkeypatch.context() as patch:
+      if name == "llama3":
+        patch.setattr(rope, "apply_rope", interleaved_rope)
+      diff = np.abs(forward(mutate(model), params, ref) - reference(ref)).max()
+    assert diff > 10 * tolerance(ref), f"{name}: the mutation moved logits only {diff:.3g}"
