@@ -51,7 +51,7 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, objective = wiring.build(config, tokenizer.vocab_size)
+  model, objective = wiring.build(config, tokenizer)
   tx = make_optimizer(config.train)
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
   b, length = config.train.batch_size, config.data.seq_len

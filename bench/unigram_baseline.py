@@ -34,7 +34,7 @@ def count_tokens(batches) -> collections.Counter:
 def unigram_baseline(config, train_batches: int = 200) -> tuple[int, float, float]:
   """(most frequent training token, its share of training tokens, its share of eval tokens)."""
   tokenizer = make_tokenizer(config.data.tokenizer)
-  frame = families.resolve(config).task.frame
+  frame = families.resolve(config).task.frame(tokenizer.specials)
   batch_size = config.train.batch_size
   it = train_iterator(config.data, tokenizer, batch_size=batch_size, seed=config.seed, frame=frame)
   train = count_tokens(next(it) for _ in range(train_batches))

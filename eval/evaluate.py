@@ -44,7 +44,7 @@ def evaluate_workdir(
   if batch_size:
     config.train.eval_batch_size = batch_size
   wiring = families.resolve(config)
-  _, objective = wiring.build(config, tokenizer.vocab_size)
+  _, objective = wiring.build(config, tokenizer)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config)
   rows = config.train.eval_batch_size or config.train.batch_size
   if rows % jax.device_count():

@@ -61,7 +61,7 @@ def _lower(config: ml_collections.ConfigDict, devices: list):
   """(lowered train step, abstract state, model) for the config on these devices."""
   tokenizer = make_tokenizer(config.data.tokenizer)
   wiring = families.resolve(config)
-  model, objective = wiring.build(config, tokenizer.vocab_size)
+  model, objective = wiring.build(config, tokenizer)
   mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.rules(config)
   tx = make_optimizer(config.train)
   abstract, shardings, _ = abstract_state(config, model, tx, mesh, rules)

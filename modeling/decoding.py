@@ -2,9 +2,10 @@
 
 Prefill writes the prompt's keys and values into the cache (for an encoder-decoder: runs
 the encoder once and writes every layer's cross-attention keys and values); then a
-jitted loop feeds one token per step and stops at EOS or after N tokens. The loops
-take a `step(tokens_B1, pos_B1, cache) -> (logits_BV, cache)`, so both families (and
-tests with a hand-made step) share them.
+jitted loop feeds one token per step and stops at EOS (any of the tokenizer's stop ids) or
+after N tokens. The loops take a `step(tokens_B1, pos_B1, cache) -> (logits_BV, cache)`,
+so both families (and tests with a hand-made step) share them. The text-in, text-out
+helpers read the special ids (BOS, EOS, the decoder's start) from `tokenizer.specials`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from modeling.transformer import TransformerConfig, init_cache, init_encdec_cache
-from modeling.vocab import BOS_ID, EOS_ID
+from modeling.vocab import EOS_ID, FOURFOLD, Specials
 
 
 def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -45,6 +46,14 @@ def choose_tokens(
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def is_eos(tokens, eos_id) -> jax.Array:
+  """Which `tokens` end a sequence: equal to `eos_id`, or to any of a tuple of ids."""
+  eos_N = np.asarray(eos_id, np.int32).reshape(-1)
+  if eos_N.size == 1:
+    return tokens == int(eos_N[0])
+  return jnp.any(tokens[..., None] == eos_N, axis=-1)
+
+
 def sample_loop(
   step,
   logits_BV,
@@ -59,12 +68,13 @@ def sample_loop(
   eos_id,
 ):
   """Tokens [B, N] drawn one at a time from `logits_BV` (the prefill's) on; a row's tokens
-  after its EOS are 0. Token i is fed at position `start + i`."""
+  after its EOS (`eos_id`: an id or a tuple of ids) are 0. Token i is fed at position
+  `start + i`."""
   b = logits_BV.shape[0]
   rng, sub = jax.random.split(rng)
   first = jnp.where(done_B, 0, choose_tokens(logits_BV, sub, temperature, top_k, top_p))
   out_BN = jnp.zeros((b, num_tokens), jnp.int32).at[:, 0].set(first)
-  done_B = done_B | (first == eos_id)
+  done_B = done_B | is_eos(first, eos_id)
 
   def body(i, carry):
     out_BN, cache, done_B, rng = carry
@@ -73,7 +83,7 @@ def sample_loop(
     rng, sub = jax.random.split(rng)
     nxt_B = jnp.where(done_B, 0, choose_tokens(logits_BV, sub, temperature, top_k, top_p))
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, nxt_B[:, None], i, axis=1)
-    return out_BN, cache, done_B | (nxt_B == eos_id), rng
+    return out_BN, cache, done_B | is_eos(nxt_B, eos_id), rng
 
   out_BN, _, done_B, _ = jax.lax.fori_loop(1, num_tokens, body, (out_BN, cache, done_B, rng))
   return out_BN, done_B
@@ -96,7 +106,14 @@ def length_penalty(length, alpha: float):
 
 
 def beam_search(
-  step, logits_BV, cache, start: int, num_tokens: int, beam: int, alpha: float, eos_id: int
+  step,
+  logits_BV,
+  cache,
+  start: int,
+  num_tokens: int,
+  beam: int,
+  alpha: float,
+  eos_id: int | tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array]:
   """(best sequence [B, N], its log-probability [B]) of a beam search of width `beam`.
 
@@ -109,7 +126,7 @@ def beam_search(
   k = min(beam, v)
   score_BK, tok_BK = jax.lax.top_k(logp_BV, k)
   seqs_BKN = jnp.zeros((b, k, num_tokens), jnp.int32).at[:, :, 0].set(tok_BK)
-  done_BK = tok_BK == eos_id
+  done_BK = is_eos(tok_BK, eos_id)
   len_BK = jnp.ones((b, k), jnp.float32)
   cache = _take_rows(cache, jnp.repeat(jnp.arange(b), k))
   pad_V = jnp.full((v,), -jnp.inf).at[0].set(0.0)  # a finished hypothesis only pads
@@ -130,7 +147,7 @@ def beam_search(
     seqs_BKN = pick(seqs_BKN, parent_BK[..., None]).at[:, :, i].set(tok_BK)
     was_done_BK = pick(done_BK, parent_BK)
     len_BK = pick(new_len_BK, parent_BK)
-    done_BK = was_done_BK | (tok_BK == eos_id)
+    done_BK = was_done_BK | is_eos(tok_BK, eos_id)
     rows = (jnp.arange(b)[:, None] * k + parent_BK).reshape(-1)
     return seqs_BKN, score_BK, done_BK, len_BK, _take_rows(cache, rows)
 
@@ -175,9 +192,10 @@ def generate(
   temperature: float = 1.0,
   top_k: int = 0,
   top_p: float = 1.0,
-  eos_id: int = EOS_ID,
+  eos_id: int | tuple[int, ...] = EOS_ID,
 ) -> np.ndarray:
-  """New tokens [B, N] after the prompt; rows that hit EOS continue as 0 (PAD).
+  """New tokens [B, N] after the prompt; rows that hit EOS (`eos_id`, or any of a tuple of
+  ids) continue as 0.
 
   A prompt longer than the context keeps its last `max_len - 1` tokens. Past the
   context, decoding slides: once the cache is full it restarts from the last
@@ -226,21 +244,49 @@ def generate(
 
 
 def complete(model, params, tokenizer, prompt: str, num_tokens: int, rng, **kw) -> str:
-  """Text in, text out: the prompt, read as the start of a document, and its continuation."""
+  """Text in, text out: the prompt, read as the start of a document (after BOS when the
+  tokenizer's model starts documents with one), and its continuation up to EOS."""
+  specials: Specials = tokenizer.specials
   ids = tokenizer.encode(prompt)
   if ids.size == 0:
     raise ValueError("--prompt must be non-empty: documents are modeled from their first token")
-  out = generate(model, params, ids[None], num_tokens, rng, eos_id=EOS_ID, **kw)[0]
+  if specials.add_bos:
+    ids = np.concatenate([[specials.bos], ids]).astype(np.int32)
+  out = generate(model, params, ids[None], num_tokens, rng, eos_id=specials.stop_ids, **kw)[0]
   return prompt + text_of(tokenizer, out)
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("model", "num_tokens", "temperature", "top_k", "top_p", "beam", "alpha"),
+  static_argnames=(
+    "model",
+    "num_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "beam",
+    "alpha",
+    "start",
+    "eos_id",
+  ),
 )
-def _seq2seq(model, params, src_BS, rng, *, num_tokens, temperature, top_k, top_p, beam, alpha):
+def _seq2seq(
+  model,
+  params,
+  src_BS,
+  seg_BS,
+  rng,
+  *,
+  num_tokens,
+  temperature,
+  top_k,
+  top_p,
+  beam,
+  alpha,
+  start,
+  eos_id,
+):
   b, s = src_BS.shape
-  seg_BS = (src_BS != 0).astype(jnp.int32)
   pos_BS = jnp.cumsum(seg_BS, axis=1) - 1
   cache = init_encdec_cache(model.cfg, b, s, num_tokens)
 
@@ -257,17 +303,17 @@ def _seq2seq(model, params, src_BS, rng, *, num_tokens, temperature, top_k, top_
     )
     return logits_B1V[:, 0], cache
 
-  bos_B1 = jnp.full((b, 1), BOS_ID, jnp.int32)
-  logits_BV, cache = decoder_call(src_BS, bos_B1, jnp.zeros_like(bos_B1), cache)  # the encoder
+  start_B1 = jnp.full((b, 1), start, jnp.int32)
+  logits_BV, cache = decoder_call(src_BS, start_B1, jnp.zeros_like(start_B1), cache)  # the encoder
 
   def step(tok_B1, pos_B1, cache):  # the decoder alone, on the cached cross keys / values
     return decoder_call(None, tok_B1, pos_B1 + 1, cache)
 
   if beam > 1:
-    return beam_search(step, logits_BV, cache, 0, num_tokens, beam, alpha, EOS_ID)[0]
+    return beam_search(step, logits_BV, cache, 0, num_tokens, beam, alpha, eos_id)[0]
   done_B = jnp.zeros((b,), bool)
   out_BN, _ = sample_loop(
-    step, logits_BV, cache, 0, num_tokens, done_B, rng, temperature, top_k, top_p, EOS_ID
+    step, logits_BV, cache, 0, num_tokens, done_B, rng, temperature, top_k, top_p, eos_id
   )
   return out_BN
 
@@ -283,18 +329,28 @@ def seq2seq_generate(
   top_p: float = 1.0,
   beam_size: int = 1,
   length_penalty: float = 0.6,
+  specials: Specials = FOURFOLD,
+  src_lengths: np.ndarray | None = None,
 ) -> np.ndarray:
-  """Encoder-decoder output tokens [B, N] for source rows `src_BS` (0-padded on the right);
-  after EOS a row holds 0. `beam_size` > 1 is beam search (temperature, top-k, top-p are
-  for sampling and do not apply to it)."""
+  """Encoder-decoder output tokens [B, N] for source rows `src_BS`, padded on the right
+  (each row's first `src_lengths` tokens are real; None: those that are not
+  `specials.pad`); the decoder starts at `specials.decoder_start`, and after EOS (any of
+  `specials.stop_ids`) a row holds 0. `beam_size` > 1 is beam search (temperature, top-k,
+  top-p are for sampling and do not apply to it)."""
   if beam_size < 1:
     raise ValueError(f"beam_size={beam_size}: allowed a positive integer")
   if num_tokens < 1:
     raise ValueError(f"num_tokens={num_tokens}: allowed a positive integer")
+  src_BS = np.asarray(src_BS, np.int32)
+  if src_lengths is None:
+    seg_BS = src_BS != specials.pad
+  else:
+    seg_BS = np.arange(src_BS.shape[1]) < np.asarray(src_lengths)[:, None]
   out = _seq2seq(
     model,
     params,
-    jnp.asarray(src_BS, jnp.int32),
+    jnp.asarray(src_BS),
+    jnp.asarray(seg_BS, jnp.int32),
     rng,
     num_tokens=int(num_tokens),
     temperature=float(temperature),
@@ -302,15 +358,17 @@ def seq2seq_generate(
     top_p=float(top_p),
     beam=int(beam_size),
     alpha=float(length_penalty),
+    start=specials.require("decoder_start", "an encoder-decoder's decoder"),
+    eos_id=specials.stop_ids,
   )
   return np.asarray(out)
 
 
 def text_of(tokenizer, ids_N: np.ndarray) -> str:
-  """Text of generated ids up to the first EOS; ids outside the tokenizer (sentinels) are
-  dropped."""
+  """Text of generated ids up to the first EOS (any of the tokenizer's stop ids); ids
+  outside the tokenizer (sentinels) are dropped."""
   ids_N = np.asarray(ids_N)
-  end = np.flatnonzero(ids_N == EOS_ID)
+  end = np.flatnonzero(np.isin(ids_N, tokenizer.specials.stop_ids))
   ids_N = ids_N[: end[0]] if end.size else ids_N
   return tokenizer.decode(ids_N[ids_N < tokenizer.vocab_size])
 
@@ -329,13 +387,24 @@ def seq2seq_texts(
   """Decoded text of every source (token ids), `batch_size` at a time, padded to `src_len`
   (0: the longest source), so one program serves every batch."""
   out = []
+  specials: Specials = tokenizer.specials
   src_len = src_len or max(len(x) for x in sources)
   for i in range(0, len(sources), batch_size):
     chunk = sources[i : i + batch_size]
-    src = np.zeros((batch_size, src_len), np.int32)
+    src = np.full((batch_size, src_len), specials.pad, np.int32)
+    lengths = np.ones(batch_size, np.int32)  # filler rows keep one real token
     for j, ids in enumerate(chunk):
       src[j, : len(ids)] = ids
-    src[len(chunk) :, 0] = EOS_ID  # filler rows keep one real token
-    ids_BN = seq2seq_generate(model, params, src, num_tokens, jax.random.fold_in(rng, i), **options)
+      lengths[j] = len(ids)
+    ids_BN = seq2seq_generate(
+      model,
+      params,
+      src,
+      num_tokens,
+      jax.random.fold_in(rng, i),
+      specials=specials,
+      src_lengths=lengths,
+      **options,
+    )
     out += [text_of(tokenizer, ids_BN[j]) for j in range(len(chunk))]
   return out

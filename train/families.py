@@ -20,15 +20,21 @@ import numpy as np
 from modeling import decoding, diffusion
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
-from modeling.vocab import CLS_ID, EOS_ID, SEP_ID
+from modeling.vocab import Specials
 from train import objectives
 from train.data import labeled, pipeline, seq2seq
 from train.text_metrics import text_metrics
 
-# A pretraining document is framed by (prefix ids, suffix ids) before packing.
-Frame = tuple[tuple[int, ...], tuple[int, ...]]
-END_OF_DOCUMENT: Frame = ((), (EOS_ID,))
-CLS_SEP: Frame = ((CLS_ID,), (SEP_ID,))
+# A pretraining document is framed by (prefix ids, suffix ids) before packing; a task's
+# frame is a function of the tokenizer's special ids.
+Frame = pipeline.Frame
+END_OF_DOCUMENT = pipeline.document_frame  # [BOS when the tokenizer adds one] ... EOS
+
+
+def cls_sep(specials: Specials) -> Frame:
+  """An encoder's text: [CLS] ... [SEP]."""
+  why = "an encoder's [CLS] ... [SEP] framing"
+  return ((specials.require("cls", why),), (specials.require("sep", why),))
 
 
 # ---- packed documents, the data of every pretraining task
@@ -50,8 +56,8 @@ def packed_eval(config, tokenizer, frame: Frame, **kw):
 @dataclasses.dataclass(frozen=True)
 class Task:
   head: str  # TransformerConfig.head
-  # (task config, vocab size) -> the objective (train/objectives.py)
-  objective: Callable[[ml_collections.ConfigDict, int], objectives.Objective]
+  # (task config, vocab size, special ids) -> the objective (train/objectives.py)
+  objective: Callable[[ml_collections.ConfigDict, int, Specials], objectives.Objective]
   # (config, tokenizer, frame, **kw) -> training batches / evaluation batches
   train_data: Callable = packed_train
   eval_data: Callable = packed_eval
@@ -61,15 +67,16 @@ class Task:
   # config -> {batch key: row length}: the int32 [batch, length] arrays of a training batch
   # (ahead-of-time compiles build the batch from it); None: labeled rows, not described
   batch_lengths: Callable | None = packed_lengths
-  frame: Frame = END_OF_DOCUMENT  # how packed pretraining documents are framed
+  # special ids -> how packed pretraining documents are framed
+  frame: Callable[[Specials], Frame] = END_OF_DOCUMENT
 
   def train_iterator(self, config, tokenizer, **kw):
     """The task's training batches (process-local rows)."""
-    return self.train_data(config, tokenizer, self.frame, **kw)
+    return self.train_data(config, tokenizer, self.frame(tokenizer.specials), **kw)
 
   def eval_batches(self, config, tokenizer, **kw):
     """The task's evaluation batches (process-local rows)."""
-    return self.eval_data(config, tokenizer, self.frame, **kw)
+    return self.eval_data(config, tokenizer, self.frame(tokenizer.specials), **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +103,12 @@ def seq2seq_lengths(config) -> dict[str, int]:
 
 
 def _span_train(config, tokenizer, frame: Frame, **kw):
-  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size)
+  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size, tokenizer.specials)
   return packed_train(config, tokenizer, frame, rows_fn=rows_fn, **kw)
 
 
 def _span_eval(config, tokenizer, frame: Frame, **kw):
-  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size)
+  rows_fn = seq2seq.span_rows_fn(config, tokenizer.vocab_size, tokenizer.specials)
   return packed_eval(config, tokenizer, frame, rows_fn=rows_fn, **kw)
 
 
@@ -125,7 +132,7 @@ def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> 
     split = "all" if config.data.eval_name else "validation"
     return labeled.labeled_eval_batches(load(config, tokenizer, split), **kw)
 
-  return Task(head, objective, train_data, eval_data, summarize, batch_lengths=None, frame=CLS_SEP)
+  return Task(head, objective, train_data, eval_data, summarize, batch_lengths=None, frame=cls_sep)
 
 
 def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
@@ -177,12 +184,16 @@ def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng,
 
 
 def _sample_seq2seq(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
-  """The prompt is the encoder's input; the text returned is the decoder's output."""
+  """The prompt is the encoder's input (ended with EOS, as seq2seq sources are); the text
+  returned is the decoder's output."""
   ids = tokenizer.encode(prompt)
   if ids.size == 0:
     raise ValueError("--prompt must be non-empty: it is the encoder's input")
-  src = np.concatenate([ids, [EOS_ID]])[None].astype(np.int32)
-  out = decoding.seq2seq_generate(model, params, src, num_tokens, rng, **opts)[0]
+  specials = tokenizer.specials
+  src = np.concatenate([ids, [specials.require("eos", "an encoder's input")]])[None]
+  out = decoding.seq2seq_generate(
+    model, params, src.astype(np.int32), num_tokens, rng, specials=specials, **opts
+  )[0]
   text = decoding.text_of(tokenizer, out)
   return text, 1 + int(np.count_nonzero(out))  # the encoder and first step, then one per token
 
@@ -190,7 +201,7 @@ def _sample_seq2seq(config, model, params, tokenizer, prompt, num_tokens, rng, *
 # ---- the table
 
 ENCODER_TASKS = {
-  "pretrain": Task("mlm", objectives.make_mlm, frame=CLS_SEP),
+  "pretrain": Task("mlm", objectives.make_mlm, frame=cls_sep),
   "classify": _labeled_task(
     "classify",
     objectives.make_classify,
@@ -362,11 +373,12 @@ class Wiring:
     )
 
   def build(
-    self, config: ml_collections.ConfigDict, vocab_size: int
+    self, config: ml_collections.ConfigDict, tokenizer
   ) -> tuple[nn.Module, objectives.Objective]:
-    """(model, objective) for the configured family and task."""
-    model = self.family.model(self.transformer_config(config, vocab_size))
-    return model, self.task.objective(config.task, vocab_size)
+    """(model, objective) for the configured family and task, sized for the tokenizer
+    (`tokenizer.vocab_size`) and using its special ids (`tokenizer.specials`)."""
+    model = self.family.model(self.transformer_config(config, tokenizer.vocab_size))
+    return model, self.task.objective(config.task, tokenizer.vocab_size, tokenizer.specials)
 
 
 def resolve(config: ml_collections.ConfigDict) -> Wiring:

@@ -1,13 +1,15 @@
 """Losses per family and task, returned as sums so batches and devices add up.
 
-Each task's objective comes from a factory `make_<name>(task config, vocab size)` (the
-table in train/families.py names it). An objective maps `(model, params, batch, rng,
+Each task's objective comes from a factory `make_<name>(task config, vocab size, special
+ids)` (the table in train/families.py names it; the special ids are the tokenizer's
+`Specials`). An objective maps `(model, params, batch, rng,
 deterministic)` to a dict of sums: `loss_sum` (nats), `weight` (targets counted) and task
 metrics. The step divides; evaluation divides over the whole split.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -19,7 +21,7 @@ import numpy as np
 import scipy.stats
 
 from modeling import diffusion
-from modeling.vocab import BOS_ID, MASK_ID, NUM_SPECIAL
+from modeling.vocab import FOURFOLD, Specials
 
 Objective = Callable[..., dict[str, jax.Array]]
 
@@ -51,12 +53,18 @@ def token_sums(
 
 
 def causal_lm(
-  model: nn.Module, params, batch: dict[str, jax.Array], rng: jax.Array, deterministic: bool
+  model: nn.Module,
+  params,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  deterministic: bool,
+  specials: Specials = FOURFOLD,
 ) -> dict[str, jax.Array]:
   """Next-token prediction inside each packed document.
 
   Position i predicts token i+1 when both belong to the same (non-padding)
-  segment, so no target crosses a document boundary.
+  segment, so no target crosses a document boundary. `bytes` counts the targets that are
+  text (not special ids), for bits per byte.
   """
   tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
   logits_BLV, _ = model.apply(
@@ -71,24 +79,28 @@ def causal_lm(
   weights_BL = ((seg_BL[:, 1:] == seg_BL[:, :-1]) & (seg_BL[:, 1:] > 0)).astype(jnp.float32)
   return {
     **token_sums(logits_BLV[:, :-1], targets_BL, weights_BL),
-    "bytes": jnp.sum(weights_BL * (targets_BL >= NUM_SPECIAL)),
+    "bytes": jnp.sum(weights_BL * ~specials.is_special(targets_BL)),
   }
 
 
-def make_causal_lm(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_causal_lm(
+  task: ml_collections.ConfigDict, vocab_size: int, specials: Specials
+) -> Objective:
   """The decoder's pretraining objective: `causal_lm`, which reads no option."""
-  return causal_lm
+  return functools.partial(causal_lm, specials=specials)
 
 
-def shift_right(targets_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
-  """The decoder's input: each target's predecessor in its packed example, BOS first."""
+def shift_right(targets_BL: jax.Array, positions_BL: jax.Array, start: int) -> jax.Array:
+  """The decoder's input: each target's predecessor in its packed example, `start` (the
+  tokenizer's decoder start: fourfold's BOS, T5's pad) first."""
   previous_BL = jnp.pad(targets_BL, ((0, 0), (1, 0)))[:, :-1]
-  return jnp.where(positions_BL == 0, BOS_ID, previous_BL)
+  return jnp.where(positions_BL == 0, start, previous_BL)
 
 
-def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
   """Encoder-decoder teacher forcing (span corruption and seq2seq alike): cross-entropy of
   every target token given the source and the targets before it."""
+  start = specials.require("decoder_start", "an encoder-decoder's decoder input")
 
   def seq2seq(model, params, batch, rng, deterministic):
     targets_BL, seg_BL = batch["targets"], batch["targets_segment_ids"]
@@ -99,7 +111,7 @@ def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
       batch["segment_ids"],
       deterministic=deterministic,
       rngs={"dropout": rng},
-      targets_in_BL=shift_right(targets_BL, batch["targets_positions"]),
+      targets_in_BL=shift_right(targets_BL, batch["targets_positions"], start),
       targets_positions_BL=batch["targets_positions"],
       targets_segment_ids_BL=seg_BL,
     )
@@ -116,16 +128,22 @@ def mask_tokens(
   mask_prob: float,
   mask_token_prob: float,
   random_token_prob: float,
+  specials: Specials = FOURFOLD,
 ) -> tuple[jax.Array, jax.Array]:
   """BERT's corruption: (inputs, selected). Each ordinary token (not special, not padding)
-  is selected with `mask_prob`; a selected token becomes [MASK] with `mask_token_prob`,
-  a uniformly random ordinary token with `random_token_prob`, else stays."""
+  is selected with `mask_prob`; a selected token becomes the tokenizer's [MASK] with
+  `mask_token_prob`, a uniformly random ordinary token of the tokenizer's `vocab_size`
+  with `random_token_prob`, else stays."""
+  mask_id = specials.require("mask", "masked language modeling")
   r_select, r_kind, r_token = jax.random.split(rng, 3)
-  eligible_BL = (seg_BL > 0) & (tokens_BL >= NUM_SPECIAL)
+  eligible_BL = (seg_BL > 0) & ~specials.is_special(tokens_BL)
   selected_BL = eligible_BL & (jax.random.uniform(r_select, tokens_BL.shape) < mask_prob)
   u_BL = jax.random.uniform(r_kind, tokens_BL.shape)
-  random_BL = jax.random.randint(r_token, tokens_BL.shape, NUM_SPECIAL, vocab_size, tokens_BL.dtype)
-  inputs_BL = jnp.where(selected_BL & (u_BL < mask_token_prob), MASK_ID, tokens_BL)
+  first, count = specials.first_ordinary(), specials.num_ordinary(vocab_size)
+  # the n-th ordinary id, n uniform in [0, count) (drawn as first + n)
+  n_BL = jax.random.randint(r_token, tokens_BL.shape, first, first + count, tokens_BL.dtype)
+  random_BL = specials.nth_ordinary(n_BL - first)
+  inputs_BL = jnp.where(selected_BL & (u_BL < mask_token_prob), mask_id, tokens_BL)
   to_random_BL = (
     selected_BL & (u_BL >= mask_token_prob) & (u_BL < mask_token_prob + random_token_prob)
   )
@@ -133,16 +151,24 @@ def mask_tokens(
   return inputs_BL, selected_BL
 
 
-def make_mlm(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
-  """Masked language modeling; masks come from the step's rng, so every epoch is masked
-  afresh and a resumed run draws the same masks."""
+def make_mlm(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
+  """Masked language modeling with the tokenizer's [MASK]; masks come from the step's rng, so
+  every epoch is masked afresh and a resumed run draws the same masks."""
   t = task
+  specials.require("mask", "masked language modeling")
 
   def mlm(model, params, batch, rng, deterministic):
     mask_rng, dropout_rng = jax.random.split(rng)
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
     inputs_BL, selected_BL = mask_tokens(
-      mask_rng, tokens_BL, seg_BL, vocab_size, t.mask_prob, t.mask_token_prob, t.random_token_prob
+      mask_rng,
+      tokens_BL,
+      seg_BL,
+      vocab_size,
+      t.mask_prob,
+      t.mask_token_prob,
+      t.random_token_prob,
+      specials,
     )
     logits_BLV, _ = model.apply(
       {"params": params},
@@ -170,7 +196,9 @@ def _apply_labeled(model, params, batch, rng, deterministic) -> jax.Array:
   return out
 
 
-def make_classify(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_classify(
+  task: ml_collections.ConfigDict, vocab_size: int, specials: Specials
+) -> Objective:
   """Sequence classification: cross-entropy on the pooled output; per-class counts for F1."""
 
   def classify(model, params, batch, rng, deterministic):
@@ -193,7 +221,7 @@ def make_classify(task: ml_collections.ConfigDict, vocab_size: int) -> Objective
   return classify
 
 
-def make_regress(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_regress(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
   """Regression on the pooled output (one unit): squared error; predictions kept per row."""
 
   def regress(model, params, batch, rng, deterministic):
@@ -210,7 +238,9 @@ def make_regress(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
   return regress
 
 
-def make_diffusion(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_diffusion(
+  task: ml_collections.ConfigDict, vocab_size: int, specials: Specials
+) -> Objective:
   """Masked diffusion's continuous-time NELBO (modeling/diffusion.py), in nats, summed.
 
   Training: one time t per row, antithetic across the batch, and masks, both drawn from
@@ -240,7 +270,8 @@ def make_diffusion(task: ml_collections.ConfigDict, vocab_size: int) -> Objectiv
   def objective(model, params, batch, rng, deterministic):
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
     real_BL = (seg_BL > 0).astype(jnp.float32)
-    out = {"weight": jnp.sum(real_BL), "bytes": jnp.sum(real_BL * (tokens_BL >= NUM_SPECIAL))}
+    text_BL = real_BL * ~specials.is_special(tokens_BL)
+    out = {"weight": jnp.sum(real_BL), "bytes": jnp.sum(text_BL)}
     if not deterministic:
       return {"loss_sum": one_draw(model, params, batch, rng, False), **out}
     key = jnp.sum(tokens_BL * (batch["positions"] + 1) * (seg_BL > 0))
@@ -315,7 +346,7 @@ def summarize_regress(sums: dict, rows: dict, config, byte_level: bool) -> dict[
   }
 
 
-def make_ner(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_ner(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
   """Token classification: cross-entropy on each word's first piece; predictions kept
   per row for the entity-level F1."""
 
@@ -376,7 +407,7 @@ def summarize_ner(sums: dict, rows: dict, config, byte_level: bool) -> dict[str,
   }
 
 
-def make_embed(task: ml_collections.ConfigDict, vocab_size: int) -> Objective:
+def make_embed(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
   """Contrastive sentence embeddings (mean-pooled, unit length) with in-batch negatives:
   each first text of a positive pair must pick its own second text among the batch's, and
   vice versa."""

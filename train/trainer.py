@@ -105,7 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, objective = wiring.build(config, tokenizer.vocab_size)
+  model, objective = wiring.build(config, tokenizer)
   tx = make_optimizer(config.train)
   t = config.train
   n_proc = jax.process_count()
@@ -275,7 +275,7 @@ def load_for_inference(workdir: str):
   with open(path) as f:
     config = saved_config(json.load(f))
   tokenizer = make_tokenizer(config.data.tokenizer)
-  model, _ = families.resolve(config).build(config, tokenizer.vocab_size)
+  model, _ = families.resolve(config).build(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
   abstract, _, _ = abstract_state(
     config, model, make_optimizer(config.train), mesh, sharding.rules(config)

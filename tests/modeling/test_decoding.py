@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modeling.decoding import choose_tokens, filter_logits, generate
+from modeling.decoding import choose_tokens, complete, filter_logits, generate
 from modeling.transformer import Transformer, init_cache
+from modeling.vocab import Specials
 from tests.tiny_models import VOCAB, random_params, tiny
 
 MAX_LEN = 16
@@ -236,3 +237,35 @@ def test_decoding_past_the_context_slides_the_window(name):
     expected.append(greedy_by_recompute(model, params, context_BP, n))
     context_BP = np.concatenate([context_BP, expected[-1]], axis=1)[:, -(MAX_LEN // 2) :]
   np.testing.assert_array_equal(out_BN, np.concatenate(expected, axis=1))
+
+
+class Letters:
+  """A tokenizer of its own layout: letters a..z are ids 40..65, BOS is 70 and documents
+  start with it (Llama-style), and two ids end a sequence (as Llama 3's eos list)."""
+
+  vocab_size = VOCAB
+  is_byte_level = False
+
+  def __init__(self, stop: tuple[int, ...]):
+    self.specials = Specials(eos=stop[0], bos=70, add_bos=True, stop=stop)
+
+  def encode(self, text):
+    return np.asarray([40 + ord(c) - ord("a") for c in text], np.int32)
+
+  def decode(self, ids):
+    return "".join(chr(ord("a") + i - 40) if 40 <= i < 66 else f"<{i}>" for i in ids)
+
+
+def test_complete_starts_the_prompt_with_bos_and_stops_at_any_stop_id():
+  """The prompt is fed after the tokenizer's BOS (its model saw every document so), and the
+  text ends before the first of its stop ids, whichever comes first."""
+  model, params = model_and_params("rope-gqa-scan")
+  n, rng = 8, jax.random.key(0)
+  with_bos_1N = generate(model, params, np.array([[70, 40, 41, 42]]), n, rng, 0.0, eos_id=NO_EOS)
+  plain_1N = generate(model, params, np.array([[40, 41, 42]]), n, rng, 0.0, eos_id=NO_EOS)
+  assert (with_bos_1N != plain_1N).any()  # BOS matters to this model
+  ref = [int(i) for i in with_bos_1N[0]]
+  k = next(k for k in range(2, n) if ref[k] not in ref[:k])  # first seen at step k
+  tok = Letters(stop=(NO_EOS - 1, ref[k]))  # the second stop id is the one met
+  out = complete(model, params, tok, "abc", n, rng, temperature=0.0)
+  assert out == "abc" + tok.decode(ref[:k])

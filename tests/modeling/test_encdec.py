@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -28,7 +29,7 @@ from modeling.transformer import (
   init_encdec_cache,
   relative_buckets,
 )
-from modeling.vocab import BOS_ID, EOS_ID
+from modeling.vocab import BOS_ID, EOS_ID, FOURFOLD, Specials
 from tests.tiny_models import abstract_init, draw_params, tiny
 from train import families
 
@@ -347,14 +348,12 @@ def greedy_tokens() -> np.ndarray:
   )
 
 
-def test_greedy_generate_matches_full_recompute():
-  params, src = greedy_params(), source(GREEDY_SRC)
-  out_BN = greedy_tokens()
-  assert list(out_BN[0, 2:]) == [EOS_ID, 0, 0, 0] and EOS_ID not in out_BN[1]  # both kinds
-  # Argmax by recomputing the whole prefix each step (later inputs are zeros, which the
-  # causal decoder ignores), without any cache; a row stops after its EOS.
+def greedy_by_recompute(params, src, start: int, eos_ids: tuple[int, ...]) -> np.ndarray:
+  """Argmax by recomputing the whole prefix each step (later inputs are zeros, which the
+  causal decoder ignores), without any cache, the decoder starting at `start`; a row stops
+  after any of `eos_ids`."""
   dec_BT = np.zeros((B, T), np.int32)
-  dec_BT[:, 0] = BOS_ID
+  dec_BT[:, 0] = start
   want_BN = np.zeros((B, T), np.int32)
   done_B = np.zeros(B, bool)
   for i in range(T):
@@ -362,9 +361,40 @@ def test_greedy_generate_matches_full_recompute():
     top2_BV = np.sort(logits_BV, axis=-1)[:, -2:]
     assert (top2_BV[:, 1] - top2_BV[:, 0]).min() > 1e-3  # no near-ties: a well-posed check
     want_BN[:, i] = np.where(done_B, 0, logits_BV.argmax(-1))
-    done_B |= want_BN[:, i] == EOS_ID
+    done_B |= np.isin(want_BN[:, i], eos_ids)
     if i + 1 < T:
       dec_BT[:, i + 1] = want_BN[:, i]
+  return want_BN
+
+
+def test_greedy_generate_matches_full_recompute():
+  params, src = greedy_params(), source(GREEDY_SRC)
+  out_BN = greedy_tokens()
+  assert list(out_BN[0, 2:]) == [EOS_ID, 0, 0, 0] and EOS_ID not in out_BN[1]  # both kinds
+  np.testing.assert_array_equal(out_BN, greedy_by_recompute(params, src, BOS_ID, (EOS_ID,)))
+
+
+def test_greedy_generate_starts_and_stops_at_the_tokenizers_ids():
+  """A T5-like tokenizer: the decoder starts at its decoder_start (pad, 0), not fourfold's
+  BOS, and a row stops at any of its stop ids; source padding comes from the lengths."""
+  params, (src_BS, src_pos_BS, src_seg_BS) = greedy_params(), source(GREEDY_SRC)
+  free_BN = greedy_by_recompute(params, (src_BS, src_pos_BS, src_seg_BS), 0, ())
+  assert (free_BN != greedy_by_recompute(params, source(GREEDY_SRC), BOS_ID, ())).any()
+  stop = (int(free_BN[0, 2]), int(free_BN[1, 3]))  # each row stops at a different one
+  specials = Specials(pad=0, eos=stop[0], bos=None, decoder_start=0, stop=stop)
+  want_BN = greedy_by_recompute(params, (src_BS, src_pos_BS, src_seg_BS), 0, stop)
+  assert (want_BN == 0).any() and (want_BN != free_BN).any()  # the stops cut both rows
+  lengths = src_seg_BS.sum(1)
+  filled_BS = np.where(src_seg_BS > 0, src_BS, 9)  # padding ids the lengths mask out
+  out_BN = decoding.seq2seq_generate(
+    EncoderDecoder(LOOP),
+    params,
+    filled_BS,
+    T,
+    jax.random.key(0),
+    specials=specials,
+    src_lengths=lengths,
+  )
   np.testing.assert_array_equal(out_BN, want_BN)
 
 
@@ -538,7 +568,8 @@ def test_length_penalty_ranks_the_beams():
 @pytest.mark.parametrize("variant", ["v1_1", "original"])
 def test_t5_variants_build(variant):
   config = t5.get_config(f"size=tiny,variant={variant}")
-  model, objective = families.resolve(config).build(config, 300)
+  vocab = types.SimpleNamespace(vocab_size=300, specials=FOURFOLD)  # a tokenizer's size and ids
+  model, objective = families.resolve(config).build(config, vocab)
   assert isinstance(model, EncoderDecoder) and callable(objective)
   cfg = model.cfg
   assert cfg.vocab_size == 300 + config.task.num_sentinels
@@ -571,9 +602,14 @@ def test_t5_variants_build(variant):
 def test_text_of_stops_at_eos_and_drops_sentinels():
   class Bytes:
     vocab_size = 10
+    specials = FOURFOLD
 
     def decode(self, ids):
       return ",".join(str(int(i)) for i in ids)
 
   assert decoding.text_of(Bytes(), np.array([4, 12, 5, EOS_ID, 6, 0])) == "4,5"
   assert decoding.text_of(Bytes(), np.array([7, 8])) == "7,8"
+  other = Bytes()
+  other.specials = Specials(eos=7, stop=(7, 8))  # the tokenizer's own EOS ids, not fourfold's
+  assert decoding.text_of(other, np.array([4, EOS_ID, 5, 8, 6])) == f"4,{EOS_ID},5"
+  assert decoding.text_of(other, np.array([7, 8])) == ""

@@ -78,6 +78,7 @@ def test_llama_train_step_with_splash_compiles_for_tpu():
   from configs import llama
   from modeling.flops import flops_per_token, matmul_params
   from train import families, sharding
+  from train.data.tokenizers import ByteTokenizer
   from train.optim import learning_rate_schedule, make_optimizer
   from train.step import make_train_step
   from train.trainer import abstract_state
@@ -86,7 +87,7 @@ def test_llama_train_step_with_splash_compiles_for_tpu():
   c.model.attention_impl, c.data.seq_len, c.train.batch_size = "splash", 128, 4
   topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
   mesh = Mesh(np.asarray(topo.devices[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
-  model, objective = families.resolve(c).build(c, 264)
+  model, objective = families.resolve(c).build(c, ByteTokenizer())
   tx = make_optimizer(c.train)
   rules = sharding.rules(c)
   abstract, shardings, _ = abstract_state(c, model, tx, mesh, rules)

@@ -80,11 +80,12 @@ def memory_job(job: dict) -> dict:
   import jax
 
   from train import families, sharding
+  from train.data.tokenizers import ByteTokenizer
   from train.optim import make_optimizer
   from train.trainer import abstract_state
 
   c = tiny_config(job["corpus"], job.get("overrides"))
-  model, _ = families.resolve(c).build(c, 264)
+  model, _ = families.resolve(c).build(c, ByteTokenizer())
   mesh, rules = sharding.make_mesh(c.mesh), sharding.rules(c)
   abstract, shardings, init_fn = abstract_state(c, model, make_optimizer(c.train), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

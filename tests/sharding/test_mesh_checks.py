@@ -1,11 +1,14 @@
 """Mesh, batch and divisibility errors before anything compiles; cluster detection;
 data shards that make global batches independent of the process count."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from configs import gpt, llama
+from modeling.vocab import FOURFOLD
 from tests.sharding import runner
 from train import families, sharding
 from train.data import make_tokenizer, train_iterator
@@ -70,7 +73,8 @@ def test_rules_must_name_mesh_axes():
 def test_uneven_parameter_split_names_the_parameter():
   """A vocabulary of 97 cannot split over tensor=2: the error names the embedding."""
   c = config()
-  model, _ = families.resolve(c).build(c, 97)
+  vocab = types.SimpleNamespace(vocab_size=97, specials=FOURFOLD)  # a tokenizer's size and ids
+  model, _ = families.resolve(c).build(c, vocab)
   devices = np.array(jax.devices() * 2)  # shape checks only: nothing runs on the mesh
   mesh = jax.sharding.Mesh(devices.reshape(1, 1, 2), sharding.MESH_AXES)
   with pytest.raises(ValueError, match=r"'vocab' dimension \(97\) does not split.*'tensor'"):

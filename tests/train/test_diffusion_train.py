@@ -86,7 +86,7 @@ def test_eval_objective_averages_draws_keyed_on_the_batch():
   config = mdlm.get_config("size=tiny")
   config.data.seq_len = 16
   config.task.eval_t_samples = 3
-  model, objective = families.resolve(config).build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, ByteTokenizer())
   model, params = Recorder(model), random_params(model.cfg)
   rng = np.random.default_rng(0)
   tokens_BL = rng.integers(0, VOCAB, (4, 16)).astype(np.int32)
@@ -120,7 +120,7 @@ def test_count_estimator_trains_with_exact_counts_and_evaluates_with_times():
   config.data.seq_len = 16
   config.task.estimator = "count"
   config.task.eval_t_samples = 1
-  model, objective = families.resolve(config).build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, ByteTokenizer())
   model, params = Recorder(model), random_params(model.cfg)
   rng = np.random.default_rng(1)
   tokens_BL = rng.integers(NUM_SPECIAL, VOCAB, (64, 16)).astype(np.int32)

@@ -1,5 +1,7 @@
 """The params EMA (`train.ema_decay`): its recurrence, checkpoints, resume and inference."""
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import gpt
+from modeling.vocab import FOURFOLD
 from tests.train.test_trainer import tiny
 from train import families, trainer
 from train.checkpoint import _step_dir
@@ -20,7 +23,8 @@ def test_ema_follows_its_recurrence_in_float64():
   """Three steps: ema_{k+1} = ema_k + (1 - d_k)(params_{k+1} - ema_k), from the init, with
   d_k = min(decay, (1 + k) / (10 + k)); a NumPy float64 reference of the same recurrence."""
   config = tiny(gpt)
-  model, objective = families.resolve(config).build(config, 97)
+  vocab = types.SimpleNamespace(vocab_size=97, specials=FOURFOLD)  # a tokenizer's size and ids
+  model, objective = families.resolve(config).build(config, vocab)
   tx = optax.adam(1e-2)
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(3, 97, (4, 32)), jnp.int32)}

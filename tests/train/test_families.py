@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from modeling.transformer import EncoderDecoder, Transformer
+from modeling.vocab import Specials
 from tests.tiny_models import abstract_init, tiny_config
 from train import families
 from train.data.make_seq2seq_task import make_records
@@ -82,7 +83,7 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
   assert wiring.family is families.FAMILIES[family]
   assert wiring.task is families.FAMILIES[family].tasks[task]
   tokenizer = ByteTokenizer()
-  model, objective = wiring.build(config, tokenizer.vocab_size)
+  model, objective = wiring.build(config, tokenizer)
   assert type(model) is (EncoderDecoder if family == "encdec" else Transformer)
   assert model.cfg.head == wiring.task.head
 
@@ -112,6 +113,79 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
     assert out["loss_sum"].shape == out["weight"].shape == ()
     rows = {k: v.shape for k, v in out.items() if k.startswith("rows/")}
     assert all(shape[0] == ROWS for shape in rows.values()), rows
+
+
+class OwnIds:
+  """A tokenizer with a layout of its own: bytes at ids 1..256, its special ids after them
+  (none at fourfold's 0..7), documents starting with BOS as Llama's do."""
+
+  vocab_size = 264
+  is_byte_level = False
+  specials = Specials(
+    pad=257,
+    eos=258,
+    bos=259,
+    mask=260,
+    cls=261,
+    sep=262,
+    unk=263,
+    decoder_start=257,
+    add_bos=True,
+    special_ranges=((257, 264),),
+  )
+
+  def encode(self, text):
+    return np.frombuffer(str(text).encode(), np.uint8).astype(np.int32) + 1
+
+  def decode(self, ids):
+    return bytes(int(i) - 1 for i in ids if 1 <= i <= 256).decode(errors="replace")
+
+
+# Where each task's data puts the tokenizer's ids: (ids that must appear, ids that end each
+# segment of tokens (and targets), the id of padding tokens)
+S = OwnIds.specials
+FRAMING = {
+  ("decoder", "pretrain"): ({S.bos, S.eos}, None, None),
+  ("diffusion", "pretrain"): ({S.bos, S.eos}, None, None),
+  ("encoder", "pretrain"): ({S.cls, S.sep}, None, None),
+  **{("encoder", t): ({S.cls, S.sep}, S.sep, S.pad) for t in LABELED_KEYS},
+  ("encdec", "pretrain"): ({S.eos}, S.eos, None),
+  ("encdec", "seq2seq"): ({S.eos}, S.eos, None),
+}
+
+
+@pytest.mark.parametrize("family, task", PAIRS, ids=[f"{f}-{t}" for f, t in PAIRS])
+def test_each_task_frames_its_data_with_the_tokenizers_own_ids(family, task, tmp_path):
+  """Documents, labeled rows and text-to-text examples get the tokenizer's BOS / EOS / CLS /
+  SEP / pad, none of fourfold's ids (1..6 are bytes no text here holds)."""
+  config = task_config(family, task, tmp_path)
+  if task == "pretrain":  # short documents, so that a batch holds their boundaries
+    words = "the cat sat on a mat and the dog ran to it".split()
+    docs = [{"text": " ".join(words[i % 9 : i % 9 + 3])} for i in range(40)]
+    config.data.update(name=write_jsonl(tmp_path / "docs.jsonl", docs), text_field="text")
+  wiring = families.resolve(config)
+  tok = OwnIds()
+  wiring.build(config, tok)  # the objective accepts the tokenizer's ids
+  batch = next(iter(wiring.task.train_iterator(config, tok, batch_size=ROWS, seed=0)))
+  present, ends, pad = FRAMING[family, task]
+  sides = [("tokens", "segment_ids")]
+  if family == "encdec":
+    sides.append(("targets", "targets_segment_ids"))
+  for key, seg_key in sides:
+    tokens_BL, seg_BL = batch[key], batch[seg_key]
+    real_N = tokens_BL[seg_BL > 0]
+    assert not np.isin(real_N, range(1, 7)).any(), real_N
+    if key == "tokens":
+      assert present <= set(real_N.tolist())
+    if ends is not None:  # each segment's last token
+      last_BL = (seg_BL > 0) & (seg_BL != np.pad(seg_BL[:, 1:], ((0, 0), (0, 1))))
+      assert (tokens_BL[last_BL] == ends).all()
+    if pad is not None:
+      assert (tokens_BL[seg_BL == 0] == pad).all() and (seg_BL == 0).any()
+  if (family, task) in (("decoder", "pretrain"), ("diffusion", "pretrain")):
+    flat_N = batch["tokens"].reshape(-1)
+    after_eos = flat_N[1:][flat_N[:-1] == S.eos]
+    assert (after_eos == S.bos).all()  # the next document starts with BOS
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import scipy.stats
 
 from configs import bert
 from modeling.transformer import Transformer
+from modeling.vocab import FOURFOLD
 from tests.tiny_models import abstract_init, draw_params, tiny_config
 from train import families, trainer
 from train.checkpoint import restore_matching_params
@@ -298,7 +299,7 @@ def labeled_batch(label_B, weight_B):
 
 def test_summarize_classify_matches_sklearn():
   sklearn_metrics = pytest.importorskip("sklearn.metrics")
-  objective = make_classify(CLASSIFY_CONFIG.task, VOCAB)
+  objective = make_classify(CLASSIFY_CONFIG.task, VOCAB, FOURFOLD)
   rng = np.random.default_rng(0)
   for trial in range(4):
     sums, labels, preds, nll = None, [], [], []
@@ -337,7 +338,7 @@ def test_summarize_classify_without_examples():
 
 
 def test_summarize_regress_matches_scipy_over_the_real_rows():
-  objective = make_regress(bert.get_config("task=regress").task, VOCAB)
+  objective = make_regress(bert.get_config("task=regress").task, VOCAB, FOURFOLD)
   rng = np.random.default_rng(1)
   sums, rows, kept_pred, kept_target = None, {}, [], []
   for _ in range(3):

@@ -110,7 +110,7 @@ def mlm_setup(**task):
   config = bert.get_config("size=tiny,arch=bert")
   config.data.seq_len = 32
   config.task.update(task)
-  model, objective = families.resolve(config).build(config, VOCAB)
+  model, objective = families.resolve(config).build(config, ByteTokenizer())
   tokens_BL, seg_BL = packed_tokens(3, (4, 32))
   pos_BL = np.zeros_like(seg_BL)
   for row in range(4):

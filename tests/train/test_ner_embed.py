@@ -17,7 +17,7 @@ import seqeval.metrics
 import tensorflow_datasets as tfds
 
 from configs import bert
-from modeling.vocab import CLS_ID, NUM_SPECIAL, SEP_ID
+from modeling.vocab import CLS_ID, FOURFOLD, NUM_SPECIAL, SEP_ID
 from tests.tiny_models import abstract_init, draw_params, tiny_config
 from train import families, trainer
 from train.data import validate_source
@@ -111,6 +111,7 @@ class Pieces:
 
   is_byte_level = False
   vocab_size = 300
+  specials = FOURFOLD
 
   def encode(self, text):
     return np.asarray([NUM_SPECIAL + ord(ch) % 200 for ch in text], np.int32)
@@ -441,7 +442,7 @@ def test_embed_loss_is_symmetric_info_nce_over_mean_pooled_unit_embeddings():
   temperature = 0.1
   config = embed_config("jsonl:unused", temperature=temperature)
   config.model.dropout = 0.0
-  model, objective = families.resolve(config).build(config, TOK.vocab_size)
+  model, objective = families.resolve(config).build(config, TOK)
   assert model.cfg.head == "pool" and model.cfg.pooling == "mean"
   params = draw_params(abstract_init(model.cfg), seed=1)
   pairs = [("a cat sat", "the cat sits"), ("dogs bark", "a dog barks"), ("hello", "hi there")]
@@ -542,7 +543,7 @@ def test_embed_eval_counts_only_positive_pairs():
   loss and accuracy are over positive pairs only (eval keeps every scored pair)."""
   c = bert.get_config("size=tiny,task=embed")
   c.data.seq_len = 32
-  model, objective = families.resolve(c).build(c, 264)
+  model, objective = families.resolve(c).build(c, TOK)
   pairs = [("alpha beta", "beta alpha"), ("gamma", "delta"), ("eta theta", "theta eta")]
   batch = {k: jnp.asarray(v) for k, v in pair_rows(pairs, [5.0, 0.5, 4.5]).items()}
   tokens = batch["tokens"]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from modeling.vocab import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL
+from modeling.vocab import BOS_ID, EOS_ID, FOURFOLD, MASK_ID, NUM_SPECIAL, Specials
 from train import objectives
 
 B, L, V = 2, 8, 16
@@ -93,7 +93,9 @@ def test_causal_lm_predicts_the_next_token_inside_each_document():
   batch = packed_batch()
   logits_BLV = logits(1, B, L, V)
   logits_BLV[0, 4, batch["tokens"][0, 5]] += 10.0  # one certainly correct argmax
-  out = sums(objectives.make_causal_lm(task_config(), V)(StandIn(logits_BLV), {}, batch, RNG, True))
+  out = sums(
+    objectives.make_causal_lm(task_config(), V, FOURFOLD)(StandIn(logits_BLV), {}, batch, RNG, True)
+  )
   tokens = batch["tokens"]
   want = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0, "bytes": 0.0}
   for b in range(B):
@@ -108,6 +110,35 @@ def test_causal_lm_predicts_the_next_token_inside_each_document():
   # Row 0: 2 + 4 targets; row 1: 4; the three EOS targets are not bytes.
   assert (want["weight"], want["bytes"]) == (10, 7) and want["correct"] >= 1
   check(out, want)
+
+
+# A BERT-like layout within V = 16 ids: [PAD] 0, ordinary 1..8, [UNK] 9, [CLS] 10, [SEP] 11,
+# [MASK] 12, ordinary 13..15; T5's habit of starting the decoder at [PAD]. Nothing sits at
+# fourfold's ids, so a hard-coded id shows.
+OWN = Specials(
+  pad=0,
+  eos=11,
+  bos=None,
+  mask=12,
+  cls=10,
+  sep=11,
+  unk=9,
+  decoder_start=0,
+  special_ranges=((0, 1), (9, 13)),
+)
+OWN_ORDINARY = [i for i in range(V) if i not in (0, 9, 10, 11, 12)]
+
+
+def test_causal_lm_counts_the_tokenizers_own_special_ids_as_not_text():
+  batch = packed_batch()
+  tokens = batch["tokens"]
+  tokens[0, 3], tokens[1, 1] = 9, 12  # two of OWN's specials; fourfold's 1 (EOS) is text here
+  model = StandIn(logits(1, B, L, V))
+  out = sums(objectives.make_causal_lm(task_config(), V, OWN)(model, {}, batch, RNG, True))
+  weights = (SEG_BL[:, 1:] == SEG_BL[:, :-1]) & (SEG_BL[:, 1:] > 0)
+  targets = tokens[:, 1:][weights]
+  want = sum(t in OWN_ORDINARY for t in targets)
+  assert out["bytes"] == want != sum(t >= NUM_SPECIAL for t in targets)
 
 
 # --- encoder-decoder: teacher forcing ----------------------------------------------------------
@@ -127,7 +158,7 @@ def test_seq2seq_feeds_the_shifted_targets_and_scores_every_real_target():
   }
   logits_BLV = logits(3, B, L, V)
   model = StandIn(logits_BLV)
-  out = sums(objectives.make_seq2seq(task_config(), V)(model, {}, batch, RNG, True))
+  out = sums(objectives.make_seq2seq(task_config(), V, FOURFOLD)(model, {}, batch, RNG, True))
 
   ((tokens_BL, args, kwargs),) = model.calls
   np.testing.assert_array_equal(tokens_BL, source["tokens"])  # the encoder reads the source
@@ -141,6 +172,11 @@ def test_seq2seq_feeds_the_shifted_targets_and_scores_every_real_target():
   assert kwargs["targets_in_BL"][0, 4] == BOS_ID  # the second example starts afresh
   np.testing.assert_array_equal(kwargs["targets_positions_BL"], tpos_BL)
   np.testing.assert_array_equal(kwargs["targets_segment_ids_BL"], tseg_BL)
+  # A tokenizer whose decoder starts elsewhere (T5: at [PAD], 0) gets its own start.
+  model = StandIn(logits_BLV)
+  objectives.make_seq2seq(task_config(), V, OWN)(model, {}, batch, RNG, True)
+  starts_BL = model.calls[0][2]["targets_in_BL"]
+  np.testing.assert_array_equal(starts_BL, np.where(tpos_BL == 0, 0, decoder_in_BL))
 
   want = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
   for b in range(B):
@@ -156,32 +192,53 @@ def test_seq2seq_feeds_the_shifted_targets_and_scores_every_real_target():
 # --- encoder pretraining: MLM ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mlm_scores_the_original_tokens_at_the_drawn_positions(seed):
+FOURFOLD_ORDINARY = list(range(NUM_SPECIAL, V))
+
+
+@pytest.mark.parametrize(
+  "seed, specials, mask_id, ordinary_ids",
+  [
+    (0, FOURFOLD, MASK_ID, FOURFOLD_ORDINARY),
+    (1, FOURFOLD, MASK_ID, FOURFOLD_ORDINARY),
+    (2, FOURFOLD, MASK_ID, FOURFOLD_ORDINARY),
+    (0, OWN, 12, OWN_ORDINARY),
+    (1, OWN, 12, OWN_ORDINARY),
+  ],
+  ids=["fourfold-0", "fourfold-1", "fourfold-2", "own-ids-0", "own-ids-1"],
+)
+def test_mlm_scores_the_original_tokens_at_the_drawn_positions(
+  seed, specials, mask_id, ordinary_ids
+):
   """The draw is BERT's: each ordinary real token selected with mask_prob; of those, u <
-  mask_token_prob become [MASK], the next random_token_prob a random ordinary token, the
-  rest stay. The reference redraws the same uniforms and decides in NumPy."""
+  mask_token_prob become the tokenizer's [MASK], the next random_token_prob a random ordinary
+  token (the n-th of the tokenizer's ordinary ids, n uniform), the rest stay. The reference
+  redraws the same uniforms and decides in NumPy."""
   t = task_config(mask_prob=0.5, mask_token_prob=0.5, random_token_prob=0.25)
   batch = packed_batch(seed)
   tokens_BL = batch["tokens"]
+  if specials is OWN:  # the packed documents end with OWN's [SEP], and hold its [UNK]
+    tokens_BL[tokens_BL == EOS_ID] = 11
+    tokens_BL[1, 1] = 9
   logits_BLV = logits(4 + seed, B, L, V)
   model = StandIn(logits_BLV)
   rng = jax.random.key(seed)
-  out = sums(objectives.make_mlm(t, V)(model, {}, batch, rng, True))
+  out = sums(objectives.make_mlm(t, V, specials)(model, {}, batch, rng, True))
 
   r_select, r_kind, r_token = jax.random.split(jax.random.split(rng)[0], 3)
   u_select = np.asarray(jax.random.uniform(r_select, (B, L)), np.float64)
   u_kind = np.asarray(jax.random.uniform(r_kind, (B, L)), np.float64)
-  random_ids = np.asarray(jax.random.randint(r_token, (B, L), NUM_SPECIAL, V, np.int32))
+  first = ordinary_ids[0]
+  n_BL = np.asarray(jax.random.randint(r_token, (B, L), first, first + len(ordinary_ids))) - first
+  random_ids = np.asarray(ordinary_ids)[n_BL]
   inputs_BL, selected = tokens_BL.copy(), []
   for b in range(B):
     for i in range(L):
-      ordinary = SEG_BL[b, i] > 0 and tokens_BL[b, i] >= NUM_SPECIAL
+      ordinary = SEG_BL[b, i] > 0 and tokens_BL[b, i] in ordinary_ids
       if not (ordinary and u_select[b, i] < t.mask_prob):
         continue
       selected.append((b, i))
       if u_kind[b, i] < t.mask_token_prob:
-        inputs_BL[b, i] = MASK_ID
+        inputs_BL[b, i] = mask_id
       elif u_kind[b, i] < t.mask_token_prob + t.random_token_prob:
         inputs_BL[b, i] = random_ids[b, i]
   ((seen_BL, args, _),) = model.calls
@@ -194,6 +251,21 @@ def test_mlm_scores_the_original_tokens_at_the_drawn_positions(seed):
     "mlm_correct": sum(float(np.argmax(logits_BLV[b, i]) == tokens_BL[b, i]) for b, i in selected),
   }
   check(out, want)
+
+
+def test_mlm_random_tokens_are_the_tokenizers_ordinary_ids_all_of_them():
+  """With [MASK] and the specials in the middle of the vocabulary, random replacements are
+  drawn over the ordinary ids on both sides of them, never a special one."""
+  tokens_BL = np.asarray(OWN_ORDINARY * 300, np.int32).reshape(60, -1)
+  seg_BL = np.ones_like(tokens_BL)
+  inputs_BL, selected_BL = (
+    np.asarray(a)
+    for a in objectives.mask_tokens(jax.random.key(3), tokens_BL, seg_BL, V, 0.5, 0.0, 1.0, OWN)
+  )
+  drawn = inputs_BL[np.asarray(selected_BL)]
+  assert set(drawn.tolist()) == set(OWN_ORDINARY)  # ~825 draws over 11 ids: every one
+  with pytest.raises(ValueError, match="no mask token"):
+    objectives.make_mlm(task_config(), V, Specials(mask=None))
 
 
 # --- labeled rows: classify, regress, NER ----------------------------------------------------
@@ -214,7 +286,7 @@ def labeled_batch(weight_B) -> dict[str, np.ndarray]:
 def test_labeled_objectives_pass_the_token_types():
   batch = {**labeled_batch([1, 1]), "label": np.array([0, 1], np.int32)}
   model = StandIn(logits(6, B, 3))
-  objectives.make_classify(task_config(), V)(model, {}, batch, RNG, True)
+  objectives.make_classify(task_config(), V, FOURFOLD)(model, {}, batch, RNG, True)
   ((tokens_BL, args, kwargs),) = model.calls
   np.testing.assert_array_equal(tokens_BL, batch["tokens"])
   np.testing.assert_array_equal(kwargs["token_types_BL"], batch["token_types"])
@@ -228,7 +300,9 @@ def test_classify_sums_and_per_class_counts(weight_B, seed):
   label_B = rng.integers(0, C, B).astype(np.int32)
   logits_BC = logits(10 + seed, B, C)
   batch = {**labeled_batch(weight_B), "label": label_B}
-  out = sums(objectives.make_classify(task_config(), V)(StandIn(logits_BC), {}, batch, RNG, True))
+  out = sums(
+    objectives.make_classify(task_config(), V, FOURFOLD)(StandIn(logits_BC), {}, batch, RNG, True)
+  )
   want = {k: np.zeros(C) for k in ("tp", "fp", "fn")}
   want.update(loss_sum=0.0, weight=0.0, correct=0.0)
   for b in range(B):
@@ -249,7 +323,9 @@ def test_regress_sums_the_squared_error_of_the_first_unit(weight_B):
   out_B1 = np.array([[0.25], [-1.5]], np.float32)
   target_B = np.array([1.0, 2.0], np.float32)
   batch = {**labeled_batch(weight_B), "label": target_B}
-  out = sums(objectives.make_regress(task_config(), V)(StandIn(out_B1), {}, batch, RNG, True))
+  out = sums(
+    objectives.make_regress(task_config(), V, FOURFOLD)(StandIn(out_B1), {}, batch, RNG, True)
+  )
   want = {
     "loss_sum": sum(
       w * (p - y) ** 2 for w, p, y in zip(weight_B, [0.25, -1.5], [1, 2], strict=True)
@@ -271,7 +347,9 @@ def test_ner_scores_each_words_first_piece_only(weight_B):
   dropped_BK = np.array([[-1, -1], [2, -1]], np.int32)
   logits_BLC = logits(20, B, L, C)
   batch = {**labeled_batch(weight_B), "labels": labels_BL, "dropped": dropped_BK}
-  out = sums(objectives.make_ner(task_config(), V)(StandIn(logits_BLC), {}, batch, RNG, True))
+  out = sums(
+    objectives.make_ner(task_config(), V, FOURFOLD)(StandIn(logits_BLC), {}, batch, RNG, True)
+  )
   want = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
   for b in range(B):
     for i in range(L):
@@ -325,7 +403,7 @@ def test_embed_in_batch_contrastive_loss(weight_B, label_B, min_score):
   temperature = 0.1
   batch, outs = pair_batch(weight_B, label_B)
   t = task_config(temperature=temperature, min_score=min_score)
-  out = sums(objectives.make_embed(t, V)(StandIn(outs), {}, batch, RNG, True))
+  out = sums(objectives.make_embed(t, V, FOURFOLD)(StandIn(outs), {}, batch, RNG, True))
 
   a_BD = outs[batch["tokens"].tobytes()].astype(np.float64)
   b_BD = outs[batch["tokens_b"].tobytes()].astype(np.float64)
@@ -408,7 +486,9 @@ def test_diffusion_training_draw_is_the_weighted_masked_nll(schedule, exponent):
   totals = []
   for seed in range(4):  # several draws, so that some mask a position of each row
     model.calls.clear()
-    out = sums(objectives.make_diffusion(t, V)(model, {}, batch, jax.random.key(seed), False))
+    out = sums(
+      objectives.make_diffusion(t, V, FOURFOLD)(model, {}, batch, jax.random.key(seed), False)
+    )
     (draw,) = diffusion_draws(model, batch, logits_BLV, "time", schedule, exponent)
     t_B = np.asarray(model.calls[0][2]["time_B"], np.float64)
     assert np.all((t_B > 0) & (t_B <= 1)) and abs(t_B[0] - t_B[1]) == pytest.approx(0.5)
@@ -424,7 +504,9 @@ def test_diffusion_count_estimator_weighs_by_n_over_k():
   model = StandIn(logits_BLV, time_conditioning=True)
   for seed in range(3):
     model.calls.clear()
-    out = sums(objectives.make_diffusion(t, V)(model, {}, batch, jax.random.key(seed), False))
+    out = sums(
+      objectives.make_diffusion(t, V, FOURFOLD)(model, {}, batch, jax.random.key(seed), False)
+    )
     (draw,) = diffusion_draws(model, batch, logits_BLV, "count", "loglinear", 1.0)
     check(out, {"loss_sum": draw, "weight": 13.0, "bytes": 10.0})
 
@@ -435,7 +517,7 @@ def test_diffusion_evaluation_averages_its_draws_with_times():
   batch = packed_batch(5)
   logits_BLV = logits(42, B, L, V)
   model = StandIn(logits_BLV, time_conditioning=True)
-  out = sums(objectives.make_diffusion(t, V)(model, {}, batch, RNG, True))
+  out = sums(objectives.make_diffusion(t, V, FOURFOLD)(model, {}, batch, RNG, True))
   draws = diffusion_draws(model, batch, logits_BLV, "time", "loglinear", 1.0)
   assert len(draws) == 3 and len(set(draws)) == 3
   want = {"loss_sum": np.mean(draws), "loss_draws": draws, "weight": 13.0, "bytes": 10.0}
@@ -445,6 +527,6 @@ def test_diffusion_evaluation_averages_its_draws_with_times():
 def test_an_untimed_denoiser_is_not_given_the_time():
   t = task_config()
   model = StandIn(logits(43, B, L, V), time_conditioning=False)
-  objectives.make_diffusion(t, V)(model, {}, packed_batch(), RNG, False)
+  objectives.make_diffusion(t, V, FOURFOLD)(model, {}, packed_batch(), RNG, False)
   ((_, _, kwargs),) = model.calls
   assert kwargs["time_B"] is None

@@ -6,7 +6,7 @@ Sources: a TFDS dataset (`glue/sst2`, `glue/stsb`, `imdb_reviews`, ...) or local
   [CLS] text [SEP]                      (single text)
   [CLS] text [SEP] text_pair [SEP]      (pairs: `task.text_pair_field` set)
 
-padded to `data.seq_len`. Longer examples are truncated, the longer text first, and
+with the tokenizer's [CLS] and [SEP] ids, padded to `data.seq_len` with its pad id. Longer examples are truncated, the longer text first, and
 counted in the log. Rows carry `tokens`, `positions`, `segment_ids` (1 on tokens, 0 on
 padding), `token_types` (0 first text, 1 second), `label` (int32 class, or float32
 target for regression) and `weight` (1, or 0 on rows that only pad the last eval batch).
@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from modeling.vocab import CLS_ID, SEP_ID
 from train.data import sources
 from train.data.pipeline import ShardedBatches, check_process
 from train.data.tokenizers import Tokenizer
@@ -99,8 +98,10 @@ def encode_rows(
 ) -> tuple[dict[str, np.ndarray], int]:
   """[(text, text_pair or None)] -> (row arrays, how many were truncated)."""
   n = len(texts)
+  cls, sep = _cls_sep(tokenizer)
   tokens = np.zeros((n, seq_len), np.int32)
   types = np.zeros((n, seq_len), np.int32)
+  lengths = np.zeros(n, np.int32)
   truncated = 0
   for i, (a, b) in enumerate(texts):
     a_N = tokenizer.encode(a)
@@ -111,18 +112,30 @@ def encode_rows(
     if len(a_N) + (0 if b_N is None else len(b_N)) > room:
       truncated += 1
       a_N, b_N = _truncate(a_N, b_N, room)
-    row = [CLS_ID, *a_N, SEP_ID]
+    row = [cls, *a_N, sep]
     tokens[i, : len(row)] = row
+    lengths[i] = len(row)
     if b_N is not None:
-      tokens[i, len(row) : len(row) + len(b_N) + 1] = [*b_N, SEP_ID]
+      tokens[i, len(row) : len(row) + len(b_N) + 1] = [*b_N, sep]
       types[i, len(row) : len(row) + len(b_N) + 1] = 1
-  return _row_arrays(tokens, types), truncated
+      lengths[i] += len(b_N) + 1
+  return _row_arrays(tokens, types, lengths, tokenizer.specials.pad), truncated
 
 
-def _row_arrays(tokens: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
-  """Padded rows of one example each: segment 1 on tokens, 0 on padding; positions 0.."""
-  segment_ids = (tokens != 0).astype(np.int32)  # tokenizers never emit PAD_ID (0)
+def _cls_sep(tokenizer: Tokenizer) -> tuple[int, int]:
+  """The tokenizer's [CLS] and [SEP] ids, which every labeled row needs."""
+  why = "a labeled example's [CLS] text [SEP] row"
+  return tokenizer.specials.require("cls", why), tokenizer.specials.require("sep", why)
+
+
+def _row_arrays(
+  tokens: np.ndarray, types: np.ndarray, lengths: np.ndarray, pad: int
+) -> dict[str, np.ndarray]:
+  """Rows of one example each, the first `lengths` tokens real: segment 1 on them, 0 on the
+  padding (which gets the id `pad`); positions 0.."""
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+  segment_ids = (positions < lengths[:, None]).astype(np.int32)
+  tokens = np.where(segment_ids > 0, tokens, pad).astype(np.int32)
   return {
     "tokens": tokens,
     "token_types": types,
@@ -272,7 +285,8 @@ def encode_words(
   Byte-level tokenizers get a space between words; SentencePiece marks word starts
   itself. Returns (ids, labels, words kept); words past `seq_len` are dropped.
   """
-  ids, labels, kept = [CLS_ID], [-1], 0
+  cls_id, sep_id = _cls_sep(tokenizer)
+  ids, labels, kept = [cls_id], [-1], 0
   space = list(tokenizer.encode(" ")) if tokenizer.is_byte_level else []
   for i, (word, tag) in enumerate(zip(words, tag_ids, strict=True)):
     pieces = list(tokenizer.encode(word)) or list(tokenizer.encode("?"))
@@ -282,7 +296,7 @@ def encode_words(
     ids += sep + pieces
     labels += [-1] * len(sep) + [tag] + [-1] * (len(pieces) - 1)
     kept += 1
-  return np.asarray(ids + [SEP_ID], np.int32), np.asarray(labels + [-1], np.int32), kept
+  return np.asarray(ids + [sep_id], np.int32), np.asarray(labels + [-1], np.int32), kept
 
 
 def load_tagged(
@@ -299,7 +313,7 @@ def load_tagged(
   seq_len = d.seq_len
   if seq_len < 3:
     raise ValueError(f"data.seq_len={seq_len}: too short for [CLS] word [SEP] rows")
-  rows = {k: [] for k in ("tokens", "labels")}
+  rows = {k: [] for k in ("tokens", "labels", "lengths")}
   dropped_tags, truncated = [], 0
   for where, record in _records(name, split, config, fields):
     for key, field in fields.items():
@@ -328,6 +342,7 @@ def load_tagged(
     truncated += kept < len(words)
     dropped_tags.append(tag_ids[kept:])
     rows["tokens"].append(np.pad(ids, (0, seq_len - len(ids))))
+    rows["lengths"].append(len(ids))
     rows["labels"].append(np.pad(labels, (0, seq_len - len(labels)), constant_values=-1))
   if not rows["tokens"]:
     raise ValueError(f"data.name={name!r}: the {split!r} split has no examples")
@@ -349,7 +364,9 @@ def load_tagged(
   for i, tags in enumerate(dropped_tags):
     dropped[i, : len(tags)] = tags
   return {
-    **_row_arrays(tokens, np.zeros_like(tokens)),
+    **_row_arrays(
+      tokens, np.zeros_like(tokens), np.asarray(rows["lengths"]), tokenizer.specials.pad
+    ),
     "labels": np.stack(rows["labels"]),
     "dropped": dropped,
     "weight": np.ones(n, np.float32),

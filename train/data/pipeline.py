@@ -1,10 +1,10 @@
 """Packed, batched token streams for training and evaluation, built with grain.
 
-Documents are tokenized, ended with EOS, concatenated and cut into rows of
-`data.seq_len` tokens (`ConcatThenSplitIterDataset`). Every batch is a dict of int32
-`[batch, seq_len]` arrays:
+Documents are tokenized, framed (by default as the tokenizer's model frames a document:
+[BOS when it adds one] ... EOS), concatenated and cut into rows of `data.seq_len` tokens
+(`ConcatThenSplitIterDataset`). Every batch is a dict of int32 `[batch, seq_len]` arrays:
 
-  tokens       token ids, PAD_ID (0) after the last document of a padded row
+  tokens       token ids, 0 after the last document of a padded row
   segment_ids  1, 2, ... for the documents (or document pieces) of a row; 0 is padding
   positions    position within the document piece, 0 at each piece's start
 
@@ -21,7 +21,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from modeling.vocab import EOS_ID
+from modeling.vocab import Specials
 from train.data.sources import load_documents
 from train.data.tokenizers import Tokenizer
 
@@ -44,14 +44,24 @@ def check_process(process_index: int, process_count: int) -> None:
     )
 
 
-DECODER_FRAME = ((), (EOS_ID,))
+# (prefix ids, suffix ids) put around each document before packing
+Frame = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def document_frame(specials: Specials) -> Frame:
+  """A document as the tokenizer's model sees one: BOS first when it adds one (Llama),
+  EOS last."""
+  eos = specials.require("eos", "ending each document")
+  return ((specials.bos,) if specials.add_bos else (), (eos,))
 
 
 def _tokenized_docs(
-  docs: grain.MapDataset, tokenizer: Tokenizer, frame: tuple = DECODER_FRAME
+  docs: grain.MapDataset, tokenizer: Tokenizer, frame: Frame | None = None
 ) -> grain.MapDataset:
-  """Each document as `{"tokens": prefix + ids + suffix}` (the family's frame: decoders end
-  documents with EOS, encoders wrap them in CLS ... SEP); empty documents are dropped."""
+  """Each document as `{"tokens": prefix + ids + suffix}` (the family's frame, by default
+  `document_frame`; encoders wrap documents in CLS ... SEP); empty documents are dropped."""
+  if frame is None:
+    frame = document_frame(tokenizer.specials)
   prefix, suffix = (np.asarray(ids, np.int32) for ids in frame)
 
   def tokenize(doc: str | bytes) -> dict[str, np.ndarray]:
@@ -154,7 +164,7 @@ def train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
-  frame: tuple = DECODER_FRAME,
+  frame: Frame | None = None,
   rows_fn=None,
 ) -> grain.DatasetIterator:
   """Infinite packed training batches of this process's `batch_size` rows.
@@ -210,7 +220,7 @@ def eval_batches(
   max_batches: int = 0,
   process_index: int = 0,
   process_count: int = 1,
-  frame: tuple = DECODER_FRAME,
+  frame: Frame | None = None,
   rows_fn=None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """The validation data, once, in order, as packed batches of `batch_size` rows.

@@ -4,7 +4,7 @@ alone or as a Flan-style mixture), packed on both sides.
 Every batch is a dict of int32 `[batch, length]` arrays: the encoder's `tokens`,
 `segment_ids`, `positions` (`data.seq_len` long) and the decoder's `targets`,
 `targets_segment_ids`, `targets_positions` (`data.target_len` long). Both sides end each
-example with EOS. Span corruption changes lengths, so it runs here, in the pipeline, with
+example with the tokenizer's EOS. Span corruption changes lengths, so it runs here, in the pipeline, with
 grain's per-element random maps: seeded, and restored with the iterator's state.
 """
 
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from modeling.vocab import EOS_ID
+from modeling.vocab import EOS_ID, FOURFOLD, Specials
 from train.data import labeled, pipeline, sources
 from train.data.tokenizers import Tokenizer
 
@@ -79,10 +79,11 @@ def span_corrupt(
   noise_density: float,
   mean_span: float,
   first_sentinel: int,
+  eos: int = EOS_ID,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets): each noise span replaced in the inputs by one sentinel (ids
   `first_sentinel`, `first_sentinel` + 1, ... in order), and the targets listing each
-  sentinel followed by the span it hides; both end with EOS."""
+  sentinel followed by the span it hides; both end with `eos`."""
   mask_N = noise_mask(len(tokens_N), noise_density, mean_span, rng)
   starts_N = mask_N & ~np.concatenate([[False], mask_N[:-1]])
   sentinel_N = first_sentinel + np.cumsum(starts_N) - 1
@@ -94,8 +95,8 @@ def span_corrupt(
   slot_N = np.arange(len(noise_idx)) + np.cumsum(lead_N)  # each token after its sentinel(s)
   targets_N[slot_N] = tokens_N[noise_idx]
   targets_N[slot_N[lead_N] - 1] = sentinel_N[noise_idx[lead_N]]
-  eos = np.array([EOS_ID], np.int32)
-  return np.concatenate([inputs_N.astype(np.int32), eos]), np.concatenate([targets_N, eos])
+  end = np.array([eos], np.int32)
+  return np.concatenate([inputs_N.astype(np.int32), end]), np.concatenate([targets_N, end])
 
 
 def _pad(a_N: np.ndarray, length: int) -> np.ndarray:
@@ -138,8 +139,9 @@ def target_len(config: ml_collections.ConfigDict) -> int:
   return d.target_len or d.seq_len
 
 
-def span_rows_fn(config: ml_collections.ConfigDict, vocab_size: int):
-  """rows_fn for pipeline.train_iterator / eval_batches: documents -> corrupted rows."""
+def span_rows_fn(config: ml_collections.ConfigDict, vocab_size: int, specials: Specials = FOURFOLD):
+  """rows_fn for pipeline.train_iterator / eval_batches: documents -> corrupted rows, the
+  sentinels numbered from `vocab_size` on, both sides ended with `specials.eos`."""
   d, t = config.data, config.task
   raw, _ = span_lengths(d.seq_len, t.noise_density, t.mean_span_length)
   tgt_len = target_len(config)
@@ -150,9 +152,13 @@ def span_rows_fn(config: ml_collections.ConfigDict, vocab_size: int):
       f"raise it to >= {spans}"
     )
 
+  eos = specials.require("eos", "span corruption (ending inputs and targets)")
+
   def corrupt(chunk: dict, rng: np.random.Generator) -> dict:
     tokens_N = chunk["tokens"][chunk["tokens_segment_ids"] > 0]
-    inputs, targets = span_corrupt(tokens_N, rng, t.noise_density, t.mean_span_length, vocab_size)
+    inputs, targets = span_corrupt(
+      tokens_N, rng, t.noise_density, t.mean_span_length, vocab_size, eos
+    )
     return row(inputs, targets, d.seq_len, tgt_len)
 
   def rows_fn(documents: grain.IterDataset, seed: int) -> grain.IterDataset:
@@ -413,8 +419,8 @@ class Counts:
 def encode_pair(
   pair: tuple[str, str], tokenizer: Tokenizer, seq_len: int, tgt_len: int, counts: Counts
 ) -> dict | None:
-  """Token ids of both texts, each ended with EOS and cut to its side's length; None
-  (skipped) when the target is empty."""
+  """Token ids of both texts, each ended with the tokenizer's EOS and cut to its side's
+  length; None (skipped) when the target is empty."""
   inputs_N = tokenizer.encode(pair[0])
   targets_N = tokenizer.encode(pair[1])
   empty = targets_N.size == 0
@@ -422,7 +428,7 @@ def encode_pair(
   counts.note(long_in, long_tgt and not empty, empty)
   if empty:
     return None
-  eos = np.array([EOS_ID], np.int32)
+  eos = np.array([tokenizer.specials.require("eos", "a text-to-text example")], np.int32)
   return {
     "inputs": np.concatenate([inputs_N[: seq_len - 1].astype(np.int32), eos]),
     "targets": np.concatenate([targets_N[: tgt_len - 1].astype(np.int32), eos]),

@@ -1,7 +1,8 @@
 """Tokenizers: raw bytes, or a SentencePiece model trained with the fourfold special ids.
 
-Every tokenizer shares the ids 0..7, so objectives (MLM masks, span sentinels, diffusion
-masks) and packing can use them without asking which tokenizer is in use.
+Each tokenizer names its special ids in `specials` (modeling/vocab.py `Specials`): bytes
+and fourfold SentencePiece models share the ids 0..7 (`FOURFOLD`). Framing, objectives and
+decoding read the ids from there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,18 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-from modeling.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID
+from modeling.vocab import (
+  BOS_ID,
+  CLS_ID,
+  EOS_ID,
+  FOURFOLD,
+  MASK_ID,
+  NUM_SPECIAL,
+  PAD_ID,
+  SEP_ID,
+  UNK_ID,
+  Specials,
+)
 
 # Control pieces at the reserved ids 3, 4, 5, 7 of the SentencePiece models train_spm writes.
 SPM_RESERVED_PIECES = ("[MASK]", "[CLS]", "[SEP]", "[RESERVED7]")
@@ -23,12 +35,17 @@ _ALLOWED_SPECS = "allowed: 'byte' or 'spm:<path to .model>'"
 class Tokenizer(Protocol):
   """What the pipeline and the trainer need from a tokenizer."""
 
-  vocab_size: int
+  vocab_size: int  # the ids it can emit, added tokens included
   is_byte_level: bool
+  specials: Specials  # its model's special ids and framing
 
-  def encode(self, text: str | bytes) -> np.ndarray: ...
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids (int32) of the text alone, without the model's framing (BOS / EOS)."""
+    ...
 
-  def decode(self, ids: np.ndarray | list[int]) -> str: ...
+  def decode(self, ids: np.ndarray | list[int]) -> str:
+    """Text of `ids`, special ids skipped."""
+    ...
 
 
 class ByteTokenizer:
@@ -36,6 +53,7 @@ class ByteTokenizer:
 
   vocab_size = 256 + NUM_SPECIAL
   is_byte_level = True
+  specials = FOURFOLD
 
   def encode(self, text: str | bytes) -> np.ndarray:
     """Token ids (int32, no EOS) of `text`; bytes are taken as they are, valid UTF-8 or not."""
@@ -57,6 +75,7 @@ class SentencePieceTokenizer:
   """A SentencePiece `.model` whose special ids follow the fourfold layout (see train_spm)."""
 
   is_byte_level = False
+  specials = FOURFOLD
 
   def __init__(self, path: str):
     self.path = path
