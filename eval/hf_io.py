@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 
@@ -81,7 +82,7 @@ class SafetensorsFolder:
     with safe_open(self.files[name], "numpy") as f:  # opened per tensor: nothing stays mapped
       x = f.get_tensor(name)
     self.dtypes[str(x.dtype)] = self.dtypes.get(str(x.dtype), 0) + 1
-    return x.astype(np.float32)
+    return x.astype(np.float32, copy=False)
 
 
 def _canonical(name: str, arch: Arch) -> str:
@@ -171,6 +172,7 @@ def convert_tensors(folder: SafetensorsFolder, arch: Arch, links: list[Link], ab
       if x.shape != shape:
         raise ValueError(f"{link.hf}: gives {path} shape {x.shape}, the config needs {shape}")
       placed[path] = _place(x, abstract[path])
+    del arrays, ours  # one link's host arrays at a time
   not_loaded = sorted(set(abstract) - set(placed))
   if not_loaded:
     raise ValueError(f"{arch.name}: no checkpoint tensor fills {not_loaded[:8]}")
@@ -226,7 +228,12 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   config.data.tokenizer = f"hf:{os.path.abspath(tok_dir)}"
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  ckpt = Checkpointer(workdir, keep=1, async_save=False)
+  # the params already fill host memory on a CPU backend: write them out as few at a time as
+  # orbax allows (its budget must hold the largest array)
+  largest = max(x.size * x.dtype.itemsize for x in placed.values())
+  ckpt = Checkpointer(
+    workdir, keep=1, async_save=False, save_concurrent_gb=math.ceil(largest / 1e9)
+  )
   ckpt.save(0, {"params": _unflatten(placed)}, None, force=True)
   ckpt.close()
   n = sum(int(np.prod(x.shape)) for x in placed.values())

@@ -219,9 +219,15 @@ def generate(
       stacklevel=2,
     )
   context_BP, done_B = prompt_BP, jnp.zeros(prompt_BP.shape[0], bool)
+  # LongRoPE changes every position's rotation once a position passes the pretraining
+  # context: there the cache is rebuilt from the whole sequence, as transformers' Phi-3 does
+  rope = model.cfg.rope
+  boundary = rope.original_max_len + 1 if rope.scaling == "longrope" else 0
   pieces, made = [], 0
   while made < num_tokens:
     n = min(num_tokens - made, max_len - context_BP.shape[1])
+    if context_BP.shape[1] < boundary:
+      n = min(n, boundary - context_BP.shape[1])
     new_BN, done_B = _generate(
       model,
       params,
@@ -239,7 +245,9 @@ def generate(
     if bool(jnp.all(done_B)):
       pieces.append(np.zeros((prompt_BP.shape[0], num_tokens - made), np.int32))
       break
-    context_BP = np.concatenate([context_BP, pieces[-1]], axis=1)[:, -(max_len // 2) :]
+    context_BP = np.concatenate([context_BP, pieces[-1]], axis=1)
+    if context_BP.shape[1] >= max_len:
+      context_BP = context_BP[:, -(max_len // 2) :]
   return np.concatenate(pieces, axis=1)
 
 

@@ -42,7 +42,9 @@ def check_same_shapes(saved, expected, where: str) -> None:
 class Checkpointer:
   """An async CheckpointManager under `<workdir>/checkpoints`, keeping the last N."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+  def __init__(
+    self, workdir: str, keep: int = 3, async_save: bool = True, save_concurrent_gb: int = 96
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -50,7 +52,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
       ),
       item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
+        "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
         "data": grain.checkpoint.CheckpointHandler(),
       },
     )

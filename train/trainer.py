@@ -258,11 +258,7 @@ def finish(config, family: families.Family, model, params, tokenizer, workdir: s
 def saved_config(saved: dict) -> ml_collections.ConfigDict:
   """A run's config from its JSON: keys added since it was saved keep base.py's defaults, the
   axis rules are tuples again, and the mesh is one replica per device (for inference)."""
-  config = base.get_config()
-  config.update(saved)
-  config.logical_axis_rules = tuple(
-    (k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules
-  )
+  config = base.from_saved(saved)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   return config
 

@@ -133,3 +133,33 @@ def test_negative_controls_exceed_the_tolerance(workdirs, monkeypatch):
         patch.setattr(rope, "apply_rope", interleaved_rope)
       diff = np.abs(forward(mutate(model), params, ref) - reference(ref)).max()
     assert diff > 10 * tolerance(ref), f"{name}: the mutation moved logits only {diff:.3g}"
+
+
+def test_fine_tuning_an_import_starts_from_it_and_resumes_exactly(workdirs, tmp_path, capsys):
+  """configs/workdir.py:<import> trains from the imported weights (every array loaded, none
+  fresh) with the imported tokenizer, and a resumed run logs the losses of a straight one."""
+  import tensorflow_datasets as tfds
+
+  from configs import workdir as workdir_preset
+  from tests.tiny_models import short_run
+  from train import trainer
+  from train.metrics import read_metrics
+
+  def config(steps):
+    c = workdir_preset.get_config(workdirs("llama3"))
+    c.data.update(name="tiny_shakespeare", seq_len=32, shuffle_window=16)
+    return short_run(c, steps, batch_size=4, eval_every=0, checkpoint_every=1)
+
+  with tfds.testing.mock_data(num_examples=8):
+    trainer.run(config(2), str(tmp_path / "straight"))
+    assert "new, initialized fresh: none" in capsys.readouterr().out
+    trainer.run(config(1), str(tmp_path / "resumed"))
+    trainer.run(config(2), str(tmp_path / "resumed"))
+    with pytest.raises(ValueError, match="holds weights only"):  # an import is not resumed
+      trainer.run(config(2), workdirs("llama3"))
+
+  def losses(d):
+    return {r["step"]: r["train/loss"] for r in read_metrics(str(d)) if "train/loss" in r}
+
+  straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+  assert sorted(straight) == [1, 2] and resumed == straight
