@@ -24,6 +24,8 @@ setup(
     "gguf>=0.17",  # GGUF export for llama.cpp (eval.export --format=gguf)
     "rouge-score>=0.1.2",  # ROUGE-1/2/L of decoded text (encoder-decoder family)
     "sacrebleu>=2.4",  # BLEU of decoded translations
+    "tokenizers>=0.22",  # Hugging Face models' tokenizer.json (data.tokenizer='hf:<dir>')
+    "safetensors>=0.4",  # Hugging Face checkpoints' weights
   ],
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)

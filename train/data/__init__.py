@@ -4,6 +4,8 @@ from train.data.pipeline import eval_batches, train_iterator
 from train.data.sources import load_documents, validate_source
 from train.data.tokenizers import (
   ByteTokenizer,
+  HuggingFaceSentencePieceTokenizer,
+  HuggingFaceTokenizer,
   SentencePieceTokenizer,
   Tokenizer,
   make_tokenizer,
@@ -11,6 +13,8 @@ from train.data.tokenizers import (
 
 __all__ = [
   "ByteTokenizer",
+  "HuggingFaceSentencePieceTokenizer",
+  "HuggingFaceTokenizer",
   "SentencePieceTokenizer",
   "Tokenizer",
   "eval_batches",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from modeling.vocab import FOURFOLD
 from train.data import tokenizers as tk
 from train.data import train_spm
 
@@ -113,10 +114,21 @@ def test_foreign_spm_model_is_rejected(tmp_path):
     tk.make_tokenizer(f"spm:{prefix}.model")
 
 
-@pytest.mark.parametrize("spec", ["bpe", "spm:/no/such/file.model", "", "Byte"])
+@pytest.mark.parametrize("spec", ["bpe", "spm:/no/such/file.model", "", "Byte", "hf:/no/such/dir"])
 def test_make_tokenizer_rejects_bad_specs(spec):
-  with pytest.raises(ValueError, match=r"data\.tokenizer=.*allowed: 'byte' or 'spm:"):
+  with pytest.raises(ValueError, match=r"data\.tokenizer=.*allowed: 'byte', 'spm:.*'hf:"):
     tk.make_tokenizer(spec)
+
+
+def test_fourfold_tokenizers_have_the_fourfold_special_ids(spm_path):
+  for tok in (tk.ByteTokenizer(), tk.make_tokenizer(f"spm:{spm_path}")):
+    assert tok.specials == FOURFOLD
+  s = FOURFOLD
+  assert (s.pad, s.eos, s.bos, s.mask, s.cls, s.sep, s.unk) == (0, 1, 2, 3, 4, 5, 6)
+  assert (s.decoder_start, s.add_bos, s.stop_ids) == (tk.BOS_ID, False, (tk.EOS_ID,))
+  ids_N = np.arange(300)
+  np.testing.assert_array_equal(s.is_special(ids_N), ids_N < tk.NUM_SPECIAL)
+  assert s.num_ordinary(264) == 256 and s.first_ordinary() == tk.NUM_SPECIAL
 
 
 def test_make_tokenizer_rejects_corrupt_model(tmp_path):
