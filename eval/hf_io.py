@@ -250,7 +250,10 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
 
 def _model_fields(config, vocab_size: int) -> dict:
   cfg = families.resolve(config).transformer_config(config, vocab_size)
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+  fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+  if cfg.mlp in ("relu", "swiglu") and cfg.head != "mlm":
+    del fields["gelu"]  # no GELU anywhere in the model
+  return fields
 
 
 def _mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
@@ -262,7 +265,7 @@ def _mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
   probe.model = base.get_config().model
   probe.model.family = arch.family
   try:
-    probe.model.update(arch.read_config(hf_config_of(config, arch))["model"])
+    probe.model.update(arch.read_config(hf_config_of(config, arch, vocab_size))["model"])
   except Unsupported as e:
     return [str(e)]
   ours, back = _model_fields(config, vocab_size), _model_fields(probe, vocab_size)
@@ -277,8 +280,10 @@ def _head(arch: Arch) -> str:
   return families.FAMILIES[arch.family].tasks[arch.task["name"]].head
 
 
-def hf_config_of(config, arch: Arch) -> dict:
+def hf_config_of(config, arch: Arch, vocab_size: int) -> dict:
+  """`arch`'s config.json fields for the model (derived sizes resolved)."""
   m = copy.deepcopy(config.model)
+  m.vocab_size = families.resolve(config).transformer_config(config, vocab_size).vocab_size
   m.head_dim = m.head_dim or m.d_model // m.num_heads
   m.max_len = m.max_len or config.data.seq_len
   m.num_decoder_layers = m.num_decoder_layers or m.num_layers
@@ -321,7 +326,7 @@ def export_hf(workdir: str, output: str) -> dict:
   hf = {
     **_special_ids(tokenizer, arch),
     **{k: v for k, v in source.items() if k.endswith("token_id") or k == "task_specific_params"},
-    **hf_config_of(config, arch),
+    **hf_config_of(config, arch, tokenizer.vocab_size),
     "architectures": [arch.name],
     "model_type": arch.model_type,
     "torch_dtype": "float32",

@@ -163,3 +163,78 @@ def test_fine_tuning_an_import_starts_from_it_and_resumes_exactly(workdirs, tmp_
 
   straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
   assert sorted(straight) == [1, 2] and resumed == straight
+
+
+def _edited_gpt2(tmp_path, config=None, tensors=None):
+  """A copy of the gpt2 fixture with config.json fields and tensors changed (None: drop)."""
+  import shutil
+
+  from safetensors.numpy import save_file
+
+  src = tmp_path / "src"
+  shutil.copytree(FIXTURES / "gpt2", src)
+  hf = json.loads((src / "config.json").read_text())
+  (src / "config.json").write_text(json.dumps({**hf, **(config or {})}))
+  if tensors:
+    with safe_open(str(src / "model.safetensors"), "numpy") as f:
+      all_ = {k: f.get_tensor(k) for k in f.keys()}
+    all_.update(tensors)
+    save_file({k: v for k, v in all_.items() if v is not None}, str(src / "model.safetensors"))
+  return src
+
+
+@pytest.mark.parametrize(
+  "config,tensors,message",
+  [
+    ({"architectures": ["MambaForCausalLM"]}, None, "imports .*GPT2LMHeadModel.*LlamaForCausalLM"),
+    ({"activation_function": "gelu_fast"}, None, "activation_function='gelu_fast'"),
+    (None, {"transformer.h.1.ln_2.bias": None}, r"lacks 1 tensors.*h\.1\.ln_2\.bias"),
+    (None, {"transformer.h.0.adapter.weight": np.zeros(3, np.float32)}, "h.0.adapter.weight"),
+    (
+      None,
+      {"transformer.h.0.mlp.c_fc.weight": np.zeros((64, 100), np.float32)},
+      r"c_fc\.weight.*\(64, 100\).*\(64, 128\)",
+    ),
+    ({"vocab_size": 300}, None, "384 ids but the embedding only 300 rows"),
+  ],
+)
+def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path, config, tensors, message):
+  src = _edited_gpt2(tmp_path, config, tensors)
+  with pytest.raises(ValueError, match=message):
+    import_hf(str(src), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
+def test_a_sharded_index_naming_a_missing_file_and_a_non_empty_workdir_are_refused(tmp_path):
+  src = _edited_gpt2(tmp_path)
+  (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
+  with safe_open(str(src / "model-00001-of-00002.safetensors"), "numpy") as f:
+    names = list(f.keys())
+  weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
+  weight_map[names[0]] = "model-00002-of-00002.safetensors"
+  (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
+    import_hf(str(src), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+  (tmp_path / "wd").mkdir()
+  (tmp_path / "wd" / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="not empty; pass --overwrite"):
+    import_hf(str(FIXTURES / "gpt2"), str(tmp_path / "wd"))
+  assert (tmp_path / "wd" / "notes.txt").read_text() == "mine"
+
+
+def test_export_refuses_a_model_no_architecture_represents():
+  """Written as an architecture's config.json and read back, the model must not change."""
+  from eval.hf_io import choose_arch
+  from tests.tiny_models import tiny_config
+
+  t5 = tiny_config("t5")  # fourfold's T5 preset scales its attention logits; HF's T5 does not
+  with pytest.raises(ValueError, match=r"model.scale_attention=True .*reads back as False"):
+    choose_arch(t5, 264)
+  t5.model.scale_attention = False
+  assert choose_arch(t5, 264).name == "T5ForConditionalGeneration"
+  bitnet = tiny_config("llama")
+  bitnet.model.quant = "bitnet158"
+  with pytest.raises(ValueError, match="model.quant='bitnet158'"):
+    choose_arch(bitnet, 264)
+  assert choose_arch(tiny_config("gpt"), 264).name == "GPT2LMHeadModel"

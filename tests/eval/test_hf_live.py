@@ -72,6 +72,8 @@ def test_trained_here_then_exported_gives_the_same_logits_in_transformers(
 ):
   config = short_run(tiny_config(preset, options, seq_len=32, shuffle_window=16), 20)
   config.model.dropout = 0.0
+  if preset == "t5":  # transformers' T5 does not scale its attention logits
+    config.model.scale_attention = False
   run(config, str(tmp_path / "wd"))
   _, model, params, tokenizer = load_for_inference(str(tmp_path / "wd"))
   rng = np.random.default_rng(0)
