@@ -60,18 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
   c.model.neighbor_mix = 0  # encoder / diffusion: each position also reads a zero-initialized linear map of its +-N neighbours' embeddings; 0: off
   c.model.rope_theta = 10000.0  # RoPE base frequency
-  c.model.rope_fraction = (
-    1.0  # share of each head's features RoPE rotates (Phi's partial_rotary_factor)
-  )
+  c.model.rope_fraction = 1.0  # share of each head's features RoPE rotates (partial_rotary_factor)
   c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE context extension (modeling/rope.py)
   c.model.rope_scaling.type = "none"  # none | linear | llama3 | longrope (Phi-3)
   c.model.rope_scaling.factor = 1.0  # linear, llama3: the context extension factor
-  c.model.rope_scaling.low_freq_factor = (
-    1.0  # llama3: wavelengths past original_max_len / this are scaled
-  )
-  c.model.rope_scaling.high_freq_factor = (
-    4.0  # llama3: wavelengths below original_max_len / this are kept
-  )
+  c.model.rope_scaling.low_freq_factor = 1.0  # llama3: scale wavelengths > original_max_len / this
+  c.model.rope_scaling.high_freq_factor = 4.0  # llama3: keep wavelengths < original_max_len / this
   c.model.rope_scaling.original_max_len = 0  # llama3, longrope: the pretraining context
   c.model.rope_scaling.short_factor = ()  # longrope: per-frequency divisors within original_max_len
   c.model.rope_scaling.long_factor = ()  # longrope: per-frequency divisors past it
@@ -80,12 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5  # epsilon of the norms
   c.model.mlp = "gelu"  # gelu | relu (T5) | swiglu (Llama) | geglu (T5 v1.1 gated-GELU)
-  c.model.gelu = (
-    "tanh"  # tanh | erf: every GELU (MLP, GeGLU, MLM head); GPT-2 and T5 tanh, BERT erf
-  )
-  c.model.scale_attention = (
-    True  # attention logits scaled by 1/sqrt(head_dim); False: T5 (unscaled)
-  )
+  c.model.gelu = "tanh"  # tanh | erf: every GELU (MLP, GeGLU, MLM head); BERT uses erf
+  c.model.scale_attention = True  # logits scaled by 1/sqrt(head_dim); False: T5 (unscaled)
   c.model.use_bias = True  # biases in dense layers and LayerNorm
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
@@ -113,9 +103,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.tag_names = ""  # NER: comma-separated tag names; empty: the TFDS feature's names
   c.task.temperature = 0.05  # embed: softmax temperature of the in-batch contrastive loss
   c.task.min_score = 4.0  # embed: training pairs scored below this are not positives
-  c.task.pooling = (
-    "cls"  # sequence pooling: cls (first token) | mean | pooler (BERT's tanh(dense(cls)))
-  )
+  c.task.pooling = "cls"  # sequence pooling: cls (first token) | mean | pooler (BERT's)
   c.task.schedule = "loglinear"  # diffusion noise schedule: loglinear | cosine | polynomial
   c.task.schedule_exponent = 1.0  # diffusion: the exponent of the polynomial schedule 1 - t^w
   c.task.estimator = "time"  # diffusion training NELBO draw: time (t ~ U(0,1), w(t)) | count (k ~ U{1..n} masked, weight n/k; time-independent models; eval always time)
