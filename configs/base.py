@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "pystdlib"  # TFDS name (lm1b, tiny_shakespeare, c4/en, ...), pystdlib, text:<glob>, jsonl:<glob>
   c.data.eval_name = ""  # separate evaluation source; empty: local sources hold out their last 10%
   c.data.eval_split = ""  # TFDS split(s) evaluated, e.g. validation+test; empty: validation, else test; local sources: unused
-  c.data.tokenizer = "byte"  # byte | spm:<path to a SentencePiece .model>
+  c.data.tokenizer = "byte"  # byte | spm:<SentencePiece .model> | hf:<Hugging Face model dir>
   c.data.text_field = "text"  # the text feature of TFDS examples / the text key of JSONL records
   c.data.seq_len = 256  # packed sequence length in tokens
   c.data.tfds_data_dir = ""  # TFDS data dir; empty: TFDS's default (~/tensorflow_datasets)

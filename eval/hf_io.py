@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 
@@ -28,7 +27,7 @@ from configs import base
 from eval.hf_arch import ARCHITECTURES, Arch, Link, Unsupported, arch_of
 from modeling.vocab import NUM_SPECIAL
 from train import families, sharding
-from train.checkpoint import Checkpointer
+from train.checkpoint import save_params
 from train.data import make_tokenizer
 from train.data.tokenizers import HF_TOKENIZER_FILES
 from train.optim import make_optimizer
@@ -135,7 +134,8 @@ def _unflatten(flat: dict[str, object]) -> dict:
 
 def _place(x: np.ndarray, target) -> jax.Array:
   """A host array -> a global array in `target`'s sharding, each device given its slice."""
-  return jax.make_array_from_callback(x.shape, target.sharding, lambda index: x[index])
+  placed = jax.make_array_from_callback(x.shape, target.sharding, lambda index: x[index])
+  return placed.block_until_ready()  # the transfer is done before the host array goes
 
 
 def convert_tensors(folder: SafetensorsFolder, arch: Arch, links: list[Link], abstract: dict):
@@ -228,14 +228,7 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   config.data.tokenizer = f"hf:{os.path.abspath(tok_dir)}"
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-  # the params already fill host memory on a CPU backend: write them out as few at a time as
-  # orbax allows (its budget must hold the largest array)
-  largest = max(x.size * x.dtype.itemsize for x in placed.values())
-  ckpt = Checkpointer(
-    workdir, keep=1, async_save=False, save_concurrent_gb=math.ceil(largest / 1e9)
-  )
-  ckpt.save(0, {"params": _unflatten(placed)}, None, force=True)
-  ckpt.close()
+  save_params(workdir, _unflatten(placed))
   n = sum(int(np.prod(x.shape)) for x in placed.values())
   return {
     "architecture": arch.name,

@@ -116,6 +116,18 @@ class Checkpointer:
     self.manager.close()
 
 
+def save_params(workdir: str, params, step: int = 0) -> str:
+  """Writes weights only (an import: no optimizer state, no data iterator) where the trainer
+  keeps step `step`'s state, so `restore_params` and `init_from` read them. orbax copies one
+  array out at a time (its budget is the largest array), which bounds host memory on a CPU."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1.1 * (largest + 2**20) / 1e9)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave({"params": params}))
+  return path
+
+
 def _step_dir(path: str) -> str:
   """The latest step dir under a workdir or checkpoints dir, or `path` itself."""
   path = os.path.abspath(path)

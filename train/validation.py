@@ -23,6 +23,7 @@ from modeling.transformer import (
   REMAT_POLICIES,
   Transformer,
 )
+from modeling.vocab import FOURFOLD
 from train import families, sharding
 from train.data import make_tokenizer, seq2seq, validate_source
 from train.optim import SCHEDULES
@@ -155,6 +156,29 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
         )
 
 
+def _validate_specials(config, wiring: families.Wiring, tokenizer) -> None:
+  """The special tokens the family and task frame and predict with, from data.tokenizer."""
+  s, spec, fam = tokenizer.specials, config.data.tokenizer, config.model.family
+  if fam == "diffusion" and s != FOURFOLD:
+    fail(
+      "data.tokenizer",
+      spec,
+      "model.family='diffusion' masks and stops with fourfold's ids 3 and 1: use 'byte' or "
+      "an spm: model written by train.data.train_spm",
+    )
+  head = wiring.task.head
+  needs = {"eos": "ending documents and generations"} if head == "lm" else {}
+  if head == "mlm":
+    needs = {"mask": "masked language modeling", "cls": "framing", "sep": "framing"}
+  if head in ("classify", "tokens", "pool"):
+    needs = {"cls": "framing examples", "sep": "framing examples"}
+  if wiring.family.sentinels:
+    needs["decoder_start"] = "an encoder-decoder's decoder"
+  for name, why in needs.items():
+    if getattr(s, name) is None:
+      fail("data.tokenizer", spec, f"it has no {name} token, and {why} needs one")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
   """Raises ValueError on the first bad key; cheap, compiles nothing. Returns the config's
   family and task (`families.resolve`), for the caller to pass down."""
@@ -269,6 +293,7 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "'count' integrates the time out, so it needs model.time_conditioning=False",
     )
   tokenizer = make_tokenizer(config.data.tokenizer)
+  _validate_specials(config, wiring, tokenizer)
   if fam.sentinels:
     _validate_encdec(config, tokenizer)
   else:

@@ -8,6 +8,7 @@ import pytest
 
 from configs import gpt, llama
 from modeling.flops import matmul_params
+from tests.tiny_models import tiny_config
 from train import families, sharding
 from train.validation import CHOICES, validate_config
 
@@ -171,3 +172,21 @@ def test_base_comments_list_exactly_the_allowed_values():
     line = re.search(rf"^\s*c\.{re.escape(key)} = .*?# (.*)$", source, re.M)
     assert line, key
     assert sorted(listed_values(line.group(1))) == sorted(allowed), key
+
+
+def test_a_tokenizer_without_the_special_tokens_a_task_needs_is_refused():
+  """GPT-2's tokenizer has no [MASK] (MLM) and no [CLS] (labeled tasks); diffusion masks with
+  fourfold's own ids."""
+  import pathlib
+
+  gpt2 = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "gpt2"
+  for preset, options, message in (
+    ("bert", "arch=bert", "no mask token, and masked language modeling"),
+    ("bert", "arch=bert,task=classify", "no cls token"),
+    ("mdlm", "", "model.family='diffusion' masks and stops"),
+  ):
+    config = tiny_config(preset, options)
+    config.data.tokenizer = f"hf:{gpt2}"
+    config.model.vocab_size = 384
+    with pytest.raises(ValueError, match=f"data.tokenizer='hf:.*': .*{message}"):
+      validate_config(config)
