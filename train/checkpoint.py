@@ -42,9 +42,7 @@ def check_same_shapes(saved, expected, where: str) -> None:
 class Checkpointer:
   """An async CheckpointManager under `<workdir>/checkpoints`, keeping the last N."""
 
-  def __init__(
-    self, workdir: str, keep: int = 3, async_save: bool = True, save_concurrent_gb: int = 96
-  ):
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -52,7 +50,7 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save
       ),
       item_handlers={
-        "state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb),
+        "state": ocp.StandardCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
       },
     )
@@ -122,7 +120,7 @@ def save_params(workdir: str, params, step: int = 0) -> str:
   array out at a time (its budget is the largest array), which bounds host memory on a CPU."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
   largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1.1 * (largest + 2**20) / 1e9)
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=(largest + 2**20) / 1e9)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(path, args=ocp.args.PyTreeSave({"params": params}))
   return path
