@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
@@ -27,7 +29,7 @@ from configs import base
 from eval.hf_arch import ARCHITECTURES, Arch, Link, Unsupported, arch_of
 from modeling.vocab import NUM_SPECIAL
 from train import families, sharding
-from train.checkpoint import save_params
+from train.checkpoint import ParamsWriter
 from train.data import make_tokenizer
 from train.data.tokenizers import HF_TOKENIZER_FILES
 from train.optim import make_optimizer
@@ -138,9 +140,12 @@ def _place(x: np.ndarray, target) -> jax.Array:
   return placed.block_until_ready()  # the transfer is done before the host array goes
 
 
-def convert_tensors(folder: SafetensorsFolder, arch: Arch, links: list[Link], abstract: dict):
-  """{path: placed array} for every link, or an error naming the missing / extra tensors
-  or the first shape that does not fit."""
+def convert_tensors(
+  folder: SafetensorsFolder, arch: Arch, links: list[Link], abstract: dict, write: Callable
+):
+  """Converts every link's tensors, placed in their shardings, handing them to `write` a
+  layer at a time; returns (parameters, tensors read past). Errors name the missing or extra
+  tensors, or the first shape that does not fit."""
   available = {_canonical(n, arch): n for n in folder.names()}
   wanted = [n for link in links for n in link.hf]
   missing = [n for n in wanted if n not in available]
@@ -157,8 +162,14 @@ def convert_tensors(folder: SafetensorsFolder, arch: Arch, links: list[Link], ab
     )
   if unused:
     logging.info("%s: not used (heads %s lacks): %s", arch.name, arch.name, unused)
-  placed = {}
+  written: set[str] = set()
+  group, group_name = {}, None
   for link in links:
+    name = link.ours[0].split("/")[0]  # one partial save per layer (or top-level param)
+    if group and name != group_name:
+      write(_unflatten(group))
+      group = {}
+    group_name = name
     shapes = [tuple(abstract[p].shape) for p in link.ours]
     arrays = [folder.read(available[n]) for n in link.hf]
     try:
@@ -171,29 +182,27 @@ def convert_tensors(folder: SafetensorsFolder, arch: Arch, links: list[Link], ab
     for path, x, shape in zip(link.ours, ours, shapes, strict=True):
       if x.shape != shape:
         raise ValueError(f"{link.hf}: gives {path} shape {x.shape}, the config needs {shape}")
-      placed[path] = _place(x, abstract[path])
+      group[path] = _place(x, abstract[path])
+      written.add(path)
     del arrays, ours  # one link's host arrays at a time
-  not_loaded = sorted(set(abstract) - set(placed))
+  not_loaded = sorted(set(abstract) - written)
   if not_loaded:
     raise ValueError(f"{arch.name}: no checkpoint tensor fills {not_loaded[:8]}")
-  return placed, unused
+  write(_unflatten(group))
+  return sum(int(np.prod(abstract[p].shape)) for p in written), unused
 
 
-def prepare_workdir(workdir: str, overwrite: bool) -> None:
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    if not overwrite:
-      raise ValueError(
-        f"--workdir={workdir} exists and is not empty; pass --overwrite to replace it"
-      )
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
+def _refuse_non_empty(workdir: str, overwrite: bool) -> None:
+  if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
+    raise ValueError(f"--workdir={workdir} exists and is not empty; pass --overwrite to replace it")
 
 
 def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   """Writes `workdir` (config.json, tokenizer/, checkpoints/0 holding the params) from a
-  Hugging Face model folder; returns a summary. Nothing is written if any check fails."""
-  if os.path.isdir(workdir) and os.listdir(workdir) and not overwrite:
-    raise ValueError(f"--workdir={workdir} exists and is not empty; pass --overwrite to replace it")
+  Hugging Face model folder; returns a summary. The params are written a layer at a time into
+  a sibling directory that replaces `workdir` only when everything passed: nothing is written
+  to `workdir` if any check fails."""
+  _refuse_non_empty(workdir, overwrite)
   hf = read_hf_config(hf_dir)
   arch = arch_of(hf)
   folder = SafetensorsFolder(hf_dir)
@@ -212,24 +221,34 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config)
   abstract, _, _ = abstract_state(config, model, make_optimizer(config.train), mesh, rules)
   abstract = _flatten(abstract.params)
-  placed, unused = convert_tensors(folder, arch, arch.links(model.cfg), abstract)
+
+  target = os.path.abspath(workdir)
+  staging = tempfile.mkdtemp(
+    prefix=os.path.basename(target) + ".importing-", dir=os.path.dirname(target)
+  )
+  try:
+    writer = ParamsWriter(staging)
+    n, unused = convert_tensors(folder, arch, arch.links(model.cfg), abstract, writer.add)
+    writer.finish()
+    tok_dir = os.path.join(staging, "tokenizer")
+    os.makedirs(tok_dir)
+    for name in TOKENIZER_FILES:
+      if os.path.exists(os.path.join(hf_dir, name)):
+        shutil.copy(os.path.join(hf_dir, name), tok_dir)
+    config.data.tokenizer = f"hf:{os.path.join(target, 'tokenizer')}"
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    _refuse_non_empty(workdir, overwrite)
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    os.replace(staging, target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   casts = {k: v for k, v in folder.dtypes.items() if k != "float32"}
   if casts:
     logging.info("cast to float32 (the params' dtype): %s", casts)
     print(f"cast to float32, the params' dtype: {casts} tensors", flush=True)
-
-  # ---- every check passed: write the workdir
-  prepare_workdir(workdir, overwrite)
-  tok_dir = os.path.join(workdir, "tokenizer")
-  os.makedirs(tok_dir)
-  for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(hf_dir, name)):
-      shutil.copy(os.path.join(hf_dir, name), tok_dir)
-  config.data.tokenizer = f"hf:{os.path.abspath(tok_dir)}"
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  save_params(workdir, _unflatten(placed))
-  n = sum(int(np.prod(x.shape)) for x in placed.values())
   return {
     "architecture": arch.name,
     "parameters": n,

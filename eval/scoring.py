@@ -50,6 +50,7 @@ import numpy as np
 
 from modeling import diffusion
 from modeling.vocab import Specials
+from train import families
 from train.objectives import token_nll
 
 Progress = Callable[[int, int], None]  # (windows scored, windows in all)
@@ -332,10 +333,10 @@ class Scorer:
   options: tuple[str, ...]  # the eval.score flags it reads besides --max_len, --batch_size
 
 
-# The families with a likelihood of a text, keyed by model.family.
+# Keyed by the likelihood a family declares (train/families.py `Family.likelihood`).
 SCORERS = {
-  "decoder": Scorer(_decoder, ("stride",)),
-  "diffusion": Scorer(_diffusion, ("mc_samples", "seed")),
+  "exact": Scorer(_decoder, ("stride",)),
+  "bound": Scorer(_diffusion, ("mc_samples", "seed")),
 }
 SCORE_OPTIONS = tuple(sorted({o for s in SCORERS.values() for o in s.options}))
 
@@ -343,13 +344,15 @@ SCORE_OPTIONS = tuple(sorted({o for s in SCORERS.values() for o in s.options}))
 def scorer_of(config) -> Scorer:
   """The scorer of the config's family; the others are refused, naming the supported."""
   family = config.model.family
-  if family not in SCORERS:
+  kind = families.resolve(config).family.likelihood
+  if kind is None:
+    scored = sorted(n for n, f in families.FAMILIES.items() if f.likelihood)
     raise ValueError(
       f"model.family={family!r}: eval.score scores a text's likelihood under a model of "
-      f"text, model.family in {sorted(SCORERS)}; an encoder's masked-token predictions are no "
+      f"text, model.family in {scored}; an encoder's masked-token predictions are no "
       "distribution over texts, and an encoder-decoder models a target given a source"
     )
-  return SCORERS[family]
+  return SCORERS[kind]
 
 
 def score_text(

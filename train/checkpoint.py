@@ -114,16 +114,25 @@ class Checkpointer:
     self.manager.close()
 
 
-def save_params(workdir: str, params, step: int = 0) -> str:
+class ParamsWriter:
   """Writes weights only (an import: no optimizer state, no data iterator) where the trainer
-  keeps step `step`'s state, so `restore_params` and `init_from` read them. orbax copies one
-  array out at a time (its budget is the largest array), which bounds host memory on a CPU."""
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=(largest + 2**20) / 1e9)
-  with ocp.Checkpointer(handler) as ckptr:
-    ckptr.save(path, args=ocp.args.PyTreeSave({"params": params}))
-  return path
+  keeps step `step`'s state, so `restore_params` and `init_from` read them, a few arrays at a
+  time: each `add` is an orbax partial save, so the full set never has to be in memory at
+  once; `finish` makes the checkpoint whole."""
+
+  def __init__(self, workdir: str, step: int = 0):
+    from orbax.checkpoint.experimental.v1 import partial
+
+    self._partial = partial
+    self.path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+
+  def add(self, params: dict) -> None:
+    """Saves these params (a nested dict, disjoint from what was added before)."""
+    self._partial.save(self.path, {"params": params})
+
+  def finish(self) -> str:
+    self._partial.finalize(self.path)
+    return os.path.join(self.path, "state")
 
 
 def _step_dir(path: str) -> str:

@@ -90,6 +90,9 @@ class Family:
   sample_options: tuple[str, ...] = ()  # the eval.sample flags its sampler reads
   model: type = Transformer  # the flax module: one stack, or encoder + decoder
   sentinels: bool = False  # task.num_sentinels ids follow the tokenizer's vocabulary (T5)
+  # what eval.score reports for a text: "exact" (the chain rule, token by token), "bound"
+  # (a Monte Carlo ELBO); None: the family models no distribution over texts
+  likelihood: str | None = None
 
 
 # ---- the other data adapters: (config, tokenizer, frame, **kw) -> batches
@@ -228,6 +231,7 @@ FAMILIES: dict[str, Family] = {
     autoregressive=True,
     sample=_sample_ar,
     sample_options=("temperature", "top_k", "top_p"),
+    likelihood="exact",
   ),
   "encoder": Family("bidirectional", ENCODER_TASKS, autoregressive=False),
   # T5: a bidirectional encoder and a causal decoder with cross-attention; pretraining is
@@ -271,6 +275,7 @@ FAMILIES: dict[str, Family] = {
       "suffix",
       "remasking",
     ),
+    likelihood="bound",
   ),
 }
 SAMPLE_OPTIONS = tuple(sorted({o for fam in FAMILIES.values() for o in fam.sample_options}))

@@ -203,6 +203,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_written(tmp_path, config, te
   with pytest.raises(ValueError, match=message):
     import_hf(str(src), str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
+  assert not [p for p in tmp_path.iterdir() if ".importing" in p.name]  # staging removed
 
 
 def test_a_sharded_index_naming_a_missing_file_and_a_non_empty_workdir_are_refused(tmp_path):
