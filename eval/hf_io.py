@@ -248,7 +248,6 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   casts = {k: v for k, v in folder.dtypes.items() if k != "float32"}
   if casts:
     logging.info("cast to float32 (the params' dtype): %s", casts)
-    print(f"cast to float32, the params' dtype: {casts} tensors", flush=True)
   return {
     "architecture": arch.name,
     "parameters": n,

@@ -239,3 +239,18 @@ def test_export_refuses_a_model_no_architecture_represents():
   with pytest.raises(ValueError, match="model.quant='bitnet158'"):
     choose_arch(bitnet, 264)
   assert choose_arch(tiny_config("gpt"), 264).name == "GPT2LMHeadModel"
+
+
+def test_a_bfloat16_checkpoint_is_cast_to_float32_exactly(tmp_path, caplog):
+  import ml_dtypes
+
+  with safe_open(str(FIXTURES / "gpt2" / "model.safetensors"), "numpy") as f:
+    source = {k: f.get_tensor(k) for k in f.keys()}
+  halves = {k: v.astype(ml_dtypes.bfloat16) for k, v in source.items()}
+  src = _edited_gpt2(tmp_path, {"dtype": "bfloat16"}, halves)
+  with caplog.at_level("INFO"):
+    import_hf(str(src), str(tmp_path / "wd"))
+  assert "cast to float32 (the params' dtype): {'bfloat16': 28}" in caplog.text
+  _, _, params, _ = load_for_inference(str(tmp_path / "wd"))
+  want = halves["transformer.wte.weight"].astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]), want)
