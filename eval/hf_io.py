@@ -197,11 +197,12 @@ def _refuse_non_empty(workdir: str, overwrite: bool) -> None:
     raise ValueError(f"--workdir={workdir} exists and is not empty; pass --overwrite to replace it")
 
 
-def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
+def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh: dict | None = None) -> dict:
   """Writes `workdir` (config.json, tokenizer/, checkpoints/0 holding the params) from a
   Hugging Face model folder; returns a summary. The params are written a layer at a time into
   a sibling directory that replaces `workdir` only when everything passed: nothing is written
-  to `workdir` if any check fails."""
+  to `workdir` if any check fails. `mesh` ({data, fsdp, tensor} sizes, -1 for the rest)
+  shards each param over the devices as it is placed."""
   _refuse_non_empty(workdir, overwrite)
   hf = read_hf_config(hf_dir)
   arch = arch_of(hf)
@@ -209,6 +210,7 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> dict:
   if not any(os.path.exists(os.path.join(hf_dir, f)) for f in HF_TOKENIZER_FILES):
     raise ValueError(f"--hf_dir={hf_dir}: no tokenizer file, one of {HF_TOKENIZER_FILES}")
   config = fourfold_config(hf, arch, hf_dir)
+  config.mesh.update(mesh or {})  # where the params are placed as they are read
   tokenizer = make_tokenizer(config.data.tokenizer)
   rows = config.model.vocab_size
   if tokenizer.vocab_size > rows:

@@ -16,6 +16,7 @@ from train import console
 flags.DEFINE_string("hf_dir", None, "a Hugging Face model folder", required=True)
 flags.DEFINE_string("workdir", None, "the workdir to create", required=True)
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --workdir")
+flags.DEFINE_integer("fsdp", 1, "shard the params over this many devices as they are read")
 FLAGS = flags.FLAGS
 
 
@@ -23,7 +24,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(None)
-  out = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.overwrite)
+  mesh = {"data": -1, "fsdp": FLAGS.fsdp, "tensor": 1}
+  out = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.overwrite, mesh)
   unused = f"; not used: {out['unused']}" if out["unused"] else ""
   print(
     f"imported {out['architecture']}: {out['parameters']:,} parameters from "

@@ -254,3 +254,50 @@ def test_a_bfloat16_checkpoint_is_cast_to_float32_exactly(tmp_path, caplog):
   _, _, params, _ = load_for_inference(str(tmp_path / "wd"))
   want = halves["transformer.wte.weight"].astype(np.float32)
   np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]), want)
+
+
+SHARDED_IMPORT = """
+import json, sys
+import jax, numpy as np
+from safetensors import safe_open
+from eval import hf_io
+placed = {}
+place = hf_io._place
+def spy(x, target):
+  out = place(x, target)
+  placed[target.shape] = max(s.data.size for s in out.addressable_shards) / out.size
+  return out
+hf_io._place = spy
+hf_io.import_hf(sys.argv[1], sys.argv[2], mesh={"data": 1, "fsdp": 8, "tensor": 1})
+from train.trainer import load_for_inference
+_, _, params, _ = load_for_inference(sys.argv[2])
+with safe_open(sys.argv[1] + "/model.safetensors", "numpy") as f:
+  same = np.array_equal(np.asarray(params["embed"]["embedding"]), f.get_tensor("model.embed_tokens.weight"))
+print("RESULT", json.dumps({"devices": jax.device_count(), "shares": {str(k): v for k, v in placed.items()}, "same": same}))
+"""
+
+
+def test_on_a_mesh_each_param_is_placed_sharded_as_it_is_read(tmp_path):
+  """With fsdp=8 every matrix arrives on the 8 devices as eighths (the `embed` dim split),
+  never whole on one device, and the checkpoint restores the source's values."""
+  import os
+  import subprocess
+  import sys
+
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run(
+    [sys.executable, "-c", SHARDED_IMPORT, str(FIXTURES / "llama3"), str(tmp_path / "wd")],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=str(FIXTURES.parents[2]),
+    timeout=300,
+  )
+  line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+  assert line, out.stderr[-3000:]
+  result = json.loads(line[0][len("RESULT ") :])
+  assert result["devices"] == 8 and result["same"]
+  matrices = {k: v for k, v in result["shares"].items() if not k.endswith(",)")}  # not vectors
+  assert matrices and all(share == 1 / 8 for share in matrices.values()), [
+    (k, v) for k, v in matrices.items() if v != 1 / 8
+  ]
