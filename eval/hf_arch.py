@@ -1,7 +1,7 @@
 """How each Hugging Face architecture maps onto fourfold's models, both ways.
 
 An `Arch` holds, for one `architectures` entry of a config.json:
-  read_config   HF config.json -> fourfold config keys ({"model": {...}, "task": {...}}),
+  read_config   HF config.json -> fourfold `config.model` keys,
                 refusing (naming the field) what the model cannot compute exactly
   write_config  a fourfold config -> HF config.json (both RoPE schemas, ties explicit)
   links         every tensor: HF names <-> fourfold param paths, with the reshapes,
@@ -208,7 +208,7 @@ class Arch:
   model_type: str
   family: str
   task: dict  # task keys of the imported workdir
-  read_config: Callable[[dict], dict]  # HF config -> {"model": {...}}
+  read_config: Callable[[dict], dict]  # HF config.json -> config.model keys
   write_config: Callable  # config -> HF config fields
   links: Callable[[TransformerConfig], list[Link]]
   prefix: str = ""  # the base model's name prefix in the checkpoint ("transformer.")
@@ -226,25 +226,23 @@ def _gpt2_config(hf: dict) -> dict:
   _require(hf, "add_cross_attention", (False,), False)
   act = _require(hf, "activation_function", tuple(GELU_ACTS), "gelu_new")
   d = hf["n_embd"]
-  return {
-    "model": dict(
-      vocab_size=hf["vocab_size"],
-      num_layers=hf["n_layer"],
-      num_heads=hf["n_head"],
-      num_kv_heads=hf["n_head"],
-      d_model=d,
-      d_ff=hf.get("n_inner") or 4 * d,
-      max_len=hf["n_positions"],
-      position="learned",
-      norm="layernorm",
-      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-      mlp="gelu",
-      gelu=GELU_ACTS[act],
-      use_bias=True,
-      tie_embeddings=True,
-      dropout=hf.get("resid_pdrop", 0.0),
-    )
-  }
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf["n_layer"],
+    num_heads=hf["n_head"],
+    num_kv_heads=hf["n_head"],
+    d_model=d,
+    d_ff=hf.get("n_inner") or 4 * d,
+    max_len=hf["n_positions"],
+    position="learned",
+    norm="layernorm",
+    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    mlp="gelu",
+    gelu=GELU_ACTS[act],
+    use_bias=True,
+    tie_embeddings=True,
+    dropout=hf.get("resid_pdrop", 0.0),
+  )
 
 
 def _gpt2_write(m) -> dict:
@@ -290,27 +288,25 @@ def _llama_config(hf: dict, phi3: bool = False) -> dict:
   if window and not phi3:
     raise Unsupported(f"config.json sliding_window={window}: not part of LlamaForCausalLM")
   heads = hf["num_attention_heads"]
-  return {
-    "model": dict(
-      vocab_size=hf["vocab_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      d_model=hf["hidden_size"],
-      d_ff=hf["intermediate_size"],
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      max_len=hf["max_position_embeddings"],
-      position="rope",
-      **read_rope(hf),
-      norm="rmsnorm",
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      mlp="swiglu",
-      use_bias=bias,
-      tie_embeddings=hf.get("tie_word_embeddings", False),
-      sliding_window=window,
-      dropout=hf.get("resid_pdrop", 0.0) if phi3 else 0.0,
-    )
-  }
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    d_model=hf["hidden_size"],
+    d_ff=hf["intermediate_size"],
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    max_len=hf["max_position_embeddings"],
+    position="rope",
+    **read_rope(hf),
+    norm="rmsnorm",
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+    mlp="swiglu",
+    use_bias=bias,
+    tie_embeddings=hf.get("tie_word_embeddings", False),
+    sliding_window=window,
+    dropout=hf.get("resid_pdrop", 0.0) if phi3 else 0.0,
+  )
 
 
 def _llama_write(m) -> dict:
@@ -376,28 +372,26 @@ def _bert_config(hf: dict, roberta: bool = False) -> dict:
   _require(hf, "is_decoder", (False,), False)
   _require(hf, "tie_word_embeddings", (True,), True)
   offset = hf.get("pad_token_id", 1) + 1 if roberta else 0
-  return {
-    "model": dict(
-      vocab_size=hf["vocab_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=hf["num_attention_heads"],
-      num_kv_heads=hf["num_attention_heads"],
-      d_model=hf["hidden_size"],
-      d_ff=hf["intermediate_size"],
-      max_len=hf["max_position_embeddings"] - offset,
-      position="learned",
-      position_offset=offset,
-      norm="layernorm",
-      norm_eps=hf.get("layer_norm_eps", 1e-12),
-      norm_position="post",
-      mlp="gelu",
-      gelu=GELU_ACTS[act],
-      use_bias=True,
-      tie_embeddings=True,
-      type_vocab_size=hf.get("type_vocab_size", 2),
-      dropout=hf.get("hidden_dropout_prob", 0.0),
-    )
-  }
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=hf["num_attention_heads"],
+    num_kv_heads=hf["num_attention_heads"],
+    d_model=hf["hidden_size"],
+    d_ff=hf["intermediate_size"],
+    max_len=hf["max_position_embeddings"] - offset,
+    position="learned",
+    position_offset=offset,
+    norm="layernorm",
+    norm_eps=hf.get("layer_norm_eps", 1e-12),
+    norm_position="post",
+    mlp="gelu",
+    gelu=GELU_ACTS[act],
+    use_bias=True,
+    tie_embeddings=True,
+    type_vocab_size=hf.get("type_vocab_size", 2),
+    dropout=hf.get("hidden_dropout_prob", 0.0),
+  )
 
 
 def _bert_write(m) -> dict:
@@ -479,29 +473,27 @@ def _t5_config(hf: dict) -> dict:
       "config.json tie_word_embeddings=true with scale_decoder_outputs=false: fourfold ties "
       "T5's head only with the d_model^-0.5 output scale of the original T5"
     )
-  return {
-    "model": dict(
-      vocab_size=hf["vocab_size"],
-      num_layers=layers,
-      num_decoder_layers=hf.get("num_decoder_layers") or layers,
-      num_heads=hf["num_heads"],
-      num_kv_heads=hf["num_heads"],
-      d_model=hf["d_model"],
-      d_ff=hf["d_ff"],
-      head_dim=hf["d_kv"],
-      position="relative",
-      rel_buckets=hf.get("relative_attention_num_buckets", 32),
-      rel_max_distance=hf.get("relative_attention_max_distance", 128),
-      norm="rmsnorm",
-      norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-      mlp=mlp,
-      gelu=gelu,
-      use_bias=False,
-      scale_attention=False,
-      tie_embeddings=tied,
-      dropout=hf.get("dropout_rate", 0.0),
-    )
-  }
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=layers,
+    num_decoder_layers=hf.get("num_decoder_layers") or layers,
+    num_heads=hf["num_heads"],
+    num_kv_heads=hf["num_heads"],
+    d_model=hf["d_model"],
+    d_ff=hf["d_ff"],
+    head_dim=hf["d_kv"],
+    position="relative",
+    rel_buckets=hf.get("relative_attention_num_buckets", 32),
+    rel_max_distance=hf.get("relative_attention_max_distance", 128),
+    norm="rmsnorm",
+    norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+    mlp=mlp,
+    gelu=gelu,
+    use_bias=False,
+    scale_attention=False,
+    tie_embeddings=tied,
+    dropout=hf.get("dropout_rate", 0.0),
+  )
 
 
 def _t5_write(m) -> dict:

@@ -22,6 +22,7 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read it)
 import numpy as np
 from absl import logging
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -108,7 +109,7 @@ def fourfold_config(hf: dict, arch: Arch, tokenizer_dir: str):
   """A full fourfold config for the checkpoint (unscanned layers, its tokenizer)."""
   config = base.get_config()
   config.model.family = arch.family
-  config.model.update(arch.read_config(hf)["model"])
+  config.model.update(arch.read_config(hf))
   config.model.scan_layers = False  # the links name one tensor per layer
   config.task.update(arch.task)
   config.data.tokenizer = f"hf:{os.path.abspath(tokenizer_dir)}"
@@ -119,19 +120,11 @@ def fourfold_config(hf: dict, arch: Arch, tokenizer_dir: str):
 
 
 def _flatten(tree) -> dict[str, object]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _unflatten(flat: dict[str, object]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _place(x: np.ndarray, target) -> jax.Array:
@@ -278,7 +271,7 @@ def _mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
   probe.model = base.get_config().model
   probe.model.family = arch.family
   try:
-    probe.model.update(arch.read_config(hf_config_of(config, arch, vocab_size))["model"])
+    probe.model.update(arch.read_config(hf_config_of(config, arch, vocab_size)))
   except Unsupported as e:
     return [str(e)]
   ours, back = _model_fields(config, vocab_size), _model_fields(probe, vocab_size)

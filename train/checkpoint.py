@@ -12,6 +12,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -121,17 +122,14 @@ class ParamsWriter:
   once; `finish` makes the checkpoint whole."""
 
   def __init__(self, workdir: str, step: int = 0):
-    from orbax.checkpoint.experimental.v1 import partial
-
-    self._partial = partial
     self.path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
 
   def add(self, params: dict) -> None:
     """Saves these params (a nested dict, disjoint from what was added before)."""
-    self._partial.save(self.path, {"params": params})
+    partial.save(self.path, {"params": params})
 
   def finish(self) -> str:
-    self._partial.finalize(self.path)
+    partial.finalize(self.path)
     return os.path.join(self.path, "state")
 
 

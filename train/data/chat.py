@@ -24,6 +24,8 @@ import json
 
 import numpy as np
 
+from modeling.vocab import FOURFOLD
+
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("chatml", "phi3", "llama2", "plain")
 # the special tokens each template names (BOS / EOS are the tokenizer's own)
@@ -94,7 +96,7 @@ def token_ids(template: str, tokenizer) -> dict[str, int]:
   """{token name: id} of the template's special tokens, plus "bos" and "eos"."""
   s = tokenizer.specials
   ids = {"bos": s.bos, "eos": s.eos}
-  if getattr(tokenizer, "is_byte_level", False) or not hasattr(tokenizer, "encode_framed"):
+  if s == FOURFOLD:  # fourfold's own tokenizers have no template tokens: reserve them
     return ids | reserved_ids(template, tokenizer.vocab_size)
   for name in TEMPLATE_TOKENS[template]:
     got = tokenizer.encode(name)
