@@ -90,9 +90,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
   c.model.share_layers = False  # all layers share one set of weights (ALBERT)
   c.model.time_conditioning = False  # diffusion: the model sees the time t (MDLM works without)
+  c.model.lora = ml_collections.ConfigDict()  # LoRA on the blocks' linear layers
+  c.model.lora.rank = 0  # adapter rank; 0: no adapters, every parameter trains
+  c.model.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.model.lora.targets = "attn/(query|key|value|out)$"  # regex over paths: attn/query, mlp/up
+  c.model.lora.base_quant = "none"  # frozen base: none | nf4 (QLoRA) | ternary (BitNet, packed)
+  c.model.lora.base_dtype = "float32"  # a float base is held in float32 | bfloat16
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "pretrain"  # pretrain | classify | regress | ner | embed | seq2seq (encdec)
+  c.task.name = "pretrain"  # pretrain | classify | regress | ner | embed | seq2seq | sft | dpo
   c.task.mask_prob = 0.15  # MLM: share of ordinary tokens selected for prediction
   c.task.mask_token_prob = 0.8  # MLM: selected tokens replaced by [MASK]
   c.task.random_token_prob = 0.1  # MLM: selected tokens replaced by a random token (rest kept)
@@ -115,9 +121,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.templates = "t5"  # seq2seq, TFDS: t5 (task prefix) | flan (an instruction per example)
   c.task.inputs_field = "inputs"  # seq2seq: the JSONL key (or TFDS feature) of the input text
   c.task.targets_field = "targets"  # seq2seq: the JSONL key (or TFDS feature) of the target text
-  c.task.eval_decode = 256  # seq2seq: eval examples decoded per source (EM, ROUGE, BLEU); 0: none
+  c.task.eval_decode = 256  # seq2seq, sft: eval examples decoded (EM, ROUGE, BLEU); 0: none
   c.task.beam_size = 1  # seq2seq evaluation decoding: 1 is greedy
   c.task.length_penalty = 0.6  # beam search: GNMT length penalty exponent alpha
+  c.task.template = "chatml"  # sft, dpo: chat template chatml | phi3 | llama2 | plain
+  c.task.messages_field = "messages"  # sft: the JSONL key of a {role, content} list
+  c.task.prompt_field = "prompt"  # sft, dpo: the JSONL key of a prompt (text or messages)
+  c.task.response_field = "response"  # sft: the JSONL key of a response (with prompt_field)
+  c.task.chosen_field = "chosen"  # dpo: the JSONL key of the preferred answer
+  c.task.rejected_field = "rejected"  # dpo: the JSONL key of the dispreferred answer
+  c.task.loss = "dpo"  # dpo: dpo | cdpo | ipo | orpo | simpo (train/preference.py)
+  c.task.beta = 0.1  # dpo: beta of the implicit reward (orpo: the odds-ratio weight)
+  c.task.label_smoothing = 0.0  # cdpo: the probability that a preference label is flipped
+  c.task.simpo_gamma = 0.5  # simpo: the target reward margin gamma
+  c.task.reference = "frozen"  # dpo: frozen (initial weights) | adapter_base | precomputed
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps
@@ -169,6 +186,8 @@ def get_config() -> ml_collections.ConfigDict:
     ("norm", None),
     ("factor", None),
     ("labels", None),
+    ("lora_rank", None),
+    ("quant_blocks", "fsdp"),
   )
 
   c.distributed = ml_collections.ConfigDict()
