@@ -190,9 +190,10 @@ def restore_params(path: str, abstract_params):
 def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], list[str]]:
   """Starts from a checkpoint with a different head: (params, kept fresh, not used).
 
-  Every parameter whose name is in the checkpoint is loaded (its shape must match);
-  the others (a new head) keep their fresh values; checkpoint parameters this model
-  lacks (the old head) are left unused.
+  Every parameter whose name is in the checkpoint is loaded (its shape must match, or grow
+  along one axis: a vocabulary with new rows, such as a chat template's tokens, keeps the
+  saved rows first and the new ones fresh); the others (a new head) keep their fresh values;
+  checkpoint parameters this model lacks (the old head) are left unused.
   """
   step_dir = _step_dir(path)
   state_dir = os.path.join(step_dir, "state")
@@ -205,24 +206,45 @@ def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], l
   shared = {n: x for n, (_, x) in zip(names, flat, strict=True) if n in saved}
   if not shared:
     raise ValueError(f"init_from={path!r}: no parameter of this model is in {step_dir}")
+  grown = {}  # name -> the axis along which the model has more rows (new vocabulary ids)
   for name, x in shared.items():
-    if tuple(saved[name].shape) != tuple(x.shape):
+    old, new = tuple(saved[name].shape), tuple(x.shape)
+    axes = [i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b]
+    if len(old) == len(new) and len(axes) == 1 and old[axes[0]] < new[axes[0]]:
+      grown[name] = axes[0]
+    elif old != new:
       raise ValueError(
-        f"init_from={path!r}: {name} has shape {tuple(saved[name].shape)} in {step_dir}, "
-        f"the config gives {tuple(x.shape)}. Use a config with the pretrained model's sizes."
+        f"init_from={path!r}: {name} has shape {old} in {step_dir}, "
+        f"the config gives {new}. Use a config with the pretrained model's sizes."
       )
-  # A tree of only the shared params (nested dicts, as saved), restored into their shardings.
+  # A tree of only the shared params (nested dicts, as saved), restored into their shardings
+  # (a grown param: at its saved shape, replicated, then written over its first rows).
   subset: dict = {}
   for (path_keys, x), name in zip(flat, names, strict=True):
     if name in shared:
       node = subset
       for k in path_keys[:-1]:
         node = node.setdefault(k.key, {})
-      node[path_keys[-1].key] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      node[path_keys[-1].key] = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if name not in grown
+        else jax.ShapeDtypeStruct(
+          tuple(saved[name].shape),
+          x.dtype,
+          sharding=jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec()),
+        )
+      )
   loaded = {
     jax.tree_util.keystr(p): x
     for p, x in jax.tree_util.tree_flatten_with_path(_restore_subset(state_dir, key, subset))[0]
   }
+  for (_, x), name in zip(flat, names, strict=True):
+    if name in grown:
+      rows = loaded[name].shape[grown[name]]
+      index = tuple(slice(0, rows) if i == grown[name] else slice(None) for i in range(x.ndim))
+      loaded[name] = jax.jit(lambda f, o, i=index: f.at[i].set(o), out_shardings=x.sharding)(
+        x, loaded[name]
+      )
   params = jax.tree_util.tree_unflatten(
     treedef, [loaded.get(n, x) for n, (_, x) in zip(names, flat, strict=True)]
   )

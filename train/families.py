@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -22,7 +23,8 @@ from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
 from train import objectives
-from train.data import labeled, pipeline, seq2seq
+from train.data import chat, labeled, pipeline, seq2seq
+from train.step import Trainable
 from train.text_metrics import text_metrics
 
 # A pretraining document is framed by (prefix ids, suffix ids) before packing; a task's
@@ -69,6 +71,20 @@ class Task:
   batch_lengths: Callable | None = packed_lengths
   # special ids -> how packed pretraining documents are framed
   frame: Callable[[Specials], Frame] = END_OF_DOCUMENT
+  # a fourfold tokenizer gets the chat template's tokens as rows after its vocabulary
+  template_rows: bool = False
+  # compares the policy with a reference model (DPO): `task.reference` says which
+  reference: bool = False
+  # (config, model, initial params, tokenizer, to_global) -> (train data kwargs, eval data
+  # kwargs): work done once on the initial weights before the data is read (DPO's
+  # precomputed reference log-probs); None: nothing
+  prepare: Callable | None = None
+
+  def prepare_data(self, config, model, params, tokenizer, to_global) -> tuple[dict, dict]:
+    """(training data kwargs, evaluation data kwargs) from `prepare`, or nothing."""
+    if self.prepare is None:
+      return {}, {}
+    return self.prepare(config, model, params, tokenizer, to_global)
 
   def train_iterator(self, config, tokenizer, **kw):
     """The task's training batches (process-local rows)."""
@@ -138,14 +154,15 @@ def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> 
   return Task(head, objective, train_data, eval_data, summarize, batch_lengths=None, frame=cls_sep)
 
 
-def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
+def decode_eval_metrics(config, model, params, tokenizer, pair_sets=None) -> dict[str, float]:
   """Exact match, ROUGE and BLEU of each evaluation source's first `task.eval_decode`
   examples, decoded greedily (or with `task.beam_size` beams) up to `data.target_len`
-  tokens: over all of them, and for a mixture also per source (`eval/<metric>/<source>`)."""
+  tokens: over all of them, and for a mixture also per source (`eval/<metric>/<source>`).
+  `pair_sets`: the text pairs decoded, in place of the config's sources."""
   t = config.task
   if not t.eval_decode:
     return {}
-  per_source = seq2seq.decode_sources(config, tokenizer, t.eval_decode)
+  per_source = seq2seq.decode_sources(config, tokenizer, t.eval_decode, pair_sets)
   preds = decoding.seq2seq_texts(
     model,
     params,
@@ -169,6 +186,127 @@ def decode_eval_metrics(config, model, params, tokenizer) -> dict[str, float]:
         out[f"{key}/{label}"] = value
       start += n
   return out
+
+
+# ---- supervised fine-tuning on conversations (train/data/chat.py)
+
+
+def _sft_train(config, tokenizer, frame: Frame, **kw):
+  return chat.sft_train_iterator(config, tokenizer, **kw)
+
+
+def _sft_eval(config, tokenizer, frame: Frame, **kw):
+  return chat.sft_eval_batches(config, tokenizer, **kw)
+
+
+def sft_decode_metrics(config, model, params, tokenizer) -> dict[str, float]:
+  """Exact match, ROUGE and BLEU of the first `task.eval_decode` evaluation conversations'
+  last assistant turn, decoded greedily after the conversation up to that turn's header and
+  stopped at the template's end of turn. Prompts of one length decode as one batch, each
+  batch for as many tokens as its longest reference plus the end token."""
+  t = config.task
+  if not t.eval_decode:
+    return {}
+  prompts, refs = chat.decode_prompts(config, tokenizer, t.eval_decode)
+  ids = chat.token_ids(t.template, tokenizer)
+  stops = tuple(sorted({*chat.end_ids(t.template, ids), *tokenizer.specials.stop_ids}))
+  preds = [""] * len(prompts)
+  by_length: dict[int, list[int]] = {}
+  for i, p in enumerate(prompts):
+    by_length.setdefault(p.size, []).append(i)
+  rng = jax.random.PRNGKey(config.seed)
+  for length, rows in sorted(by_length.items()):
+    room = config.data.seq_len - length
+    need = max(tokenizer.encode(refs[i]).size for i in rows) + 1
+    out_BN = decoding.generate(
+      model,
+      params,
+      np.stack([prompts[i] for i in rows]),
+      min(need, room),
+      rng,
+      temperature=0.0,
+      eos_id=stops,
+    )
+    for i, out_N in zip(rows, out_BN, strict=True):
+      end = np.flatnonzero(np.isin(out_N, stops))
+      preds[i] = tokenizer.decode(out_N[: end[0] if end.size else out_N.size])
+  return text_metrics([p.strip() for p in preds], [r.strip() for r in refs])
+
+
+def _chat_pairs(config, split: str) -> chat.ChatPairs:
+  return chat.ChatPairs(config, "all" if config.data.eval_name and split != "train" else split)
+
+
+def _sft_seq2seq_train(config, tokenizer, frame: Frame, **kw):
+  pairs = [(_chat_pairs(config, "train"), 1.0)]
+  return seq2seq.seq2seq_train_iterator(config, tokenizer, pair_sources=pairs, **kw)
+
+
+def _sft_seq2seq_eval(config, tokenizer, frame: Frame, **kw):
+  pairs = [_chat_pairs(config, "validation")]
+  return seq2seq.seq2seq_eval_batches(config, tokenizer, pair_sets=pairs, **kw)
+
+
+def _sft_seq2seq_decode(config, model, params, tokenizer) -> dict[str, float]:
+  pairs = [_chat_pairs(config, "validation")]
+  return decode_eval_metrics(config, model, params, tokenizer, pairs)
+
+
+# ---- preference optimization: one (chosen, rejected) pair per row
+
+
+def _dpo_rows(config, tokenizer, split: str, reference_logps=None) -> dict[str, np.ndarray]:
+  rows = chat.preference_rows(config, tokenizer, split)
+  if reference_logps is not None:  # task.reference=precomputed: [pairs, 2] from the trainer
+    rows["ref_logps"] = np.asarray(reference_logps, np.float32)
+  return rows
+
+
+def _eval_split(config) -> str:
+  return "all" if config.data.eval_name else "validation"
+
+
+def _dpo_train(config, tokenizer, frame: Frame, reference_logps=None, **kw):
+  rows = _dpo_rows(config, tokenizer, "train", reference_logps)
+  return labeled.labeled_train_iterator(rows, **kw)
+
+
+def _dpo_eval(config, tokenizer, frame: Frame, reference_logps=None, **kw):
+  rows = _dpo_rows(config, tokenizer, _eval_split(config), reference_logps)
+  return labeled.labeled_eval_batches(rows, **kw)
+
+
+def _dpo_prepare(config, model, params, tokenizer, to_global) -> tuple[dict, dict]:
+  """task.reference=precomputed: the initial model's (chosen, rejected) log-probs of every
+  training and evaluation pair, computed once, as the data adapters' `reference_logps`
+  ([pairs, 2] in row order). Every process computes all rows (each feeds its part of each
+  global batch); the result is the same everywhere."""
+  t = config.task
+  if t.reference != "precomputed" or t.loss in objectives.preference.REFERENCE_FREE:
+    return {}, {}
+
+  @jax.jit
+  def logps(params, batch):
+    c, r, _, _ = objectives.pair_logps(model, params, batch, jax.random.PRNGKey(0), True)
+    return jnp.stack([c, r], axis=-1)
+
+  n_proc = jax.process_count()
+  rows_per_batch = (config.train.eval_batch_size or config.train.batch_size) // n_proc
+  out = []
+  for split in ("train", _eval_split(config)):
+    rows = chat.preference_rows(config, tokenizer, split)
+    batches = labeled.labeled_eval_batches(
+      rows, batch_size=rows_per_batch, process_index=jax.process_index(), process_count=n_proc
+    )
+    values = [np.asarray(jax.device_get(logps(params, to_global(b)))) for b in batches]
+    out.append({"reference_logps": np.concatenate(values)[: len(rows["weight"])]})
+    print(f"task.reference=precomputed: {len(rows['weight'])} {split} pairs scored", flush=True)
+  return out[0], out[1]
+
+
+def sft_lengths(config) -> dict[str, int]:
+  """A packed SFT batch: the packed arrays plus the loss mask."""
+  return {**packed_lengths(config), "loss_mask": config.data.seq_len}
 
 
 # ---- samplers: (config, model, params, tokenizer, prompt, num_tokens, rng, **options)
@@ -227,7 +365,29 @@ ENCODER_TASKS = {
 FAMILIES: dict[str, Family] = {
   "decoder": Family(
     "causal",
-    {"pretrain": Task("lm", objectives.make_causal_lm)},
+    {
+      "pretrain": Task("lm", objectives.make_causal_lm),
+      "dpo": Task(
+        "lm",
+        objectives.make_dpo,
+        _dpo_train,
+        _dpo_eval,
+        summarize=objectives.summarize_dpo,
+        batch_lengths=None,
+        template_rows=True,
+        reference=True,
+        prepare=_dpo_prepare,
+      ),
+      "sft": Task(
+        "lm",
+        objectives.make_sft,
+        _sft_train,
+        _sft_eval,
+        decode_metrics=sft_decode_metrics,
+        batch_lengths=sft_lengths,
+        template_rows=True,
+      ),
+    },
     autoregressive=True,
     sample=_sample_ar,
     sample_options=("temperature", "top_k", "top_p"),
@@ -248,6 +408,14 @@ FAMILIES: dict[str, Family] = {
         _seq2seq_train,
         _seq2seq_eval,
         decode_metrics=decode_eval_metrics,
+        batch_lengths=seq2seq_lengths,
+      ),
+      "sft": Task(
+        "lm",
+        objectives.make_seq2seq,
+        _sft_seq2seq_train,
+        _sft_seq2seq_eval,
+        decode_metrics=_sft_seq2seq_decode,
         batch_lengths=seq2seq_lengths,
       ),
     },
@@ -329,13 +497,30 @@ class Wiring:
       )
     return self.task.batch_lengths(config)
 
+  def trainable(self, config: ml_collections.ConfigDict) -> Trainable:
+    """Which weights train (LoRA's adapters or all) and what stays frozen beside them."""
+    lo = config.model.lora
+    return Trainable(
+      adapters=lo.rank > 0,
+      base_quant=lo.base_quant,
+      base_dtype=lo.base_dtype,
+      reference=self.task.reference and config.task.reference == "frozen",
+    )
+
+  def extra_rows(self, config: ml_collections.ConfigDict) -> int:
+    """Rows after the tokenizer's vocabulary: T5's sentinels, a chat template's tokens."""
+    rows = config.task.num_sentinels if self.family.sentinels else 0
+    if self.task.template_rows and not config.data.tokenizer.startswith("hf:"):
+      rows += len(chat.TEMPLATE_TOKENS[config.task.template])
+    return rows
+
   def transformer_config(
     self, config: ml_collections.ConfigDict, vocab_size: int
   ) -> TransformerConfig:
     """The frozen model config; layers see only this, never the whole config."""
     m, fam = config.model, self.family
     return TransformerConfig(
-      vocab_size=m.vocab_size or vocab_size + (config.task.num_sentinels if fam.sentinels else 0),
+      vocab_size=m.vocab_size or vocab_size + self.extra_rows(config),
       num_layers=m.num_layers,
       num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads,

@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 import scipy.stats
 
-from modeling import diffusion
+from modeling import diffusion, lora
 from modeling.vocab import FOURFOLD, Specials
+from train import preference
 
 Objective = Callable[..., dict[str, jax.Array]]
 
@@ -59,12 +60,14 @@ def causal_lm(
   rng: jax.Array,
   deterministic: bool,
   specials: Specials = FOURFOLD,
+  masked: bool = False,
 ) -> dict[str, jax.Array]:
   """Next-token prediction inside each packed document.
 
   Position i predicts token i+1 when both belong to the same (non-padding)
   segment, so no target crosses a document boundary. `bytes` counts the targets that are
-  text (not special ids), for bits per byte.
+  text (not special ids), for bits per byte. `masked` (SFT): only targets inside the batch's
+  `loss_mask` count.
   """
   tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
   logits_BLV, _ = model.apply(
@@ -77,6 +80,8 @@ def causal_lm(
   )
   targets_BL = tokens_BL[:, 1:]
   weights_BL = ((seg_BL[:, 1:] == seg_BL[:, :-1]) & (seg_BL[:, 1:] > 0)).astype(jnp.float32)
+  if masked:
+    weights_BL = weights_BL * batch["loss_mask"][:, 1:]
   return {
     **token_sums(logits_BLV[:, :-1], targets_BL, weights_BL),
     "bytes": jnp.sum(weights_BL * ~specials.is_special(targets_BL)),
@@ -88,6 +93,90 @@ def make_causal_lm(
 ) -> Objective:
   """The decoder's pretraining objective: `causal_lm`, which reads no option."""
   return functools.partial(causal_lm, specials=specials)
+
+
+def make_sft(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
+  """Supervised fine-tuning of a decoder: next-token prediction counted only where the target
+  is in the batch's `loss_mask` (each assistant turn's content and end token,
+  train/data/chat.py), so loss and accuracy are over response tokens alone."""
+
+  return functools.partial(causal_lm, specials=specials, masked=True)
+
+
+SIDES = ("chosen", "rejected")
+
+
+def pair_logps(model, params, batch, rng, deterministic) -> tuple[jax.Array, ...]:
+  """(chosen log-prob sums, rejected sums, chosen answer tokens, rejected answer tokens) of
+  each pair's answers, both sides of every pair in one forward pass."""
+  tokens_NL = jnp.concatenate([batch[f"{s}_tokens"] for s in SIDES])
+  seg_NL = jnp.concatenate([batch[f"{s}_segment_ids"] for s in SIDES])
+  mask_NL = jnp.concatenate([batch[f"{s}_mask"] for s in SIDES])
+  pos_NL = jnp.broadcast_to(jnp.arange(tokens_NL.shape[1], dtype=jnp.int32), tokens_NL.shape)
+  logits_NLV, _ = model.apply(
+    {"params": params},
+    tokens_NL,
+    pos_NL,
+    seg_NL,
+    deterministic=deterministic,
+    rngs={"dropout": rng},
+  )
+  logps_N, counts_N = preference.sequence_logps(
+    logits_NLV[:, :-1], tokens_NL[:, 1:], mask_NL[:, 1:] * (seg_NL[:, 1:] > 0)
+  )
+  b = tokens_NL.shape[0] // 2
+  return logps_N[:b], logps_N[b:], counts_N[:b], counts_N[b:]
+
+
+REFERENCES = ("frozen", "adapter_base", "precomputed")
+
+
+def make_dpo(task: ml_collections.ConfigDict, vocab_size: int, specials: Specials) -> Objective:
+  """Preference optimization (`task.loss`, train/preference.py) of the answers' log-probs
+  against a reference's: `task.reference` = frozen (the initial weights, passed in as
+  `reference`), adapter_base (these params without their LoRA adapters: no second model),
+  or precomputed (the batch's `ref_logps`, computed once before training). ORPO and SimPO
+  need no reference. Sums are per pair; `weight` counts pairs."""
+  kind, source = task.loss, task.reference
+
+  def reference_logps(model, params, batch, reference):
+    if kind in preference.REFERENCE_FREE:
+      return None, None
+    if source == "precomputed":
+      return batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
+    ref = lora.split(params)[1] if source == "adapter_base" else reference
+    ref = jax.tree.map(jax.lax.stop_gradient, ref)
+    c, r, _, _ = pair_logps(model, ref, batch, jax.random.PRNGKey(0), True)
+    return c, r
+
+  def dpo(model, params, batch, rng, deterministic, reference=None):
+    c, r, nc, nr = pair_logps(model, params, batch, rng, deterministic)
+    ref_c, ref_r = reference_logps(model, params, batch, reference)
+    out = preference.preference_loss(
+      kind,
+      chosen_logps_B=c,
+      rejected_logps_B=r,
+      chosen_counts_B=nc,
+      rejected_counts_B=nr,
+      ref_chosen_logps_B=ref_c,
+      ref_rejected_logps_B=ref_r,
+      beta=task.beta,
+      label_smoothing=task.label_smoothing,
+      simpo_gamma=task.simpo_gamma,
+    )
+    return preference.preference_metrics(out, c, r, batch["weight"])
+
+  return dpo
+
+
+def summarize_dpo(sums: dict, rows: dict, config, byte_level: bool) -> dict[str, float]:
+  """The loss and the reward / log-prob means per pair, under the names other tools log
+  (`eval/rewards/margin`, ...)."""
+  del rows, config, byte_level
+  weight = max(float(sums["weight"]), 1.0)
+  out = {"eval/loss": float(sums["loss_sum"]) / weight}
+  out.update({f"eval/{k}": float(v) / weight for k, v in sums.items() if "/" in k})
+  return out
 
 
 def shift_right(targets_BL: jax.Array, positions_BL: jax.Array, start: int) -> jax.Array:

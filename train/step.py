@@ -4,10 +4,16 @@ Randomness that keeps shapes static (dropout, masks) comes from
 `fold_in(state.rng, state.step)`, so a resumed run draws the same numbers.
 With `train.ema_decay` > 0 the state also keeps an exponential moving average of the
 params (`ema_params`), which evaluation, samples and exported weights use.
+
+With LoRA (`model.lora.rank` > 0) `params` holds the adapters alone: they take the
+gradients and the optimizer state, and `frozen` holds the base (cast or quantized,
+`Trainable`), which the step merges in. DPO's frozen reference lives in `reference`. The
+frozen parts are rebuilt from the initial weights on every start and never saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax
@@ -16,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from modeling import lora
 from train.objectives import Objective, accuracy_name
 
 
@@ -26,11 +33,46 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array
   ema_params: dict | None = None  # train.ema_decay > 0 only
+  frozen: dict | None = None  # LoRA: the base's weights, not trained (rebuilt, never saved)
+  reference: dict | None = None  # DPO with task.reference=frozen: the initial weights
+
+
+def model_params(params: dict, frozen: dict | None) -> dict:
+  """The model's whole param tree: the trained params, with the frozen base when there is one."""
+  return params if frozen is None else lora.merge(params, frozen)
 
 
 def eval_params(state: TrainState) -> dict:
-  """The weights a run evaluates and exports: the EMA when the run keeps one."""
-  return state.params if state.ema_params is None else state.ema_params
+  """The weights a run evaluates and exports: the EMA when the run keeps one (with the base)."""
+  params = state.params if state.ema_params is None else state.ema_params
+  return model_params(params, state.frozen)
+
+
+def saved_part(state: TrainState) -> TrainState:
+  """What a checkpoint holds: the state without its frozen parts."""
+  return state.replace(frozen=None, reference=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+  """Which weights train: all of them, or (`adapters`) LoRA's over a frozen base held as
+  `base_quant` (modeling/lora.py) or, unquantized, in `base_dtype`; `reference`: keep a
+  frozen copy of the initial weights (DPO)."""
+
+  adapters: bool = False
+  base_quant: str = "none"
+  base_dtype: str = "float32"
+  reference: bool = False
+
+  def split(self, params) -> tuple[dict, dict | None]:
+    """(trained params, frozen base or None) of the model's initial params (boxed or not)."""
+    if not self.adapters:
+      return params, None
+    adapters, base = lora.split(params)
+    if self.base_quant != "none":
+      return adapters, lora.quantize_base(base, self.base_quant)
+    dtype = jnp.dtype(self.base_dtype)
+    return adapters, jax.tree.map(lambda x: x.astype(dtype), base)
 
 
 def ema_rate(ema_decay: float, step: jax.Array) -> jax.Array:
@@ -40,24 +82,53 @@ def ema_rate(ema_decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def make_init(
-  model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, ema: bool = False
-) -> Callable:
-  """rng -> TrainState; params keep their logical-axis boxes for sharding. `ema`: the state
-  keeps a moving average of the params, starting at the init (same axes, same shardings)."""
+def make_init_params(model: nn.Module, example_batch: dict) -> Callable:
+  """rng -> the model's initial params, with their logical-axis boxes."""
 
-  def init(rng: jax.Array) -> TrainState:
-    init_rng, state_rng = jax.random.split(rng)
-    params = model.init(
-      init_rng, example_batch["tokens"], example_batch["positions"], example_batch["segment_ids"]
+  def init_params(rng: jax.Array) -> dict:
+    return model.init(
+      rng, example_batch["tokens"], example_batch["positions"], example_batch["segment_ids"]
     )["params"]
+
+  return init_params
+
+
+def make_state_from_params(
+  tx: optax.GradientTransformation, ema: bool = False, trainable: Trainable = Trainable()
+) -> Callable:
+  """(the model's initial params, rng) -> TrainState at step 0 (boxed in, boxed out)."""
+
+  def state_from_params(params, rng: jax.Array) -> TrainState:
+    reference = params if trainable.reference else None
+    params, frozen = trainable.split(params)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
-      rng=state_rng,
+      rng=rng,
       ema_params=params if ema else None,
+      frozen=frozen,
+      reference=reference,
     )
+
+  return state_from_params
+
+
+def make_init(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  example_batch: dict,
+  ema: bool = False,
+  trainable: Trainable = Trainable(),
+) -> Callable:
+  """rng -> TrainState; params keep their logical-axis boxes for sharding. `ema`: the state
+  keeps a moving average of the params, starting at the init (same axes, same shardings)."""
+  init_params = make_init_params(model, example_batch)
+  state_from_params = make_state_from_params(tx, ema, trainable)
+
+  def init(rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    return state_from_params(init_params(init_rng), state_rng)
 
   return init
 
@@ -79,15 +150,18 @@ def make_train_step(
   """(state, batch) -> (state, metrics); gradients of the mean loss over all targets.
   `ema_decay` > 0 also updates `state.ema_params` (see `ema_rate`)."""
 
-  def sums_and_grads(params, batch, rng):
-    def loss_fn(p):
-      sums = objective(model, p, batch, rng, deterministic=False)
-      return sums["loss_sum"], sums
-
-    return jax.grad(loss_fn, has_aux=True)(params)
-
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
+    frozen = {} if state.reference is None else {"reference": state.reference}
+
+    def sums_and_grads(params, batch, rng):
+      def loss_fn(p):
+        full = model_params(p, state.frozen)
+        sums = objective(model, full, batch, rng, deterministic=False, **frozen)
+        return sums["loss_sum"], sums
+
+      return jax.grad(loss_fn, has_aux=True)(params)
+
     if grad_accum == 1:
       grads, sums = sums_and_grads(state.params, batch, rng)
     else:
@@ -111,6 +185,9 @@ def make_train_step(
     metrics = {
       "train/loss": sums["loss_sum"] / denom,
       **{f"train/{accuracy_name(k)}": v / denom for k, v in sums.items() if k.endswith("correct")},
+      **{
+        f"train/{k}": v / denom for k, v in sums.items() if "/" in k and not k.startswith("rows/")
+      },
       "train/grad_norm": optax.tree.norm(grads),
       "train/learning_rate": schedule(state.step),
       "train/tokens": sums["weight"],
@@ -130,9 +207,11 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
-  """(params, batch) -> sums over the batch, to be added over the split."""
+  """(params, batch) -> sums over the batch, to be added over the split. `reference`: DPO's
+  frozen reference weights, when it has them."""
 
-  def eval_step(params, batch: dict) -> dict:
-    return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True)
+  def eval_step(params, batch: dict, reference=None) -> dict:
+    frozen = {} if reference is None else {"reference": reference}
+    return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **frozen)
 
   return eval_step

@@ -21,14 +21,23 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from configs import base
-from modeling import flops
+from modeling import flops, lora
 from train import families, sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
 from train.data import make_tokenizer
 from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
-from train.step import eval_params, make_eval_step, make_init, make_train_step
+from train.step import (
+  eval_params,
+  make_eval_step,
+  make_init,
+  make_init_params,
+  make_state_from_params,
+  make_train_step,
+  model_params,
+  saved_part,
+)
 from train.validation import validate_config, validate_run
 
 
@@ -42,16 +51,48 @@ def print_main(*args) -> None:
     print(*args, flush=True)
 
 
+def _example(config) -> dict:
+  return {k: jnp.zeros((1, n), jnp.int32) for k, n in families.packed_lengths(config).items()}
+
+
 def abstract_state(config, model, tx, mesh, rules):
-  """(abstract TrainState with shardings, its shardings, the boxed init fn)."""
-  example = {k: jnp.zeros((1, n), jnp.int32) for k, n in families.packed_lengths(config).items()}
-  init_fn = make_init(model, tx, example, ema=config.train.ema_decay > 0)
+  """(abstract TrainState with shardings, its shardings, the boxed init fn). LoRA targets
+  that match no layer are refused here, listing the layers' paths."""
+  trainable = families.resolve(config).trainable(config)
+  init_fn = make_init(model, tx, _example(config), config.train.ema_decay > 0, trainable)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+  if trainable.adapters and not lora.adapter_paths(nn.unbox(boxed.params)):
+    raise ValueError(
+      f"model.lora.targets={config.model.lora.targets!r} matches no layer; the linear layers "
+      f"are: {', '.join(lora.dense_paths(nn.unbox(boxed.frozen)))}"
+    )
   shardings = sharding.state_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
   )
   return abstract, shardings, init_fn
+
+
+def initial_state(config, model, tx, shardings):
+  """The state at step 0: a fresh init, then `init_from`'s matching weights, then split into
+  trained and frozen parts (`Trainable`). Call inside the mesh and axis-rules contexts."""
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as make_init
+  init_params = make_init_params(model, _example(config))
+  boxed = jax.eval_shape(init_params, init_rng)
+  param_shardings = nn.logical_to_mesh_sharding(
+    nn.get_partition_spec(boxed), jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+  )
+  params = sharding.sharded_init(init_params, init_rng, param_shardings)
+  if config.init_from:
+    params, fresh, unused = restore_matching_params(config.init_from, params)
+    print_main(
+      f"init_from {config.init_from}: loaded "
+      f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
+      f"fresh: {fresh or 'none'}; in the checkpoint but unused: {unused or 'none'}"
+    )
+  trainable = families.resolve(config).trainable(config)
+  to_state = make_state_from_params(tx, config.train.ema_decay > 0, trainable)
+  return jax.jit(to_state, out_shardings=shardings)(params, state_rng)
 
 
 def config_train_step(config, model, objective, tx):
@@ -62,7 +103,7 @@ def config_train_step(config, model, objective, tx):
 
 
 def run_eval(
-  config, task: families.Task, tokenizer, params, eval_step, to_global, model=None
+  config, task: families.Task, tokenizer, params, eval_step, to_global, model=None, data_kw=None
 ) -> dict[str, float]:
   """The task's metrics over its evaluation split (`train.eval_steps` batches; 0: all).
 
@@ -79,6 +120,7 @@ def run_eval(
     max_batches=t.eval_steps,
     process_index=jax.process_index(),
     process_count=n_proc,
+    **(data_kw or {}),
   )
   for local in batches:
     out = jax.device_get(eval_step(params, to_global(local)))
@@ -92,6 +134,19 @@ def run_eval(
   if task.decode_metrics is not None and model is not None:
     metrics.update(task.decode_metrics(config, model, params, tokenizer))
   return metrics
+
+
+def jit_eval_step(model, objective, shardings, batch_sharding, mesh):
+  """(model params, batch[, reference]) -> sums, jitted; outputs replicated, so every process
+  reads the sums and per-row values. DPO's frozen reference weights are the third argument
+  when the state keeps them."""
+  params = model_params(shardings.params, shardings.frozen)
+  ins = (params, batch_sharding)
+  if shardings.reference is not None:
+    ins = (*ins, shardings.reference)
+  return jax.jit(
+    make_eval_step(model, objective), in_shardings=ins, out_shardings=sharding.replicated(mesh)
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -110,48 +165,57 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   t = config.train
   n_proc = jax.process_count()
 
-  # ---- data
-  train_iter = wiring.task.train_iterator(
-    config,
-    tokenizer,
-    batch_size=t.batch_size // n_proc,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=n_proc,
-  )
   batch_sharding = sharding.batch_sharding(mesh)
 
   def to_global(local: dict) -> dict:
     return sharding.to_global(local, batch_sharding)
 
-  # ---- state: latest checkpoint, else init_from, else fresh
+  # ---- state, first part: the step-0 state when this start needs it (a fresh run, or the
+  # frozen parts (a LoRA base, DPO's reference), which are never saved and so rebuilt)
   abstract, shardings, init_fn = abstract_state(config, model, tx, mesh, rules)
   ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
   start = ckpt.latest_step()
+  rebuild = abstract.frozen is not None or abstract.reference is not None
+  rebuild = rebuild or wiring.task.prepare is not None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = initial_state(config, model, tx, shardings) if start is None or rebuild else None
+    # ---- data: the task's training iterator (this process's rows of the global batch),
+    # after any work the task does once on the initial weights
+    train_kw, eval_kw = (
+      ({}, {})
+      if state is None
+      else wiring.task.prepare_data(config, model, eval_params(state), tokenizer, to_global)
+    )
+    train_iter = wiring.task.train_iterator(
+      config,
+      tokenizer,
+      batch_size=t.batch_size // n_proc,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=n_proc,
+      **train_kw,
+    )
+    # ---- state, second part: the latest checkpoint's saved part, else step 0
     if start is not None:
       logging.info("resuming from %s/%d", ckpt.directory, start)
-      state = ckpt.restore(start, abstract, train_iter)
+      restored = ckpt.restore(start, saved_part(abstract), train_iter)
+      if state is not None:
+        restored = restored.replace(frozen=state.frozen, reference=state.reference)
+      state = restored
     else:
       start = 0
-      state = sharding.sharded_init(init_fn, jax.random.PRNGKey(config.seed), shardings)
-      if config.init_from:
-        params, fresh, unused = restore_matching_params(config.init_from, state.params)
-        ema = params if state.ema_params is not None else None
-        state = state.replace(params=params, ema_params=ema)
-        print_main(
-          f"init_from {config.init_from}: loaded "
-          f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
-          f"fresh: {fresh or 'none'}; in the checkpoint but unused: {unused or 'none'}"
-        )
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     held = sharding.bytes_per_device(state)
     total = sum(x.nbytes for x in jax.tree.leaves(state))
+    trained = "parameters"
+    if state.frozen is not None:
+      base = sum(x.nbytes for x in jax.tree.leaves(state.frozen))
+      trained = f"trained parameters (LoRA), over a frozen base of {base / 2**20:.1f} MiB"
     print(
-      f"model: {config.model.family}, {n_params:,} parameters; mesh {dict(mesh.shape)}; "
+      f"model: {config.model.family}, {n_params:,} {trained}; mesh {dict(mesh.shape)}; "
       f"state {max(held.values()) / 2**20:.1f} MiB per device of {total / 2**20:.1f} MiB",
       flush=True,
     )
@@ -159,14 +223,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = sharding.jit_train_step(
     config_train_step(config, model, objective, tx), shardings, batch_sharding
   )
-  eval_step = jax.jit(  # outputs replicated: every process reads the sums and per-row values
-    make_eval_step(model, objective),
-    in_shardings=(shardings.params, batch_sharding),
-    out_shardings=sharding.replicated(mesh),
-  )
+  eval_step = jit_eval_step(model, objective, shardings, batch_sharding, mesh)
 
-  def evaluate(params) -> dict[str, float]:
-    return run_eval(config, wiring.task, tokenizer, params, eval_step, to_global, model)
+  def evaluate(state) -> dict[str, float]:
+    step = eval_step
+    if state.reference is not None:  # the current buffers: each train step donates the state
+
+      def step(p, batch):
+        return eval_step(p, batch, state.reference)
+
+    params = eval_params(state)
+    return run_eval(config, wiring.task, tokenizer, params, step, to_global, model, eval_kw)
 
   # ---- loop
   writer = MetricsWriter(workdir, enabled=is_main)
@@ -205,13 +272,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           m["perf/tokens_per_sec"] = tps
           m["perf/mfu"] = tps * flops_per_token / (peak * jax.device_count())
           if eval_due:
-            m.update(evaluate(eval_params(state)))
+            m.update(evaluate(state))
           writer.write(step, m)
           progress.report(step, m)
           last = m
           t_log, step_log = time.perf_counter(), step
         if checkpoint_due:
-          ckpt.save(step, state, train_iter, force=True)
+          ckpt.save(step, saved_part(state), train_iter, force=True)
         if stop:
           ckpt.wait()
           print_main(

@@ -5,12 +5,14 @@ Each error names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import ml_collections
 import numpy as np
 
 from configs import base
-from modeling import diffusion
+from modeling import diffusion, lora
 from modeling.attention import ATTENTION_IMPLS
 from modeling.layers import GELUS, MLP_KINDS, NORMS
 from modeling.quant import QUANT_KINDS
@@ -24,8 +26,8 @@ from modeling.transformer import (
   Transformer,
 )
 from modeling.vocab import FOURFOLD
-from train import families, sharding
-from train.data import make_tokenizer, seq2seq, validate_source
+from train import families, objectives, preference, sharding
+from train.data import chat, make_tokenizer, seq2seq, validate_source
 from train.optim import SCHEDULES
 
 # Each key's allowed values, defined once beside their implementation; configs/base.py's
@@ -46,6 +48,11 @@ CHOICES = {
   "task.schedule": diffusion.SCHEDULES,
   "task.estimator": diffusion.ESTIMATORS,
   "task.templates": seq2seq.TEMPLATE_STYLES,
+  "task.template": chat.TEMPLATES,
+  "task.loss": preference.LOSSES,
+  "task.reference": objectives.REFERENCES,
+  "model.lora.base_quant": lora.BASE_QUANTS,
+  "model.lora.base_dtype": ("float32", "bfloat16"),
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = (
@@ -72,6 +79,8 @@ POSITIVE = (
   "task.num_sentinels",
   "task.beam_size",
   "model.rel_max_distance",
+  "model.lora.alpha",
+  "task.beta",
 )
 NON_NEGATIVE = (
   "model.vocab_size",
@@ -101,6 +110,8 @@ NON_NEGATIVE = (
   "model.num_decoder_layers",
   "task.eval_decode",
   "task.length_penalty",
+  "model.lora.rank",
+  "task.simpo_gamma",
 )
 
 
@@ -292,8 +303,11 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       task.estimator,
       "'count' integrates the time out, so it needs model.time_conditioning=False",
     )
+  _validate_post_training(config, wiring)
   tokenizer = make_tokenizer(config.data.tokenizer)
   _validate_specials(config, wiring, tokenizer)
+  if wiring.task.template_rows:
+    chat.token_ids(task.template, tokenizer)  # raises on a template token the tokenizer lacks
   if fam.sentinels:
     _validate_encdec(config, tokenizer)
   else:
@@ -317,6 +331,46 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "model.vocab_size", m.vocab_size, f"must be 0 or >= the tokenizer's {tokenizer.vocab_size}"
     )
   return wiring
+
+
+def _validate_post_training(config: ml_collections.ConfigDict, wiring: families.Wiring) -> None:
+  """LoRA, its frozen base, SFT's and DPO's data and the DPO reference."""
+  lo, t, m = config.model.lora, config.task, config.model
+  if lo.rank:
+    try:
+      re.compile(lo.targets)
+    except re.error as e:
+      fail("model.lora.targets", lo.targets, f"must be a regular expression ({e})")
+  if lo.base_quant != "none" and not lo.rank:
+    fail("model.lora.base_quant", lo.base_quant, "quantizes a LoRA base: set model.lora.rank > 0")
+  if lo.base_quant == "ternary" and m.quant != "bitnet158":
+    fail(
+      "model.lora.base_quant",
+      lo.base_quant,
+      f"packs a BitNet b1.58 base: needs model.quant='bitnet158', not {m.quant!r}",
+    )
+  if lo.base_quant == "nf4" and m.quant != "none":
+    fail(
+      "model.lora.base_quant", lo.base_quant, f"quantizes a float base, not model.quant={m.quant!r}"
+    )
+  if lo.base_dtype != "float32" and lo.base_quant != "none":
+    fail("model.lora.base_dtype", lo.base_dtype, "applies to a float base (base_quant='none')")
+  if (t.name in ("sft", "dpo")) and not config.data.name.startswith("jsonl:"):
+    fail("data.name", config.data.name, f"task.name={t.name!r} reads jsonl:<glob> conversations")
+  if not wiring.task.reference:
+    return
+  if not 0 <= t.label_smoothing < 0.5:
+    fail("task.label_smoothing", t.label_smoothing, "must lie in [0, 0.5)")
+  if t.loss in preference.REFERENCE_FREE:
+    return
+  if t.reference == "adapter_base" and not lo.rank:
+    fail("task.reference", t.reference, "is the policy without its LoRA: set model.lora.rank > 0")
+  if t.reference == "frozen" and lo.rank:
+    fail(
+      "task.reference",
+      t.reference,
+      "with LoRA the initial policy is the base itself: use 'adapter_base' (no second copy)",
+    )
 
 
 def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:

@@ -21,10 +21,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+from collections.abc import Sequence
 
+import grain
 import numpy as np
+from absl import logging
 
 from modeling.vocab import FOURFOLD
+from train.data import pipeline
 
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("chatml", "phi3", "llama2", "plain")
@@ -111,9 +115,14 @@ def token_ids(template: str, tokenizer) -> dict[str, int]:
 
 def encode(messages: list[dict], template: str, tokenizer, ids: dict[str, int] | None = None):
   """(token ids [N], loss mask [N] bool) of a conversation."""
+  return encode_pieces(render(messages, template), template, tokenizer, ids)
+
+
+def encode_pieces(pieces: list[Piece], template: str, tokenizer, ids: dict[str, int] | None = None):
+  """(token ids [N], loss mask [N] bool) of rendered pieces."""
   ids = ids or token_ids(template, tokenizer)
   tokens, mask = [], []
-  for piece in render(messages, template):
+  for piece in pieces:
     if piece.token:
       if ids.get(piece.token) is None:
         raise ValueError(f"task.template={template!r} needs a {piece.token} token")
@@ -248,3 +257,248 @@ def read_preferences(
     else:
       pairs.append(([*prompt, *chosen], [*prompt, *rejected]))
   return pairs, counts
+
+
+# ---- SFT batches: whole conversations packed first-fit, with the loss mask
+
+
+def needs_reserved_rows(specials) -> bool:
+  """fourfold's own tokenizers have no template tokens: the model reserves rows for them."""
+  return specials == FOURFOLD
+
+
+def _split(items: list, split: str) -> list:
+  """train: the first 90%; validation: the last 10%; all: every item (data.eval_name)."""
+  cut = len(items) - len(items) // HELD_OUT_FRACTION
+  return {"train": items[:cut], "validation": items[cut:], "all": items}[split]
+
+
+HELD_OUT_FRACTION = 10
+
+
+def source_of(config, split: str) -> tuple[str, str]:
+  """(the JSONL glob, its config key) of a split: data.eval_name's whole file for "all"."""
+  key = "data.eval_name" if split == "all" else "data.name"
+  name = config.data.eval_name if split == "all" else config.data.name
+  if not name.startswith("jsonl:"):
+    raise ValueError(
+      f"{key}={name!r}: task.name={config.task.name!r} reads conversations from jsonl:<glob> "
+      "(docs/post_training.md gives the record layouts)"
+    )
+  return name.partition(":")[2], key
+
+
+def conversations(config, split: str) -> list[list[dict]]:
+  """The split's conversations (`task.*_field` names the keys); skipped rows are logged."""
+  t = config.task
+  pattern, key = source_of(config, split)
+  convs, counts = read_conversations(pattern, t.messages_field, t.prompt_field, t.response_field)
+  _log_counts(f"{key} {pattern}", counts, len(convs))
+  return _split(convs, "all" if split == "all" else split)
+
+
+def _log_counts(what: str, counts: Counts, kept: int) -> None:
+  skipped = ", ".join(f"{n} {why}" for why, n in sorted(counts.skipped.items())) or "none"
+  logging.info("%s: %d rows read, %d kept; skipped: %s", what, counts.read, kept, skipped)
+
+
+def sft_examples(config, tokenizer, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(token ids, loss mask) of each conversation of the split, fitted to `data.seq_len`:
+  prompts truncated from the left, a conversation whose response alone is too long
+  skipped; both counted in the log."""
+  template, seq_len = config.task.template, config.data.seq_len
+  ids = token_ids(template, tokenizer)
+  out, truncated, too_long = [], 0, 0
+  for messages in conversations(config, split):
+    fitted = fit(*encode(messages, template, tokenizer, ids), seq_len)
+    if fitted is None:
+      too_long += 1
+      continue
+    truncated += fitted[2]
+    out.append((fitted[0], fitted[1]))
+  logging.info(
+    "sft %s: %d conversations; %d prompts truncated from the left to data.seq_len=%d, "
+    "%d skipped (the response alone is longer)",
+    split,
+    len(out),
+    truncated,
+    seq_len,
+    too_long,
+  )
+  if not out:
+    raise ValueError(f"data.name={config.data.name!r}: no {split} conversation fits")
+  return out
+
+
+def _example(pair) -> dict[str, np.ndarray]:
+  return {"tokens": pair[0].astype(np.int32), "loss_mask": pair[1].astype(np.int32)}
+
+
+def _pack(examples: grain.IterDataset, seq_len: int, bins: int, seed: int) -> grain.IterDataset:
+  """First-fit packing of whole conversations: each its own segment, positions from 0."""
+  packed = grain.experimental.FirstFitPackIterDataset(
+    examples,
+    length_struct={"tokens": seq_len, "loss_mask": seq_len},
+    num_packing_bins=bins,
+    seed=seed,
+    shuffle_bins=False,
+  )
+  return packed.map(
+    lambda r: {
+      "tokens": r["tokens"].astype(np.int32),
+      "segment_ids": r["tokens_segment_ids"].astype(np.int32),
+      "positions": r["tokens_positions"].astype(np.int32),
+      "loss_mask": r["loss_mask"].astype(np.int32),
+    }
+  )
+
+
+def sft_train_iterator(
+  config, tokenizer, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+  """Infinite packed batches, reshuffled every epoch, checkpointable; each process packs its
+  own conversations (index % processes)."""
+  pipeline.check_process(process_index, process_count)
+  examples = sft_examples(config, tokenizer, "train")
+  mine = grain.MapDataset.source(examples)[process_index::process_count]
+  if len(mine) == 0:
+    raise ValueError(f"data.name: no training conversation for process {process_index}")
+  stream = mine.shuffle(seed=seed).repeat().map(_example).to_iter_dataset()
+  batches = _pack(stream, config.data.seq_len, batch_size, seed).batch(
+    batch_size, drop_remainder=True
+  )
+  return pipeline.ShardedBatches([iter(batches)])
+
+
+def sft_eval_batches(
+  config,
+  tokenizer,
+  *,
+  batch_size: int,
+  max_batches: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+):
+  """Every evaluation conversation once, in order, packed; the last batch padded."""
+  pipeline.check_process(process_index, process_count)
+  split = "all" if config.data.eval_name else "validation"
+  examples = sft_examples(config, tokenizer, split)
+  stream = grain.MapDataset.source(examples).map(_example).to_iter_dataset()
+  rows = _pack(stream, config.data.seq_len, bins=1, seed=0)
+  return pipeline.batch_eval_rows(rows, batch_size, max_batches, process_index, process_count)
+
+
+def end_ids(template: str, ids: dict[str, int]) -> tuple[int, ...]:
+  """The ids that end an assistant turn under the template: where greedy decoding stops."""
+  return (
+    (ids["<|im_end|>"],)
+    if template == "chatml"
+    else ((ids["<|end|>"],) if template == "phi3" else (ids["eos"],))
+  )
+
+
+def decode_prompts(config, tokenizer, limit: int) -> tuple[list[np.ndarray], list[str]]:
+  """(prompt ids, reference text) of the first `limit` evaluation conversations (0: all):
+  the conversation up to its last assistant turn's content (the turn's header included),
+  and that content."""
+  template, seq_len = config.task.template, config.data.seq_len
+  ids = token_ids(template, tokenizer)
+  split = "all" if config.data.eval_name else "validation"
+  prompts, refs = [], []
+  for messages in conversations(config, split):
+    if limit and len(prompts) >= limit:
+      break
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    pieces = render(messages[: last + 1], template)
+    content = max(i for i, p in enumerate(pieces) if p.loss and not p.token)
+    prompt, _ = encode_pieces(pieces[:content], template, tokenizer, ids)
+    if prompt.size == 0 or prompt.size >= seq_len:
+      continue
+    prompts.append(prompt)
+    refs.append(messages[last]["content"])
+  return prompts, refs
+
+
+class ChatPairs(Sequence):
+  """(input text, target text) of each conversation of a split, for an encoder-decoder: the
+  input is the conversation before its last assistant turn (a lone user turn as its text,
+  more turns as `Role: content` lines), the target that turn's content."""
+
+  def __init__(self, config, split: str):
+    self.convs = conversations(config, split)
+
+  def __len__(self) -> int:
+    return len(self.convs)
+
+  def __getitem__(self, index: int) -> tuple[str, str]:
+    messages = self.convs[index]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    before = messages[:last]
+    if len(before) == 1 and before[0]["role"] == "user":
+      return before[0]["content"], messages[last]["content"]
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in before]
+    return "\n".join([*lines, "Assistant:"]), messages[last]["content"]
+
+
+# ---- DPO rows: one (chosen, rejected) pair per row, each side padded to data.seq_len
+
+
+def _common_prefix(a: list[dict], b: list[dict]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
+def _answer_only(messages: list[dict], prompt_turns: int, template: str, tokenizer, ids):
+  """(ids, mask) of a conversation whose mask covers only the turns after the prompt (a
+  multi-turn prompt's own assistant turns are context, not the answer being compared)."""
+  tokens, mask = encode(messages, template, tokenizer, ids)
+  prompt, _ = encode(messages[:prompt_turns], template, tokenizer, ids)
+  mask[: prompt.size] = False
+  return tokens, mask
+
+
+def preference_rows(config, tokenizer, split: str) -> dict[str, np.ndarray]:
+  """The split's preference pairs as row arrays: `chosen_tokens`, `chosen_mask` (the
+  answer's tokens, as SFT's loss mask), `chosen_segment_ids` (1 on tokens, 0 padding), the
+  same three for `rejected_`, and `weight` (1). Prompts are truncated from the left to fit
+  `data.seq_len`; a pair whose answer alone is too long is skipped; both are logged."""
+  t, seq_len = config.task, config.data.seq_len
+  pattern, key = source_of(config, split)
+  pairs, counts = read_preferences(pattern, t.prompt_field, t.chosen_field, t.rejected_field)
+  _log_counts(f"{key} {pattern}", counts, len(pairs))
+  ids = token_ids(t.template, tokenizer)
+  sides: dict[str, list[np.ndarray]] = {}
+  truncated = too_long = 0
+  for chosen, rejected in _split(pairs, split):
+    shared = _common_prefix(chosen, rejected)
+    fitted = [
+      fit(*_answer_only(conv, shared, t.template, tokenizer, ids), seq_len)
+      for conv in (chosen, rejected)
+    ]
+    if any(f is None for f in fitted):
+      too_long += 1
+      continue
+    truncated += any(f[2] for f in fitted)
+    for side, (tokens, mask, _) in zip(("chosen", "rejected"), fitted, strict=True):
+      pad = seq_len - tokens.size
+      sides.setdefault(f"{side}_tokens", []).append(np.pad(tokens, (0, pad)))
+      sides.setdefault(f"{side}_mask", []).append(np.pad(mask, (0, pad)).astype(np.int32))
+      sides.setdefault(f"{side}_segment_ids", []).append(
+        np.pad(np.ones(tokens.size, np.int32), (0, pad))
+      )
+  logging.info(
+    "dpo %s: %d pairs; %d prompts truncated from the left to data.seq_len=%d, %d skipped "
+    "(an answer alone is longer)",
+    split,
+    len(sides.get("chosen_tokens", [])),
+    truncated,
+    seq_len,
+    too_long,
+  )
+  if not sides:
+    raise ValueError(f"{key}={config.data.name!r}: no {split} preference pair fits")
+  rows = {k: np.stack(v).astype(np.int32) for k, v in sides.items()}
+  rows["weight"] = np.ones(len(rows["chosen_tokens"]), np.float32)
+  return rows

@@ -469,18 +469,20 @@ def seq2seq_train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  pair_sources: list[tuple[Sequence, float]] | None = None,
 ) -> grain.DatasetIterator:
   """Infinite packed batches of the mixture (one source: rate 1), checkpointable.
 
   Each source is reshuffled every epoch and read by this process from its own examples
-  (index % processes); sources are interleaved by their rates.
+  (index % processes); sources are interleaved by their rates. `sources`: [(text pairs,
+  rate)] in place of the config's (SFT's conversations).
   """
   pipeline.check_process(process_index, process_count)
   d = config.data
   tgt_len = target_len(config)
   counts = Counts("seq2seq training data", d.seq_len, tgt_len)
   parts, rates = [], []
-  for k, (pairs, rate) in enumerate(_sources(config, "train")):
+  for k, (pairs, rate) in enumerate(pair_sources or _sources(config, "train")):
     mine = grain.MapDataset.source(pairs)[process_index::process_count]
     if len(mine) == 0:
       raise ValueError(f"train data: source {k} has no examples for process {process_index}")
@@ -513,13 +515,15 @@ def seq2seq_eval_batches(
   max_batches: int = 0,
   process_index: int = 0,
   process_count: int = 1,
+  pair_sets: list[Sequence] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every evaluation example once, in order, packed like training; the last batch padded."""
+  """Every evaluation example once, in order, packed like training; the last batch padded.
+  `pair_sets`: the evaluation's text pairs in place of the config's."""
   pipeline.check_process(process_index, process_count)
   d = config.data
   tgt_len = target_len(config)
   counts = Counts("seq2seq evaluation data", d.seq_len, tgt_len)
-  sets = [grain.MapDataset.source(p) for p in eval_pairs(config)]
+  sets = [grain.MapDataset.source(p) for p in pair_sets or eval_pairs(config)]
   data = sets[0] if len(sets) == 1 else grain.MapDataset.concatenate(sets)
   examples = data.map(lambda p: encode_pair(p, tokenizer, d.seq_len, tgt_len, counts))
   examples = examples.filter(lambda e: e is not None).to_iter_dataset()
@@ -536,16 +540,23 @@ def source_label(name: str) -> str:
 
 
 def decode_sources(
-  config: ml_collections.ConfigDict, tokenizer: Tokenizer, limit: int
+  config: ml_collections.ConfigDict,
+  tokenizer: Tokenizer,
+  limit: int,
+  pair_sets: list[Sequence] | None = None,
 ) -> list[tuple[str, list[np.ndarray], list[str], list[str]]]:
   """Per evaluation source: (label, encoder ids, input texts, reference texts) of its first
-  `limit` examples (0: all) with non-empty targets, for metrics on decoded text."""
+  `limit` examples (0: all) with non-empty targets, for metrics on decoded text.
+  `pair_sets`: one set of text pairs in place of the config's sources."""
   d = config.data
   tgt_len = target_len(config)
   counts = Counts("seq2seq decoded examples", d.seq_len, tgt_len)
   names = [d.eval_name] if d.eval_name else [name for name, _ in parse_mixture(config)]
+  sets = eval_pairs(config)
+  if pair_sets is not None:
+    names, sets = [d.eval_name or d.name], pair_sets
   out = []
-  for name, pairs in zip(names, eval_pairs(config), strict=True):
+  for name, pairs in zip(names, sets, strict=True):
     ids, inputs, refs = [], [], []
     for i in range(len(pairs)):
       if limit and len(ids) >= limit:
