@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from modeling.layers import Dense, DotGeneral, Norm
+from modeling.lora import Lora
 from modeling.rope import Rope, apply_rope  # noqa: F401  (apply_rope: re-exported)
 
 MASK_KINDS = ("causal", "bidirectional")
@@ -229,6 +230,7 @@ class Attention(nn.Module):
   dot_general: DotGeneral = lax.dot_general
   sub_norm: dict | None = None  # Norm kwargs: SubLN before the output projection (BitNet)
   cross: bool = False
+  lora: Lora | None = None  # LoRA adapters where lora.targets matches (modeling/lora.py)
 
   @nn.compact
   def __call__(
@@ -296,7 +298,9 @@ class Attention(nn.Module):
     return self._output(out_BLHK, x_BLD, deterministic), cache
 
   def _dense_kwargs(self) -> dict:
-    return dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    return dict(
+      dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general, lora=self.lora
+    )
 
   def _output(self, out_BLHK, x_BLD, deterministic) -> jax.Array:
     """SubLN (quantized blocks), the output projection and dropout."""

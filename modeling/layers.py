@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from modeling.lora import BASE_DOT_GENERAL, DEQUANTIZE, QUANT_LEAVES, Lora
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -29,7 +31,11 @@ class Dense(nn.Module):
   """y = x @ W (+ b) contracting the last `len(in_axes)` dims of x.
 
   `dot_general` is injectable so quantized matmuls (modeling/quant.py) plug in
-  without touching model code.
+  without touching model code. W is read in whatever form the params hold it: a float
+  `kernel` (always so at init), or a quantized base's leaves (modeling/lora.py: NF4,
+  dequantized to the compute dtype; packed ternary, through the deployed BitLinear). With
+  `lora` targeting this module's path, y += scale * (x @ A) @ B (LoRA); the branch is skipped
+  when the params hold no adapters, so one module serves the base alone too.
   """
 
   features: Sequence[int]
@@ -39,20 +45,59 @@ class Dense(nn.Module):
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = nn.initializers.normal(0.02)
   dot_general: DotGeneral = lax.dot_general
+  lora: Lora | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_axes)
     in_shape = x.shape[-n_in:]
-    kernel = param_with_axes(
-      self, "kernel", self.kernel_init, (*in_shape, *self.features), (*self.in_axes, *self.out_axes)
-    )
+    kernel, dot_general = self._kernel((*in_shape, *self.features))
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = self.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    x = x.astype(self.dtype)
+    y = dot_general(x, kernel, (contract, ((), ())))
+    if self._adapted():
+      y = y + self._adapter(x, in_shape, contract)
     if self.use_bias:
       bias = param_with_axes(self, "bias", nn.initializers.zeros, self.features, self.out_axes)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _kernel(self, shape: tuple[int, ...]) -> tuple[jax.Array, DotGeneral]:
+    """W in the compute dtype, and the dot_general it goes through."""
+    if not self.is_initializing():
+      for kind, leaves in QUANT_LEAVES.items():
+        if self.has_variable("params", next(iter(leaves))):
+          stored = {k: nn.unbox(self.get_variable("params", k)) for k in leaves}
+          kernel = DEQUANTIZE[kind](stored, shape, self.dtype)
+          return kernel, BASE_DOT_GENERAL[kind] or self.dot_general
+    kernel = param_with_axes(
+      self, "kernel", self.kernel_init, shape, (*self.in_axes, *self.out_axes)
+    )
+    return kernel.astype(self.dtype), self.dot_general
+
+  def _adapted(self) -> bool:
+    if self.lora is None or not self.lora.adapts("/".join(self.scope.path)):
+      return False
+    return self.is_initializing() or self.has_variable("params", "lora_a")
+
+  def _adapter(self, x: jax.Array, in_shape: tuple[int, ...], contract) -> jax.Array:
+    """scale * (x @ A) @ B. A: kaiming-uniform as PEFT's (U(+-1/sqrt(fan_in))); B: zeros, so
+    the adapted model starts as the base, bit for bit."""
+    n_in, rank = len(in_shape), self.lora.rank
+    a_init = nn.initializers.variance_scaling(
+      1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1
+    )
+    a = param_with_axes(self, "lora_a", a_init, (*in_shape, rank), (*self.in_axes, "lora_rank"))
+    b = param_with_axes(
+      self,
+      "lora_b",
+      nn.initializers.zeros,
+      (rank, *self.features),
+      ("lora_rank", *self.out_axes),
+    )
+    xa = lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
+    xab = lax.dot_general(xa, b.astype(self.dtype), (((xa.ndim - 1,), (0,)), ((), ())))
+    return self.lora.scale * xab
 
 
 class Embed(nn.Module):
@@ -125,10 +170,13 @@ class Mlp(nn.Module):
   out_init_scale: float = 0.02
   dot_general: DotGeneral = lax.dot_general
   sub_norm: dict | None = None  # Norm kwargs: SubLN before the down projection (BitNet)
+  lora: Lora | None = None  # LoRA adapters where lora.targets matches (modeling/lora.py)
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, deterministic: bool = True) -> jax.Array:
-    dense = dict(dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general)
+    dense = dict(
+      dtype=self.dtype, use_bias=self.use_bias, dot_general=self.dot_general, lora=self.lora
+    )
     up = Dense((self.d_ff,), ("embed",), ("mlp",), name="up", **dense)(x_BLD)
     if self.kind in GATED:
       gate = Dense((self.d_ff,), ("embed",), ("mlp",), name="gate", **dense)(x_BLD)

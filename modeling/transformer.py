@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from modeling.attention import Attention
 from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
+from modeling.lora import Lora
 from modeling.quant import make_dot_general
 from modeling.rope import Rope
 
@@ -86,6 +87,7 @@ class TransformerConfig:
   rel_buckets: int = 32  # position="relative": T5's log-spaced buckets
   rel_max_distance: int = 128  # position="relative": distances beyond share the last bucket
   neighbor_mix: int = 0  # bidirectional stacks: positions also read +-this many neighbours' inputs
+  lora: Lora = Lora()  # adapters on the blocks' Dense layers; rank 0: none (modeling/lora.py)
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -125,6 +127,7 @@ class Block(nn.Module):
     linear = dict(
       dot_general=make_dot_general(c.quant, c.quant_deployed),
       sub_norm=norm if quantized else None,  # SubLN (BitNet b1.58 2B4T)
+      lora=c.lora,
     )
     attention = dict(
       num_heads=c.num_heads,
