@@ -238,6 +238,30 @@ def parse_args(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
   return out
 
 
+# post-training tasks a preset's `task=` argument sets up: (task keys, train keys)
+POST_TRAINING = {
+  "sft": (
+    {"name": "sft"},
+    dict(learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=20, steps=500, eval_every=100),
+  ),
+  "dpo": (
+    {"name": "dpo"},
+    dict(learning_rate=5e-5, min_learning_rate=5e-6, warmup_steps=20, steps=300, eval_every=100),
+  ),
+}
+
+
+def post_training(c: ml_collections.ConfigDict, task: str) -> None:
+  """A preset's `task=sft|dpo` (docs/post_training.md): conversations or preference pairs
+  from data.name=jsonl:<glob>, fine-tuning rates, no weight decay, no end-of-run samples
+  (their prompts are not conversations); `task=pretrain` changes nothing."""
+  if task == "pretrain":
+    return
+  task_keys, train_keys = choose("task", task, {"pretrain": None, **POST_TRAINING})
+  c.task.update(task_keys)
+  c.train.update(dict(weight_decay=0.0, num_samples=0, checkpoint_every=100, **train_keys))
+
+
 def choose(name: str, value: str, table: dict) -> dict:
   """Looks `value` up in `table`, naming the allowed values on failure."""
   if value not in table:

@@ -40,7 +40,7 @@ PUBLISHED = {
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_args(arg, {"size": "XS"})
+  args = base.parse_args(arg, {"size": "XS", "task": "pretrain"})
   c = base.get_config()
   c.model.family = "decoder"
   c.model.position = "learned"
@@ -51,4 +51,5 @@ def get_config(arg: str | None = None):
   c.model.update(base.choose("size", args["size"], {**SIZES, **PUBLISHED}))
   if args["size"] in PUBLISHED:
     c.data.seq_len = 1024
+  base.post_training(c, args["task"])
   return c

@@ -59,7 +59,7 @@ PUBLISHED = {
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_args(arg, {"size": "XS"})
+  args = base.parse_args(arg, {"size": "XS", "task": "pretrain"})
   c = base.get_config()
   c.model.family = "decoder"
   c.model.position = "rope"
@@ -70,4 +70,5 @@ def get_config(arg: str | None = None):
   c.model.update(base.choose("size", args["size"], {**SIZES, **PUBLISHED}))
   if args["size"] in PUBLISHED:
     c.data.seq_len = 2048
+  base.post_training(c, args["task"])
   return c

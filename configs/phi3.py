@@ -30,7 +30,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_args(arg, {"size": "mini-4k"})
+  args = base.parse_args(arg, {"size": "mini-4k", "task": "pretrain"})
   c = base.get_config()
   c.model.family = "decoder"
   c.model.update(
@@ -47,4 +47,5 @@ def get_config(arg: str | None = None):
   )
   c.model.update(base.choose("size", args["size"], SIZES))
   c.data.seq_len = 2048
+  base.post_training(c, args["task"])
   return c

@@ -74,14 +74,17 @@ def get_config(arg: str | None = None):
   c.model.update(base.choose("variant", args["variant"], VARIANTS))
   published = PUBLISHED.get(args["variant"], {})
   c.model.update(base.choose("size", args["size"], {**SIZES, **published}))
-  c.task.name = base.choose("task", args["task"], {"pretrain": "pretrain", "seq2seq": "seq2seq"})
+  tasks = {"pretrain": "pretrain", "seq2seq": "seq2seq", "sft": "sft"}
+  c.task.name = base.choose("task", args["task"], tasks)
   # encoder tokens; span corruption's targets then take 114 / 29
   c.data.seq_len = 512 if args["size"] in published else 128
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 100
   c.train.num_samples = 0  # span-corruption inputs hold sentinels no prompt can type
-  if c.task.name == "seq2seq":
+  if c.task.name in ("seq2seq", "sft"):
     c.data.target_len = 128
     c.model.dropout = 0.1
     c.train.learning_rate = 1e-3
+  if c.task.name == "sft":  # inputs = the prompt, targets = the answer (docs/post_training.md)
+    base.post_training(c, "sft")
   return c

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from modeling import decoding, diffusion
+from modeling.lora import Lora
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
@@ -560,6 +561,7 @@ class Wiring:
       rel_buckets=m.rel_buckets,
       rel_max_distance=m.rel_max_distance,
       neighbor_mix=m.neighbor_mix,
+      lora=Lora(m.lora.rank, m.lora.alpha, m.lora.targets, m.lora.base_quant),
     )
 
   def build(

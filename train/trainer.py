@@ -73,15 +73,13 @@ def abstract_state(config, model, tx, mesh, rules):
   return abstract, shardings, init_fn
 
 
-def initial_state(config, model, tx, shardings):
+def initial_state(config, model, tx, shardings, mesh, rules):
   """The state at step 0: a fresh init, then `init_from`'s matching weights, then split into
   trained and frozen parts (`Trainable`). Call inside the mesh and axis-rules contexts."""
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as make_init
   init_params = make_init_params(model, _example(config))
   boxed = jax.eval_shape(init_params, init_rng)
-  param_shardings = nn.logical_to_mesh_sharding(
-    nn.get_partition_spec(boxed), jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
-  )
+  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   params = sharding.sharded_init(init_params, init_rng, param_shardings)
   if config.init_from:
     params, fresh, unused = restore_matching_params(config.init_from, params)
@@ -178,7 +176,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rebuild = abstract.frozen is not None or abstract.reference is not None
   rebuild = rebuild or wiring.task.prepare is not None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = initial_state(config, model, tx, shardings) if start is None or rebuild else None
+    state = (
+      initial_state(config, model, tx, shardings, mesh, rules) if start is None or rebuild else None
+    )
     # ---- data: the task's training iterator (this process's rows of the global batch),
     # after any work the task does once on the initial weights
     train_kw, eval_kw = (
