@@ -331,7 +331,9 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
 
 
 def load_for_inference(workdir: str):
-  """(config, model, params, tokenizer) from a workdir's config.json and latest checkpoint."""
+  """(config, model, params, tokenizer) from a workdir's config.json and latest checkpoint.
+  A LoRA run's checkpoint holds its adapters: the base comes from where the run started
+  (its `init_from`, else its seeded init), and the params returned hold both."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"--workdir={workdir!r}: no config.json; is it a fourfold training workdir?")
@@ -339,9 +341,12 @@ def load_for_inference(workdir: str):
     config = saved_config(json.load(f))
   tokenizer = make_tokenizer(config.data.tokenizer)
   model, _ = families.resolve(config).build(config, tokenizer)
-  mesh = sharding.make_mesh(config.mesh)
-  abstract, _, _ = abstract_state(
-    config, model, make_optimizer(config.train), mesh, sharding.rules(config)
-  )
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config)
+  tx = make_optimizer(config.train)
+  abstract, shardings, _ = abstract_state(config, model, tx, mesh, rules)
   params = restore_params(workdir, abstract.params)
+  if abstract.frozen is not None:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      base = initial_state(config, model, tx, shardings, mesh, rules).frozen
+    params = model_params(params, base)
   return config, model, params, tokenizer
