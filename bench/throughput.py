@@ -9,7 +9,12 @@ the same run. The batch is synthetic (full-length documents), so data
 loading is excluded. Last line: tokens_per_sec=... mfu=... peak_gflops=...
 
 With --compare=key=value,... a variant is timed in the same process, alternating with the
-config for --rounds rounds; the last line is then ratio_step_s=<variant / config>.
+config for --rounds rounds; the last line is then ratio_step_s=<variant / config>. Each
+side's trained parameters, optimizer-state bytes and frozen bytes are printed too, so
+LoRA against full fine-tuning is one command:
+
+python -m bench.throughput --config=configs/gpt.py:size=S,task=sft \
+    --config.data.name=jsonl:any.jsonl --compare=model.lora.rank=8
 """
 
 import copy
@@ -60,7 +65,7 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
   for key, n in wiring.batch_lengths(config).items():  # one example per row, every slot used
     if key.endswith("positions"):
       batch[key] = np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy()
-    elif key.endswith("segment_ids"):
+    elif key.endswith("segment_ids") or key.endswith("mask"):
       batch[key] = np.ones((b, n), np.int32)
     else:
       batch[key] = rng.integers(8, model.cfg.vocab_size, (b, n), dtype=np.int32)
@@ -95,6 +100,8 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
     "mfu": tps * flops / peak,
     "peak_gflops": peak / 1e9,
     "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
+    "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(state.opt_state)),
+    "frozen_bytes": sum(x.nbytes for x in jax.tree.leaves(state.frozen)),
     "loss": float(metrics["train/loss"]),
   }
 
@@ -122,6 +129,7 @@ def report(r: dict) -> None:
     f"params={r['params']:,} compile_s={r['compile_s']:.1f} step_s={r['step_s']:.4f} "
     f"model_gflops_per_step={r['model_gflops_per_step']:.1f} devices={jax.device_count()}"
   )
+  print(f"optimizer_bytes={r['optimizer_bytes']:,} frozen_bytes={r['frozen_bytes']:,}")
   print(
     f"tokens_per_sec={r['tokens_per_sec']:.0f} mfu={r['mfu']:.3f} peak_gflops={r['peak_gflops']:.1f}"
   )
@@ -136,13 +144,20 @@ def main(argv):
     return
   variant = variant_of(FLAGS.config, FLAGS.compare)
   times = {"config": [], "variant": []}
+  last = {}
   for i in range(FLAGS.rounds):
     for name, cfg in (("config", FLAGS.config), ("variant", variant)):
-      r = benchmark(cfg, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n)
+      r = last[name] = benchmark(cfg, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n)
       times[name].append(r["step_s"])
       print(
         f"round {i + 1} {name}: step_s={r['step_s']:.4f} tokens_per_sec={r['tokens_per_sec']:.0f}"
       )
+  for name in ("config", "variant"):  # trained parameters and their optimizer state (Adam)
+    r = last[name]
+    print(
+      f"{name}: trained params={r['params']:,} optimizer_bytes={r['optimizer_bytes']:,} "
+      f"frozen_bytes={r['frozen_bytes']:,}"
+    )
   base, var = (float(np.median(times[k])) for k in ("config", "variant"))
   print(f"config step_s={base:.4f} variant ({','.join(FLAGS.compare)}) step_s={var:.4f}")
   print(f"ratio_step_s={var / base:.3f}")

@@ -124,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.eval_decode = 256  # seq2seq, sft: eval examples decoded (EM, ROUGE, BLEU); 0: none
   c.task.beam_size = 1  # seq2seq evaluation decoding: 1 is greedy
   c.task.length_penalty = 0.6  # beam search: GNMT length penalty exponent alpha
-  c.task.template = "chatml"  # sft, dpo: chat template chatml | phi3 | llama2 | plain
+  c.task.template = "chatml"  # sft, dpo: chatml | phi3 | llama2 | plain | completion
   c.task.messages_field = "messages"  # sft: the JSONL key of a {role, content} list
   c.task.prompt_field = "prompt"  # sft, dpo: the JSONL key of a prompt (text or messages)
   c.task.response_field = "response"  # sft: the JSONL key of a response (with prompt_field)

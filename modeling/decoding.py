@@ -251,6 +251,39 @@ def generate(
   return np.concatenate(pieces, axis=1)
 
 
+def greedy_answers(
+  model: nn.Module,
+  params,
+  prompts: list[np.ndarray],
+  num_tokens: list[int],
+  stop_ids: tuple[int, ...],
+  progress=None,
+) -> list[np.ndarray]:
+  """Greedy continuations of prompts of any lengths, each cut before its first stop id:
+  prompts of one length decode as one batch, for the most tokens any of them asks
+  (`num_tokens[i]`). `progress(done, groups)` is called after each batch."""
+  out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
+  by_length: dict[int, list[int]] = {}
+  for i, p in enumerate(prompts):
+    by_length.setdefault(p.size, []).append(i)
+  for done, rows in enumerate(by_length[n] for n in sorted(by_length)):
+    new_BN = generate(
+      model,
+      params,
+      np.stack([prompts[i] for i in rows]),
+      max(num_tokens[i] for i in rows),
+      jax.random.PRNGKey(0),
+      temperature=0.0,
+      eos_id=stop_ids,
+    )
+    for i, new_N in zip(rows, new_BN, strict=True):
+      end = np.flatnonzero(np.isin(new_N, stop_ids))
+      out[i] = new_N[: end[0] if end.size else new_N.size]
+    if progress is not None:
+      progress(done + 1, len(by_length))
+  return out
+
+
 def complete(model, params, tokenizer, prompt: str, num_tokens: int, rng, **kw) -> str:
   """Text in, text out: the prompt, read as the start of a document (after BOS when the
   tokenizer's model starts documents with one), and its continuation up to EOS."""

@@ -12,6 +12,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.experimental.v1 import partial
 
 
@@ -241,6 +242,13 @@ def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], l
   for (_, x), name in zip(flat, names, strict=True):
     if name in grown:
       rows = loaded[name].shape[grown[name]]
+      logging.info(
+        "init_from: %s grows from %d to %d along axis %d; the new entries start fresh",
+        name,
+        rows,
+        x.shape[grown[name]],
+        grown[name],
+      )
       index = tuple(slice(0, rows) if i == grown[name] else slice(None) for i in range(x.ndim))
       loaded[name] = jax.jit(lambda f, o, i=index: f.at[i].set(o), out_shardings=x.sharding)(
         x, loaded[name]

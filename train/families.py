@@ -203,34 +203,18 @@ def _sft_eval(config, tokenizer, frame: Frame, **kw):
 def sft_decode_metrics(config, model, params, tokenizer) -> dict[str, float]:
   """Exact match, ROUGE and BLEU of the first `task.eval_decode` evaluation conversations'
   last assistant turn, decoded greedily after the conversation up to that turn's header and
-  stopped at the template's end of turn. Prompts of one length decode as one batch, each
-  batch for as many tokens as its longest reference plus the end token."""
+  stopped at the template's end of turn, for as many tokens as the reference plus the end
+  token (an exact match must stop there)."""
   t = config.task
   if not t.eval_decode:
     return {}
   prompts, refs = chat.decode_prompts(config, tokenizer, t.eval_decode)
   ids = chat.token_ids(t.template, tokenizer)
-  stops = tuple(sorted({*chat.end_ids(t.template, ids), *tokenizer.specials.stop_ids}))
-  preds = [""] * len(prompts)
-  by_length: dict[int, list[int]] = {}
-  for i, p in enumerate(prompts):
-    by_length.setdefault(p.size, []).append(i)
-  rng = jax.random.PRNGKey(config.seed)
-  for length, rows in sorted(by_length.items()):
-    room = config.data.seq_len - length
-    need = max(tokenizer.encode(refs[i]).size for i in rows) + 1
-    out_BN = decoding.generate(
-      model,
-      params,
-      np.stack([prompts[i] for i in rows]),
-      min(need, room),
-      rng,
-      temperature=0.0,
-      eos_id=stops,
-    )
-    for i, out_N in zip(rows, out_BN, strict=True):
-      end = np.flatnonzero(np.isin(out_N, stops))
-      preds[i] = tokenizer.decode(out_N[: end[0] if end.size else out_N.size])
+  stops = chat.answer_stops(t.template, tokenizer, ids)
+  room = [config.data.seq_len - p.size for p in prompts]
+  need = [min(tokenizer.encode(r).size + 1, n) for r, n in zip(refs, room, strict=True)]
+  answers = decoding.greedy_answers(model, params, prompts, need, stops)
+  preds = [tokenizer.decode(a) for a in answers]
   return text_metrics([p.strip() for p in preds], [r.strip() for r in refs])
 
 

@@ -252,3 +252,19 @@ def test_dpo_reference_free_losses_skip_the_reference(dpo_setup):
   simpo = objectives.make_dpo(task, tok.vocab_size, tok.specials)
   sums = simpo(model, params, batch, jax.random.key(0), True)  # no reference given, none needed
   assert np.isfinite(float(sums["loss_sum"]))
+
+
+def test_encdec_sft_evaluates_and_decodes_the_conversations(sft_config):
+  """The seq2seq pipeline reads SFT's conversations (no inputs/targets fields), for
+  teacher-forced evaluation and for decoded metrics."""
+  from train.data import seq2seq
+
+  c = tiny_config("t5", "task=sft", name=sft_config.data.name, seq_len=64, target_len=16)
+  tok = ByteTokenizer()
+  pairs = [chat.ChatPairs(c, "validation")]
+  [(_, ids, inputs, refs)] = seq2seq.decode_sources(c, tok, 0, pairs)
+  convs = chat.conversations(c, "validation")
+  assert refs == [m[-1]["content"] for m in convs]
+  assert tok.decode(ids[0][:-1]) == inputs[0] and inputs[0].endswith("Assistant:")
+  batch = next(iter(seq2seq.seq2seq_eval_batches(c, tok, batch_size=2, pair_sets=pairs)))
+  assert batch["targets"].shape == (2, 16) and (batch["targets_segment_ids"] > 0).any()

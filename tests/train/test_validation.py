@@ -125,8 +125,10 @@ def test_preset_argument_errors():
     ValueError, match=r"size='XXL': allowed \['tiny', 'XS', 'S', 'M', 'L', '1B', '124M'"
   ):
     gpt.get_config("size=XXL")
-  with pytest.raises(ValueError, match=r"'colour=red'.*\['size'\]"):
+  with pytest.raises(ValueError, match=r"'colour=red'.*\['size', 'task'\]"):
     llama.get_config("colour=red")
+  with pytest.raises(ValueError, match=r"task='rlhf': allowed \['pretrain', 'sft', 'dpo'\]"):
+    llama.get_config("task=rlhf")
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ user text:
   phi3     <|role|>\\n content <|end|>\\n
   llama2   <s>[INST] <<SYS>>\\n system \\n<</SYS>>\\n\\n user [/INST] assistant </s>
   plain    Role: content\\n, each assistant turn ended by the tokenizer's EOS
+  completion  the turns' text back to back, no roles (system and user text is the context),
+           each assistant turn ended by EOS: a pretrained model's own document format
 
 Special tokens: a Hugging Face tokenizer must have the template's own (its `encode` of the
 name gives one id); a byte-level or fourfold SentencePiece tokenizer gets them reserved
@@ -31,13 +33,14 @@ from modeling.vocab import FOURFOLD
 from train.data import pipeline
 
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("chatml", "phi3", "llama2", "plain")
+TEMPLATES = ("chatml", "phi3", "llama2", "plain", "completion")
 # the special tokens each template names (BOS / EOS are the tokenizer's own)
 TEMPLATE_TOKENS = {
   "chatml": ("<|im_start|>", "<|im_end|>"),
   "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
   "llama2": (),
   "plain": (),
+  "completion": (),
 }
 
 
@@ -86,6 +89,12 @@ def render(messages: list[dict], template: str) -> list[Piece]:
         out += [_txt(m["content"], True), _tok("eos", True), _txt("\n")]
       else:
         out.append(_txt(f"{m['content']}\n"))
+  elif template == "completion":
+    for m in messages:
+      if m["role"] == "assistant":
+        out += [_txt(m["content"], True), _tok("eos", True)]
+      else:
+        out.append(_txt(m["content"]))
   else:
     raise ValueError(f"task.template={template!r}: allowed {TEMPLATES}")
   return out
@@ -388,13 +397,12 @@ def sft_eval_batches(
   return pipeline.batch_eval_rows(rows, batch_size, max_batches, process_index, process_count)
 
 
-def end_ids(template: str, ids: dict[str, int]) -> tuple[int, ...]:
-  """The ids that end an assistant turn under the template: where greedy decoding stops."""
-  return (
-    (ids["<|im_end|>"],)
-    if template == "chatml"
-    else ((ids["<|end|>"],) if template == "phi3" else (ids["eos"],))
-  )
+def answer_stops(template: str, tokenizer, ids: dict[str, int] | None = None) -> tuple[int, ...]:
+  """Where a generated answer ends: the template's end of turn (chatml's <|im_end|>, phi3's
+  <|end|>, else EOS) and the tokenizer's own stop ids."""
+  ids = ids or token_ids(template, tokenizer)
+  end = {"chatml": "<|im_end|>", "phi3": "<|end|>"}.get(template, "eos")
+  return tuple(sorted({ids[end], *tokenizer.specials.stop_ids}))
 
 
 def decode_prompts(config, tokenizer, limit: int) -> tuple[list[np.ndarray], list[str]]:
@@ -408,15 +416,22 @@ def decode_prompts(config, tokenizer, limit: int) -> tuple[list[np.ndarray], lis
   for messages in conversations(config, split):
     if limit and len(prompts) >= limit:
       break
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    pieces = render(messages[: last + 1], template)
-    content = max(i for i, p in enumerate(pieces) if p.loss and not p.token)
-    prompt, _ = encode_pieces(pieces[:content], template, tokenizer, ids)
+    prompt, ref = prompt_and_answer(messages, template, tokenizer, ids)
     if prompt.size == 0 or prompt.size >= seq_len:
       continue
     prompts.append(prompt)
-    refs.append(messages[last]["content"])
+    refs.append(ref)
   return prompts, refs
+
+
+def prompt_and_answer(messages: list[dict], template: str, tokenizer, ids=None):
+  """(the ids a model is given to write the last assistant turn: everything before that
+  turn's content, its header included; that content)."""
+  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  pieces = render(messages[: last + 1], template)
+  content = max(i for i, p in enumerate(pieces) if p.loss and not p.token)
+  prompt, _ = encode_pieces(pieces[:content], template, tokenizer, ids)
+  return prompt, messages[last]["content"]
 
 
 class ChatPairs(Sequence):

@@ -551,10 +551,11 @@ def decode_sources(
   d = config.data
   tgt_len = target_len(config)
   counts = Counts("seq2seq decoded examples", d.seq_len, tgt_len)
-  names = [d.eval_name] if d.eval_name else [name for name, _ in parse_mixture(config)]
-  sets = eval_pairs(config)
   if pair_sets is not None:
     names, sets = [d.eval_name or d.name], pair_sets
+  else:
+    names = [d.eval_name] if d.eval_name else [name for name, _ in parse_mixture(config)]
+    sets = eval_pairs(config)
   out = []
   for name, pairs in zip(names, sets, strict=True):
     ids, inputs, refs = [], [], []

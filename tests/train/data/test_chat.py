@@ -39,6 +39,7 @@ GOLDEN = {
     "System: Be brief.\nUser: Hi\nAssistant: Hello!<eos>\nUser: 2+2?\nAssistant: 4<eos>\n",
     ["Hello!", "<eos>", "4", "<eos>"],
   ),
+  "completion": ("Be brief.HiHello!<eos>2+2?4<eos>", ["Hello!", "<eos>", "4", "<eos>"]),
 }
 
 
