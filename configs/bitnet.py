@@ -24,7 +24,7 @@ SIZES = {
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_args(arg, {"size": "tiny"})
+  args = base.parse_args(arg, {"size": "tiny", "task": "pretrain"})
   c = base.get_config()
   c.model.family = "decoder"
   c.model.update(
@@ -44,4 +44,7 @@ def get_config(arg: str | None = None):
       schedule="two_stage", learning_rate=2e-3, cooldown_learning_rate=5e-4, min_learning_rate=1e-4
     )
   )
+  if args["task"] != "pretrain":  # post-training: LoRA over the packed ternary base fits here
+    c.train.schedule = "cosine"
+  base.post_training(c, args["task"])
   return c

@@ -114,3 +114,18 @@ def test_classify_reads_a_jsonl_file_of_text_and_label_with_no_field_flags(tmp_p
   rows = load_labeled(c, ByteTokenizer(), "train", regression=False)
   assert rows["label"].tolist() == [r["label"] for r in records[:9]]  # the last 10% held out
   assert rows["segment_ids"].sum(1).tolist() == [len("example 0") + 2] * 9  # [CLS] text [SEP]
+
+
+def test_the_dpo_losses_ablation_validates_at_every_grid_point(tmp_path, monkeypatch):
+  from configs.ablations import dpo_losses
+  from train.validation import validate_config
+
+  for split in ("train", "eval"):
+    (tmp_path / f"{split}.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+  monkeypatch.setattr(dpo_losses, "PAIRS", str(tmp_path))
+  seen = set()
+  for arg in dpo_losses.GRID:
+    config = dpo_losses.get_config(arg)
+    validate_config(config)
+    seen.add(config.task.loss)
+  assert seen == set(dpo_losses.LOSSES)

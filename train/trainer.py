@@ -1,8 +1,9 @@
 """`run(config, workdir)`: the one training loop, top to bottom.
 
-Sections: setup (validation, distributed, mesh) -> data -> state (abstract
-init -> shardings -> restore or jitted init) -> loop (step, metrics, eval,
-checkpoint, preemption) -> finish (checkpoint, samples, plot).
+Sections: setup (validation, distributed, mesh) -> state and data (abstract init ->
+shardings -> the step-0 state when needed (fresh, init_from, split into trained and
+frozen parts) -> the task's data -> restore the saved part) -> loop (step, metrics,
+eval, checkpoint, preemption) -> finish (checkpoint, samples, plot).
 """
 
 from __future__ import annotations

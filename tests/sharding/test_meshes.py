@@ -34,6 +34,15 @@ DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2, "train.ema_d
 # T5 span corruption on the tiny Llama's shapes: 4 steps, no evaluation (compiles are the cost).
 ENCDEC = {"model.family": "encdec", "model.position": "relative"}
 ENCDEC_TRAIN = {"train.steps": 4, "train.eval_every": 0}
+# QLoRA: adapters over an NF4 base whose code blocks split over fsdp
+QLORA = {
+  "model.lora.rank": 4,
+  "model.lora.base_quant": "nf4",
+  "model.lora.targets": "attn/(query|value)$|mlp/up$",
+  "train.steps": 4,
+  "train.eval_every": 0,
+  "train.learning_rate": 1e-2,
+}
 
 
 def launch(jobs: list[dict], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
@@ -116,8 +125,16 @@ def eight(corpus, single, tmp_path_factory):
       "overrides": {**MESHES["2x2x2"], **ENCDEC_TRAIN, **ENCDEC},
     }
   )
+  jobs.append(
+    {
+      "kind": "train",
+      "corpus": corpus,
+      "workdir": str(root / "qlora_fsdp8"),
+      "overrides": {**MESHES["fsdp8"], **QLORA},
+    }
+  )
   out = results(launch(jobs, devices=8))
-  names = [*MESHES, "from_single", "memory", "diffusion_2x2x2", "encdec_2x2x2"]
+  names = [*MESHES, "from_single", "memory", "diffusion_2x2x2", "encdec_2x2x2", "qlora_fsdp8"]
   return {"root": root, **dict(zip(names, out, strict=True))}
 
 
@@ -157,6 +174,16 @@ def test_sharded_encdec_equals_single_device(corpus, eight, tmp_path):
   assert ref[4] < ref[1]
   # The loss is over the targets: 16 rows of the 8 target tokens 32 encoder tokens give.
   assert eight["encdec_2x2x2"]["last"]["train/tokens"] == 16 * 8
+
+
+def test_sharded_qlora_equals_single_device(corpus, eight, tmp_path):
+  """LoRA over an NF4 base with the code blocks split over fsdp=8 logs the losses of one
+  device."""
+  trainer.run(runner.tiny_config(corpus, QLORA), str(tmp_path))
+  ref, got = steps(runner.losses(str(tmp_path))), steps(eight["qlora_fsdp8"]["losses"])
+  assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  assert ref[4] < ref[1]
 
 
 def test_fsdp_holds_an_eighth_per_device(eight):

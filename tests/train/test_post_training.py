@@ -210,8 +210,9 @@ def test_both_answers_of_a_pair_are_scored_on_the_answer_tokens_only(dpo_setup):
 def test_init_from_grows_the_vocabulary_by_the_template_rows(tmp_path):
   """A pretrained byte model (264 rows) starts an SFT model with chatml's 2 more: the saved
   rows are loaded first, the new ones initialized fresh."""
-  pre = config_for("pretrain", "pystdlib", steps=1, checkpoint_every=1, num_samples=0)
-  pre.data.tfds_data_dir = str(tmp_path / "tfds")
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("def f(x):\n  return x + 1\n" * 200)
+  pre = config_for("pretrain", f"text:{corpus}", steps=1, checkpoint_every=1, num_samples=0)
   trainer.run(pre, str(tmp_path / "pre"))
   _, _, saved, _ = trainer.load_for_inference(str(tmp_path / "pre"))
   sft = config_for("sft", "jsonl:unused")

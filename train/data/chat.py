@@ -276,10 +276,13 @@ def needs_reserved_rows(specials) -> bool:
   return specials == FOURFOLD
 
 
-def _split(items: list, split: str) -> list:
-  """train: the first 90%; validation: the last 10%; all: every item (data.eval_name)."""
+def _split(items: list, split: str, config) -> list:
+  """train: the first 90% (all of it when data.eval_name holds the evaluation); validation:
+  the last 10%; all: every item (data.eval_name)."""
+  if split == "all" or (split == "train" and config.data.eval_name):
+    return items
   cut = len(items) - len(items) // HELD_OUT_FRACTION
-  return {"train": items[:cut], "validation": items[cut:], "all": items}[split]
+  return {"train": items[:cut], "validation": items[cut:]}[split]
 
 
 HELD_OUT_FRACTION = 10
@@ -303,7 +306,7 @@ def conversations(config, split: str) -> list[list[dict]]:
   pattern, key = source_of(config, split)
   convs, counts = read_conversations(pattern, t.messages_field, t.prompt_field, t.response_field)
   _log_counts(f"{key} {pattern}", counts, len(convs))
-  return _split(convs, "all" if split == "all" else split)
+  return _split(convs, split, config)
 
 
 def _log_counts(what: str, counts: Counts, kept: int) -> None:
@@ -486,7 +489,7 @@ def preference_rows(config, tokenizer, split: str) -> dict[str, np.ndarray]:
   ids = token_ids(t.template, tokenizer)
   sides: dict[str, list[np.ndarray]] = {}
   truncated = too_long = 0
-  for chosen, rejected in _split(pairs, split):
+  for chosen, rejected in _split(pairs, split, config):
     shared = _common_prefix(chosen, rejected)
     fitted = [
       fit(*_answer_only(conv, shared, t.template, tokenizer, ids), seq_len)
