@@ -75,6 +75,9 @@ PROGRESS_KEYS = (
   "eval/exact_match",
   "eval/rougeL",
   "eval/bleu",
+  "train/rewards/margin",
+  "eval/rewards/margin",
+  "eval/rewards/accuracy",
 )
 
 
@@ -104,8 +107,13 @@ class Progress:
       print(self.line(step, metrics), file=sys.stdout, flush=True)
 
 
+REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin")
+
+
 def plot_loss(workdir: str) -> str | None:
-  """Writes <workdir>/loss.png from metrics.jsonl; returns its path."""
+  """Writes <workdir>/loss.png from metrics.jsonl; returns its path. A preference run (its
+  metrics hold rewards) gets a second panel: the chosen and rejected rewards and their
+  margin, train as lines, eval as markers."""
   records = read_metrics(workdir)
   if not records:
     return None
@@ -114,18 +122,30 @@ def plot_loss(workdir: str) -> str | None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for key in ("train/loss", "eval/loss"):
+  rewards = any("train/rewards/margin" in r for r in records)
+  fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(13 if rewards else 7, 4))
+  axes = np.atleast_1d(axes)
+
+  def curve(ax, key, **kw):
     by_step = {r["step"]: r[key] for r in records if key in r}  # a resumed run's later lines win
     if by_step:
       steps = np.array(sorted(by_step))
-      ax.plot(
-        steps, [by_step[s] for s in steps], label=key, marker="o" if key == "eval/loss" else None
-      )
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token)")
-  ax.legend()
-  ax.grid(alpha=0.3)
+      marker = "o" if key.startswith("eval/") else None
+      ax.plot(steps, [by_step[s] for s in steps], label=key, marker=marker, **kw)
+
+  for key in ("train/loss", "eval/loss"):
+    curve(axes[0], key)
+  axes[0].set_ylabel("loss (nats/token; preference losses per pair)")
+  if rewards:
+    for key, color in zip(REWARD_KEYS, ("tab:green", "tab:red", "tab:blue"), strict=True):
+      curve(axes[1], f"train/{key}", color=color, alpha=0.6)
+      curve(axes[1], f"eval/{key}", color=color, linestyle="none")
+    axes[1].axhline(0.0, color="gray", linewidth=0.8)
+    axes[1].set_ylabel("reward: beta x log-ratio to the reference")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
   path = os.path.join(workdir, "loss.png")
   fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
