@@ -4,6 +4,7 @@ python -m eval.sample --workdir=runs/x --prompt="def " --num_tokens=200 --temper
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
 python -m eval.sample --workdir=runs/mdlm --prompt="ROMEO:" --num_tokens=100 --steps=200 [--sampler=llada --block_length=32] [--suffix=...]
 python -m eval.sample --workdir=runs/t5_reverse --prompt="reverse: hello" --num_tokens=32 --beam_size=4
+python -m eval.sample --workdir=runs/sft --chat --prompt="reverse: hello" --temperature=0
 
 Each family reads the flags its sampler knows (train/families.py); setting another is an
 error, not silently ignored.
@@ -45,6 +46,9 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("beam_size", 1, "encdec: beam search width; 1: sample (or greedy at 0)")
 flags.DEFINE_float("length_penalty", 0.6, "encdec, beam search: GNMT length penalty alpha")
+flags.DEFINE_bool(
+  "chat", False, "decoder: --prompt is a user turn in the run's task.template; print the answer"
+)
 FLAGS = flags.FLAGS
 SAMPLER_FLAGS = families.SAMPLE_OPTIONS
 

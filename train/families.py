@@ -298,8 +298,18 @@ def sft_lengths(config) -> dict[str, int]:
 
 
 def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
-  text = decoding.complete(model, params, tokenizer, prompt, num_tokens, rng, **opts)
-  return text, num_tokens  # a prefill, then one call per further token
+  """`chat=True`: the prompt is one user turn in the run's `task.template`; the text returned
+  is the assistant's answer, up to its end of turn."""
+  if not opts.pop("chat", False):
+    text = decoding.complete(model, params, tokenizer, prompt, num_tokens, rng, **opts)
+    return text, num_tokens  # a prefill, then one call per further token
+  template = config.task.template
+  turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+  ids, _ = chat.prompt_and_answer(turn, template, tokenizer)
+  stops = chat.answer_stops(template, tokenizer)
+  out = decoding.generate(model, params, ids[None], num_tokens, rng, eos_id=stops, **opts)[0]
+  end = np.flatnonzero(np.isin(out, stops))
+  return tokenizer.decode(out[: end[0] if end.size else out.size]), num_tokens
 
 
 def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
@@ -375,7 +385,7 @@ FAMILIES: dict[str, Family] = {
     },
     autoregressive=True,
     sample=_sample_ar,
-    sample_options=("temperature", "top_k", "top_p"),
+    sample_options=("temperature", "top_k", "top_p", "chat"),
     likelihood="exact",
   ),
   "encoder": Family("bidirectional", ENCODER_TASKS, autoregressive=False),
