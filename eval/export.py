@@ -1,7 +1,11 @@
 """Export a checkpoint: a Hugging Face model folder, or (BitNet) the project's packed
-format or GGUF for llama.cpp.
+format or GGUF for llama.cpp; a LoRA run merged into its base, or its adapters for PEFT.
 
 python -m eval.export --workdir=runs/x --format=hf --output=runs/x/hf  (docs/huggingface.md)
+
+python -m eval.export --workdir=runs/lora --merge_lora --format=hf --output=runs/lora/hf
+python -m eval.export --workdir=runs/lora --merge_lora --format=workdir --output=runs/lora_merged
+python -m eval.export --workdir=runs/lora --format=peft --output=runs/lora/peft
 
 python -m eval.export --workdir=runs/bitnet --format=packed --output=runs/bitnet/model.packed.npz [--base3]
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
@@ -13,12 +17,15 @@ bfloat16; GGUF, the bits per ternary weight read back from the file with `gguf`'
 """
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 from absl import app, flags
 
 from eval.gguf_export import read_tensors, write_gguf
 from eval.hf_io import export_hf
+from eval.lora_export import check_request, export_peft, write_merged_workdir
 from eval.packed import write_packed
 from train import console
 
@@ -26,12 +33,24 @@ flags.DEFINE_string("workdir", None, "a training workdir (config.json + checkpoi
 flags.DEFINE_enum(
   "format",
   "packed",
-  ["packed", "gguf", "hf"],
+  ["packed", "gguf", "hf", "peft", "workdir"],
   "packed: the project's own format (BitNet); gguf: llama.cpp (BitNet); hf: a Hugging Face "
-  "model folder (config.json, model.safetensors, tokenizer)",
+  "model folder (config.json, model.safetensors, tokenizer); peft: a LoRA run's adapters "
+  "(adapter_config.json, adapter_model.safetensors); workdir (with --merge_lora): the merged "
+  "model as a fourfold workdir",
+)
+flags.DEFINE_bool(
+  "merge_lora",
+  False,
+  "a LoRA run: fold the adapters into the base (W + alpha/r A B) and export the result",
+)
+flags.DEFINE_string(
+  "base_model",
+  "",
+  "peft: base_model_name_or_path (default: the init_from import's _name_or_path, if recorded)",
 )
 flags.DEFINE_enum("gguf_type", "TQ2_0", ["TQ2_0", "TQ1_0"], "gguf: the ternary tensor type")
-flags.DEFINE_string("output", None, "the file to write (hf: the folder)")
+flags.DEFINE_string("output", None, "the file to write (hf, peft, workdir: the folder)")
 flags.DEFINE_bool(
   "base3", False, "packed: five ternary weights per byte (1.6 bits) instead of four"
 )
@@ -48,15 +67,63 @@ def main(argv):
   console.setup(FLAGS.workdir)
   if not FLAGS.workdir or not FLAGS.output:
     raise app.UsageError("--workdir and --output are required")
+  check_request(FLAGS.workdir, FLAGS.format, FLAGS.merge_lora)
+  if FLAGS.format == "peft":
+    out = export_peft(FLAGS.workdir, FLAGS.output, FLAGS.base_model)
+    fused = f"; fused modules with block adapters: {out['fused']}" if out["fused"] else ""
+    print(
+      f"wrote {FLAGS.output}: PEFT LoRA for {out['architecture']} "
+      f"(base_model_name_or_path={out['config']['base_model_name_or_path']!r}), "
+      f"{out['layers']} adapted layers in {out['modules']} modules, rank {out['rank']}, alpha "
+      f"{out['alpha']}{fused}; {out['parameters']:,} parameters in {out['tensors']} tensors "
+      f"({mib(out['bytes'])} float32)"
+    )
+    return
+  if not FLAGS.merge_lora:
+    export(FLAGS.workdir)
+    return
+  if FLAGS.format == "workdir":
+    report_merge(write_merged_workdir(FLAGS.workdir, FLAGS.output))
+    print(f"wrote {FLAGS.output}: a fourfold workdir (model.lora.rank=0, params only)")
+    return
+  # the merged workdir is written beside --output and removed once the export is done
+  parent = os.path.dirname(os.path.abspath(FLAGS.output))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".merged-", dir=parent)
+  try:
+    merged = os.path.join(staging, "workdir")
+    report_merge(write_merged_workdir(FLAGS.workdir, merged, unscanned=FLAGS.format == "hf"))
+    export(merged)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def report_merge(s: dict) -> None:
+  base = s["base_quant"] if s["base_quant"] != "none" else s["base_dtype"]
+  blocks = sorted({p.split("/")[0] for p in s["adapted"]})
+  kinds = sorted({p.split("/", 1)[-1] for p in s["adapted"]})
+  print(
+    f"merged LoRA rank {s['rank']}, alpha {s['alpha']} (scale {s['alpha'] / s['rank']:g}) into "
+    f"{len(s['adapted'])} matrices: {', '.join(kinds)} of {', '.join(blocks)}"
+  )
+  print(
+    f"adapters {s['adapter_parameters']:,} parameters ({mib(s['adapter_bytes'])}) + base "
+    f"stored {base} ({mib(s['base_bytes'])}) -> merged {s['parameters']:,} float32 parameters "
+    f"({mib(s['merged_bytes'])})"
+  )
+
+
+def export(workdir: str) -> None:
+  """Writes --output from a workdir without adapters in --format (hf, gguf or packed)."""
   if FLAGS.format == "hf":
-    out = export_hf(FLAGS.workdir, FLAGS.output)
+    out = export_hf(workdir, FLAGS.output)
     print(
       f"wrote {FLAGS.output}: {out['architecture']}, {out['parameters']:,} parameters in "
       f"{out['tensors']} tensors (float32 safetensors), config.json and the tokenizer"
     )
     return
   if FLAGS.format == "gguf":
-    write_gguf(FLAGS.workdir, FLAGS.output, FLAGS.gguf_type)
+    write_gguf(workdir, FLAGS.output, FLAGS.gguf_type)
     tensors = read_tensors(FLAGS.output)
     ternary = [v for v in tensors.values() if v[0].startswith("TQ")]
     n = sum(int(np.prod(shape)) for _, shape, _ in ternary)
@@ -68,7 +135,7 @@ def main(argv):
       "1-element tensors)"
     )
     return
-  sizes = write_packed(FLAGS.workdir, FLAGS.output, FLAGS.base3)
+  sizes = write_packed(workdir, FLAGS.output, FLAGS.base3)
   n = sizes["quantized_weights"]
   print(f"wrote {FLAGS.output}: {mib(sizes['file_bytes'])}")
   print(

@@ -127,6 +127,21 @@ def _unflatten(flat: dict[str, object]) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def unstack_layers(params: dict) -> dict:
+  """Scanned stacks (`blocks`, `encoder_blocks`, ...: each leaf with a leading layer axis) ->
+  one subtree per layer (`block_0`, `encoder_block_0`, ...), the unscanned model's tree that
+  the links name; every other param unchanged."""
+  out = {}
+  for key, value in params.items():
+    if key.endswith("blocks") and isinstance(value, dict):
+      layers = jax.tree.leaves(value)[0].shape[0]
+      for i in range(layers):
+        out[f"{key[: -len('blocks')]}block_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = value
+  return out
+
+
 def _place(x: np.ndarray, target) -> jax.Array:
   """A host array -> a global array in `target`'s sharding, each device given its slice."""
   placed = jax.make_array_from_callback(x.shape, target.sharding, lambda index: x[index])

@@ -3,6 +3,7 @@ installed (not in the README's test command; see docs/huggingface.md for the ven
 
   import -> export -> AutoModel.from_pretrained: the fixture's logits within 1e-5
   train here 20 steps -> export -> transformers: fourfold's own logits
+  a LoRA run -> --format=peft -> PeftModel over the base's export: the run's logits (with peft)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from eval.hf_io import export_hf  # noqa: E402
-from tests.eval import test_hf_import  # noqa: E402
+from eval.lora_export import export_peft  # noqa: E402
+from tests.eval import test_hf_import, test_lora_export  # noqa: E402
 from tests.eval.test_hf_import import FIXTURES, NAMES, forward  # noqa: E402
 from tests.tiny_models import short_run, tiny_config  # noqa: E402
 from train.trainer import load_for_inference, run  # noqa: E402
@@ -89,3 +91,55 @@ def test_trained_here_then_exported_gives_the_same_logits_in_transformers(
   text = "ROMEO: héllo\n\n  x"
   hf_ids = transformers.AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False)
   assert hf_ids["input_ids"] == tokenizer.encode(text).tolist()
+
+
+lora_runs = test_lora_export.runs  # the LoRA runs and their bases' HF exports, shared
+
+
+@pytest.mark.parametrize("case", ["llama", "phi3", "gpt2"])
+def test_peft_adapters_on_the_exported_base_give_the_lora_models_logits(case, lora_runs, tmp_path):
+  """PeftModel.from_pretrained(the base's HF export, --format=peft's folder): the LoRA run's
+  logits, through separate projections, fused ones (Phi-3's block adapters) and Conv1D."""
+  peft = pytest.importorskip("peft")
+  made = lora_runs(case)
+  ids = np.random.default_rng(0).integers(8, 264, (1, 32)).astype(np.int32)
+  ours = test_lora_export.logits(made["run"], ids)
+  arch = export_peft(made["run"], str(tmp_path / "peft"))["architecture"]
+  model = AUTO[arch].from_pretrained(made["hf_base"], attn_implementation="eager")
+  model = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    got = model(input_ids=torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+  assert np.abs(got - ours).max() <= 1e-4 * max(1.0, float(ours.std()))
+
+
+@pytest.mark.parametrize(
+  "name,targets",
+  [
+    ("t5_v1_1", "attn/(query|value|out)$|mlp/(gate|up)$"),
+    ("bert", "attn/(query|key|out)$|mlp/up$"),
+  ],
+)
+def test_peft_adapters_of_a_run_from_an_import_apply_to_the_source_checkpoint(
+  name, targets, workdirs, tmp_path
+):
+  """import -> LoRA run (random adapters) -> --format=peft -> PeftModel over the fixture
+  folder itself: the run's logits (T5's encoder, decoder and cross attention; BERT's
+  attention.output.dense named by full path, as `dense` names other modules too)."""
+  peft = pytest.importorskip("peft")
+  ref = np.load(FIXTURES / name / "reference.npz")
+  run = test_lora_export.lora_run(workdirs(name), str(tmp_path / "lora"), targets)
+  _, model, params, _ = load_for_inference(run)
+  ours = forward(model, params, ref)
+  arch = export_peft(run, str(tmp_path / "peft"))["architecture"]
+  base = AUTO[arch].from_pretrained(str(FIXTURES / name), attn_implementation="eager")
+  model = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+  ids = torch.as_tensor(np.asarray(ref["input_ids"]), dtype=torch.long)
+  kw = {}
+  if "decoder_input_ids" in ref:
+    kw["decoder_input_ids"] = torch.as_tensor(
+      np.asarray(ref["decoder_input_ids"]), dtype=torch.long
+    )
+  with torch.no_grad():
+    got = model(input_ids=ids, **kw).logits.numpy()
+  assert np.abs(ours - ref["logits"]).max() > 0.1  # the adapters matter
+  assert np.abs(got - ours).max() <= 1e-4 * max(1.0, float(ours.std()))
