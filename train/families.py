@@ -285,7 +285,8 @@ def _dpo_prepare(config, model, params, tokenizer, to_global) -> tuple[dict, dic
     )
     values = [np.asarray(jax.device_get(logps(params, to_global(b)))) for b in batches]
     out.append({"reference_logps": np.concatenate(values)[: len(rows["weight"])]})
-    print(f"task.reference=precomputed: {len(rows['weight'])} {split} pairs scored", flush=True)
+    what = "training" if split == "train" else "evaluation"
+    print(f"task.reference=precomputed: {len(rows['weight'])} {what} pairs scored", flush=True)
   return out[0], out[1]
 
 
