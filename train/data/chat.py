@@ -348,19 +348,13 @@ def _example(pair) -> dict[str, np.ndarray]:
 
 def _pack(examples: grain.IterDataset, seq_len: int, bins: int, seed: int) -> grain.IterDataset:
   """First-fit packing of whole conversations: each its own segment, positions from 0."""
-  packed = grain.experimental.FirstFitPackIterDataset(
-    examples,
-    length_struct={"tokens": seq_len, "loss_mask": seq_len},
-    num_packing_bins=bins,
-    seed=seed,
-    shuffle_bins=False,
-  )
+  packed = pipeline.first_fit(examples, {"tokens": seq_len, "loss_mask": seq_len}, bins, seed)
   return packed.map(
     lambda r: {
-      "tokens": r["tokens"].astype(np.int32),
-      "segment_ids": r["tokens_segment_ids"].astype(np.int32),
-      "positions": r["tokens_positions"].astype(np.int32),
-      "loss_mask": r["loss_mask"].astype(np.int32),
+      "tokens": r["tokens"],
+      "segment_ids": r["tokens_segment_ids"],
+      "positions": r["tokens_positions"],
+      "loss_mask": r["loss_mask"],
     }
   )
 

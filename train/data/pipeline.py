@@ -84,6 +84,18 @@ def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   )
 
 
+def first_fit(
+  examples: grain.IterDataset, lengths: dict[str, int], bins: int, seed: int
+) -> grain.IterDataset:
+  """First-fit packing of whole examples (dicts of 1-D arrays) into rows of `lengths`: each
+  key `k` gives `k`, `k_segment_ids` and `k_positions`, all int32. `bins` rows are open at
+  once; an example never splits across rows."""
+  packed = grain.experimental.FirstFitPackIterDataset(
+    examples, length_struct=lengths, num_packing_bins=bins, seed=seed, shuffle_bins=False
+  )
+  return packed.map(lambda row: {k: v.astype(np.int32) for k, v in row.items()})
+
+
 def _json_state_to_grain(state: Any) -> Any:
   """Undoes what a JSON round trip does to grain's packing state.
 

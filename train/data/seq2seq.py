@@ -437,21 +437,15 @@ def encode_pair(
 
 def _packed(examples: grain.IterDataset, seq_len: int, tgt_len: int, bins: int, seed: int):
   """First-fit packing of both sides, each with its own segment ids and positions."""
-  packed = grain.experimental.FirstFitPackIterDataset(
-    examples,
-    length_struct={"inputs": seq_len, "targets": tgt_len},
-    num_packing_bins=bins,
-    seed=seed,
-    shuffle_bins=False,
-  )
+  packed = pipeline.first_fit(examples, {"inputs": seq_len, "targets": tgt_len}, bins, seed)
   return packed.map(
     lambda r: {
-      "tokens": r["inputs"].astype(np.int32),
-      "segment_ids": r["inputs_segment_ids"].astype(np.int32),
-      "positions": r["inputs_positions"].astype(np.int32),
-      "targets": r["targets"].astype(np.int32),
-      "targets_segment_ids": r["targets_segment_ids"].astype(np.int32),
-      "targets_positions": r["targets_positions"].astype(np.int32),
+      "tokens": r["inputs"],
+      "segment_ids": r["inputs_segment_ids"],
+      "positions": r["inputs_positions"],
+      "targets": r["targets"],
+      "targets_segment_ids": r["targets_segment_ids"],
+      "targets_positions": r["targets_positions"],
     }
   )
 
