@@ -23,7 +23,7 @@ from modeling.lora import Lora
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
-from train import objectives
+from train import objectives, preference
 from train.data import chat, labeled, pipeline, seq2seq
 from train.step import Trainable
 from train.text_metrics import text_metrics
@@ -267,7 +267,7 @@ def _dpo_prepare(config, model, params, tokenizer, to_global) -> tuple[dict, dic
   ([pairs, 2] in row order). Every process computes all rows (each feeds its part of each
   global batch); the result is the same everywhere."""
   t = config.task
-  if t.reference != "precomputed" or t.loss in objectives.preference.REFERENCE_FREE:
+  if t.reference != "precomputed" or t.loss in preference.REFERENCE_FREE:
     return {}, {}
 
   @jax.jit
