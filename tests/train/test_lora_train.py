@@ -73,8 +73,13 @@ def start(config):
 
 @pytest.mark.parametrize("base_quant", ["none", "nf4", "ternary"])
 def test_only_adapters_train_and_the_base_stays_bit_for_bit(data_name, base_quant):
+  """(The float base is held in bfloat16 here: model.lora.base_dtype.)"""
   config = lora_config(data_name, base_quant=base_quant)
+  if base_quant == "none":
+    config.model.lora.base_dtype = "bfloat16"
   _, _, state, step, batch, (mesh, rules) = start(config)
+  if base_quant == "none":
+    assert state.frozen["block_0"]["attn"]["query"]["kernel"].dtype == jax.numpy.bfloat16
   names = {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert names == {"lora_a", "lora_b"}
   # the optimizer holds Adam's two moments of the adapters, nothing of the base
