@@ -84,10 +84,13 @@ def initial_state(config, model, tx, shardings, mesh, rules):
   params = sharding.sharded_init(init_params, init_rng, param_shardings)
   if config.init_from:
     params, fresh, unused = restore_matching_params(config.init_from, params)
+    adapters = [n for n in fresh if any(f"['{a}']" in n for a in lora.ADAPTERS)]
+    others = [n for n in fresh if n not in adapters]
+    new = f"{others or 'none'}" + (f", and {len(adapters)} LoRA adapter arrays" if adapters else "")
     print_main(
       f"init_from {config.init_from}: loaded "
       f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
-      f"fresh: {fresh or 'none'}; in the checkpoint but unused: {unused or 'none'}"
+      f"fresh: {new}; in the checkpoint but unused: {unused or 'none'}"
     )
   trainable = families.resolve(config).trainable(config)
   to_state = make_state_from_params(tx, config.train.ema_decay > 0, trainable)
