@@ -38,6 +38,9 @@ SLOWEST_FIRST = (
   "tests/train/test_encdec_train.py",
   "tests/eval/test_packed.py",
   "tests/train/test_finetune.py",
+  "tests/train/test_post_training.py",
+  "tests/eval/test_lora_export.py",
+  "tests/train/test_lora_train.py",
 )
 
 
