@@ -10,7 +10,7 @@ Writes `train.jsonl` and `eval.jsonl` under `--out_dir`, one conversation a line
   {"messages": [{"role": "user", "content": "reverse: kqzt"},
                 {"role": "assistant", "content": "tzqk"}]}
 
-The instructions (TASKS, drawn uniformly from `--tasks`), on `--min_len` to `--max_len`
+The instructions (TASKS, drawn uniformly from `--tasks`), on `--min_letters` to `--max_letters`
 lowercase letters: `reverse` the letters, `sort` them, `count` them (a decimal), `upper` them.
 Short enough for a tiny byte-level model to learn in a few hundred steps. Prompts are distinct,
 so no eval prompt appears in train.
@@ -42,8 +42,8 @@ flags.DEFINE_integer(
   "eval", 200, "eval conversations (prompts never in train)", allow_override=True
 )
 flags.DEFINE_list("tasks", list(TASKS), f"instructions mixed, from {list(TASKS)}")
-flags.DEFINE_integer("min_len", 3, "fewest letters")
-flags.DEFINE_integer("max_len", 8, "most letters")
+flags.DEFINE_integer("min_letters", 3, "fewest letters")
+flags.DEFINE_integer("max_letters", 8, "most letters")
 flags.DEFINE_integer("seed", 0, "random seed", allow_override=True)
 
 
@@ -71,7 +71,7 @@ def make_splits(n_train: int, n_eval: int, tasks: list[str], min_len: int, max_l
   if not tasks or unknown:
     raise ValueError(f"--tasks={tasks}: allowed {list(TASKS)}")
   if not 1 <= min_len <= max_len:
-    raise ValueError(f"--min_len={min_len}, --max_len={max_len}: need 1 <= min_len <= max_len")
+    raise ValueError(f"--min_letters={min_len}, --max_letters={max_len}: need 1 <= min <= max")
   possible = len(tasks) * sum(26**n for n in range(min_len, max_len + 1))
   if n_train + n_eval > possible // 2:
     raise ValueError(f"--train + --eval = {n_train + n_eval}: at most {possible // 2} prompts fit")
@@ -97,7 +97,7 @@ def main(argv) -> None:
   f = FLAGS
   if not f.out_dir:
     raise app.UsageError("--out_dir is required")
-  train, held_out = make_splits(f.train, f.eval, f.tasks, f.min_len, f.max_len, f.seed)
+  train, held_out = make_splits(f.train, f.eval, f.tasks, f.min_letters, f.max_letters, f.seed)
   os.makedirs(f.out_dir, exist_ok=True)
   for name, records in (("train", train), ("eval", held_out)):
     write_jsonl(os.path.join(f.out_dir, f"{name}.jsonl"), records)
