@@ -36,6 +36,12 @@ LABELED_KEYS = {
   },
 }
 TEXT_KEYS = ("tokens", "positions", "segment_ids", "token_types")
+# DPO's rows: each side of a pair (tokens, answer mask, segment ids), and the pair's weight
+PAIR_KEYS = {
+  **{f"{side}_{k}": (SEQ_LEN,) for side in ("chosen", "rejected") for k in ("tokens", "mask")},
+  **{f"{side}_segment_ids": (SEQ_LEN,) for side in ("chosen", "rejected")},
+  "weight": (),
+}
 
 
 def write_jsonl(path, records) -> str:
@@ -45,7 +51,8 @@ def write_jsonl(path, records) -> str:
 
 def task_config(family: str, task: str, tmp_path):
   """The family's preset at size=tiny for `task`, on a small local file of that task's data."""
-  options = "" if PRESET[family] in ("gpt", "mdlm") else f"task={task}"
+  preset = PRESET[family]
+  options = "" if preset == "mdlm" or (preset == "gpt" and task == "pretrain") else f"task={task}"
   c = tiny_config(PRESET[family], options, seq_len=SEQ_LEN, shuffle_window=4)
   words = "the cat sat on a mat and the dog ran to it".split()
   if task == "pretrain":
@@ -65,6 +72,17 @@ def task_config(family: str, task: str, tmp_path):
     records = [{"tokens": words[i : i + 3], "ner": ["B-X", "O", "I-X"]} for i in range(8)]
     c.data.name = write_jsonl(tmp_path / "n.jsonl", records)
     c.task.tag_names = "O,B-X,I-X"
+  elif task == "sft":  # the completion template: each conversation ends at EOS
+    records = [{"prompt": " ".join(words[i : i + 2]), "response": words[i + 2]} for i in range(9)]
+    c.data.name = write_jsonl(tmp_path / "c.jsonl", records)
+    c.task.template = "completion"
+    c.data.target_len = 16
+  elif task == "dpo":
+    records = [
+      {"prompt": words[i], "chosen": words[i + 1], "rejected": words[i + 2]} for i in range(9)
+    ]
+    c.data.name = write_jsonl(tmp_path / "p.jsonl", records)
+    c.task.template = "completion"
   elif task == "embed":
     records = [{"s1": words[i], "s2": words[i + 1], "score": float(i % 5)} for i in range(8)]
     c.data.update(name=write_jsonl(tmp_path / "e.jsonl", records), text_field="s1")
@@ -91,8 +109,8 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
   if wiring.task.batch_lengths is None:
     with pytest.raises(ValueError, match=re.escape(f"task.name={task!r}")):
       wiring.batch_lengths(config)
-    want = {k: (ROWS, SEQ_LEN) for k in TEXT_KEYS}
-    for key, row_shape in LABELED_KEYS[task].items():
+    want = {} if task == "dpo" else {k: (ROWS, SEQ_LEN) for k in TEXT_KEYS}
+    for key, row_shape in (PAIR_KEYS if task == "dpo" else LABELED_KEYS[task]).items():
       want[key] = (ROWS, *batch[key].shape[1:]) if row_shape is None else (ROWS, *row_shape)
     assert {k: v.shape for k, v in batch.items()} == want
   else:
@@ -103,9 +121,12 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
   assert wiring.target_len(config) == (batch["targets"].shape[1] if family == "encdec" else 0)
 
   params = nn.unbox(abstract_init(model.cfg, type(model)))
+  frozen = wiring.trainable(config).reference  # DPO's reference weights: the step passes them
   for deterministic in (False, True):  # the train step's call, and evaluation's
     out = jax.eval_shape(
-      lambda p, b, r, d=deterministic: objective(model, p, b, r, d),
+      lambda p, b, r, d=deterministic: objective(
+        model, p, b, r, d, **({"reference": p} if frozen else {})
+      ),
       params,
       batch,
       jax.random.key(1),
@@ -151,6 +172,9 @@ FRAMING = {
   **{("encoder", t): ({S.cls, S.sep}, S.sep, S.pad) for t in LABELED_KEYS},
   ("encdec", "pretrain"): ({S.eos}, S.eos, None),
   ("encdec", "seq2seq"): ({S.eos}, S.eos, None),
+  ("encdec", "sft"): ({S.eos}, S.eos, None),
+  ("decoder", "sft"): ({S.eos}, S.eos, None),
+  ("decoder", "dpo"): ({S.eos}, S.eos, None),
 }
 
 
@@ -169,13 +193,15 @@ def test_each_task_frames_its_data_with_the_tokenizers_own_ids(family, task, tmp
   batch = next(iter(wiring.task.train_iterator(config, tok, batch_size=ROWS, seed=0)))
   present, ends, pad = FRAMING[family, task]
   sides = [("tokens", "segment_ids")]
+  if task == "dpo":
+    sides = [(f"{s}_tokens", f"{s}_segment_ids") for s in ("chosen", "rejected")]
   if family == "encdec":
     sides.append(("targets", "targets_segment_ids"))
   for key, seg_key in sides:
     tokens_BL, seg_BL = batch[key], batch[seg_key]
     real_N = tokens_BL[seg_BL > 0]
     assert not np.isin(real_N, range(1, 7)).any(), real_N
-    if key == "tokens":
+    if key.endswith("tokens"):
       assert present <= set(real_N.tolist())
     if ends is not None:  # each segment's last token
       last_BL = (seg_BL > 0) & (seg_BL != np.pad(seg_BL[:, 1:], ((0, 0), (0, 1))))
