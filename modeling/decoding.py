@@ -277,8 +277,7 @@ def greedy_answers(
       eos_id=stop_ids,
     )
     for i, new_N in zip(rows, new_BN, strict=True):
-      end = np.flatnonzero(np.isin(new_N, stop_ids))
-      out[i] = new_N[: end[0] if end.size else new_N.size]
+      out[i] = until_stop(new_N, stop_ids)
     if progress is not None:
       progress(done + 1, len(by_length))
   return out
@@ -405,12 +404,17 @@ def seq2seq_generate(
   return np.asarray(out)
 
 
+def until_stop(ids_N: np.ndarray, stop_ids) -> np.ndarray:
+  """Generated ids before the first of `stop_ids` (all of them when none occurs)."""
+  ids_N = np.asarray(ids_N)
+  end = np.flatnonzero(np.isin(ids_N, stop_ids))
+  return ids_N[: end[0]] if end.size else ids_N
+
+
 def text_of(tokenizer, ids_N: np.ndarray) -> str:
   """Text of generated ids up to the first EOS (any of the tokenizer's stop ids); ids
   outside the tokenizer (sentinels) are dropped."""
-  ids_N = np.asarray(ids_N)
-  end = np.flatnonzero(np.isin(ids_N, tokenizer.specials.stop_ids))
-  ids_N = ids_N[: end[0]] if end.size else ids_N
+  ids_N = until_stop(ids_N, tokenizer.specials.stop_ids)
   return tokenizer.decode(ids_N[ids_N < tokenizer.vocab_size])
 
 

@@ -24,7 +24,7 @@ from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
 from train import objectives, preference
-from train.data import chat, labeled, pipeline, seq2seq
+from train.data import chat, labeled, pipeline, seq2seq, sources
 from train.step import Trainable
 from train.text_metrics import text_metrics
 
@@ -149,8 +149,7 @@ def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> 
     return labeled.labeled_train_iterator(load(config, tokenizer, "train"), **kw)
 
   def eval_data(config, tokenizer, frame: Frame, **kw):
-    split = "all" if config.data.eval_name else "validation"
-    return labeled.labeled_eval_batches(load(config, tokenizer, split), **kw)
+    return labeled.labeled_eval_batches(load(config, tokenizer, sources.eval_split(config)), **kw)
 
   return Task(head, objective, train_data, eval_data, summarize, batch_lengths=None, frame=cls_sep)
 
@@ -219,7 +218,7 @@ def sft_decode_metrics(config, model, params, tokenizer) -> dict[str, float]:
 
 
 def _chat_pairs(config, split: str) -> chat.ChatPairs:
-  return chat.ChatPairs(config, "all" if config.data.eval_name and split != "train" else split)
+  return chat.ChatPairs(config, split if split == "train" else sources.eval_split(config))
 
 
 def _sft_seq2seq_train(config, tokenizer, frame: Frame, **kw):
@@ -247,17 +246,13 @@ def _dpo_rows(config, tokenizer, split: str, reference_logps=None) -> dict[str, 
   return rows
 
 
-def _eval_split(config) -> str:
-  return "all" if config.data.eval_name else "validation"
-
-
 def _dpo_train(config, tokenizer, frame: Frame, reference_logps=None, **kw):
   rows = _dpo_rows(config, tokenizer, "train", reference_logps)
   return labeled.labeled_train_iterator(rows, **kw)
 
 
 def _dpo_eval(config, tokenizer, frame: Frame, reference_logps=None, **kw):
-  rows = _dpo_rows(config, tokenizer, _eval_split(config), reference_logps)
+  rows = _dpo_rows(config, tokenizer, sources.eval_split(config), reference_logps)
   return labeled.labeled_eval_batches(rows, **kw)
 
 
@@ -278,7 +273,7 @@ def _dpo_prepare(config, model, params, tokenizer, to_global) -> tuple[dict, dic
   n_proc = jax.process_count()
   rows_per_batch = (config.train.eval_batch_size or config.train.batch_size) // n_proc
   out = []
-  for split in ("train", _eval_split(config)):
+  for split in ("train", sources.eval_split(config)):
     rows = chat.preference_rows(config, tokenizer, split)
     batches = labeled.labeled_eval_batches(
       rows, batch_size=rows_per_batch, process_index=jax.process_index(), process_count=n_proc
@@ -309,8 +304,7 @@ def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts
   ids, _ = chat.prompt_and_answer(turn, template, tokenizer)
   stops = chat.answer_stops(template, tokenizer)
   out = decoding.generate(model, params, ids[None], num_tokens, rng, eos_id=stops, **opts)[0]
-  end = np.flatnonzero(np.isin(out, stops))
-  return tokenizer.decode(out[: end[0] if end.size else out.size]), num_tokens
+  return tokenizer.decode(decoding.until_stop(out, stops)), num_tokens
 
 
 def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):

@@ -152,12 +152,12 @@ def make_train_step(
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    frozen = {} if state.reference is None else {"reference": state.reference}
+    reference = {} if state.reference is None else {"reference": state.reference}
 
     def sums_and_grads(params, batch, rng):
       def loss_fn(p):
         full = model_params(p, state.frozen)
-        sums = objective(model, full, batch, rng, deterministic=False, **frozen)
+        sums = objective(model, full, batch, rng, deterministic=False, **reference)
         return sums["loss_sum"], sums
 
       return jax.grad(loss_fn, has_aux=True)(params)
@@ -211,7 +211,7 @@ def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
   frozen reference weights, when it has them."""
 
   def eval_step(params, batch: dict, reference=None) -> dict:
-    frozen = {} if reference is None else {"reference": reference}
-    return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **frozen)
+    kw = {} if reference is None else {"reference": reference}  # objectives without one
+    return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
 
   return eval_step

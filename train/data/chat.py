@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from modeling.vocab import FOURFOLD
-from train.data import pipeline
+from train.data import pipeline, sources
 
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("chatml", "phi3", "llama2", "plain", "completion")
@@ -387,7 +387,7 @@ def sft_eval_batches(
 ):
   """Every evaluation conversation once, in order, packed; the last batch padded."""
   pipeline.check_process(process_index, process_count)
-  split = "all" if config.data.eval_name else "validation"
+  split = sources.eval_split(config)
   examples = sft_examples(config, tokenizer, split)
   stream = grain.MapDataset.source(examples).map(_example).to_iter_dataset()
   rows = _pack(stream, config.data.seq_len, bins=1, seed=0)
@@ -408,7 +408,7 @@ def decode_prompts(config, tokenizer, limit: int) -> tuple[list[np.ndarray], lis
   and that content."""
   template, seq_len = config.task.template, config.data.seq_len
   ids = token_ids(template, tokenizer)
-  split = "all" if config.data.eval_name else "validation"
+  split = sources.eval_split(config)
   prompts, refs = [], []
   for messages in conversations(config, split):
     if limit and len(prompts) >= limit:

@@ -235,6 +235,12 @@ def _tfds_documents(
   return _TextField(source, data_cfg.text_field)
 
 
+def eval_split(config: ml_collections.ConfigDict) -> str:
+  """The split evaluation reads: "all" of data.eval_name when it is set, else data.name's
+  "validation" split."""
+  return "all" if config.data.eval_name else "validation"
+
+
 def load_documents(name: str, split: str, data_cfg: ml_collections.ConfigDict) -> Sequence:
   """Random-access documents (`str` or `bytes`) of source `name`, split train/validation/all."""
   key = _key_for(split)
