@@ -26,6 +26,7 @@ setup(
     "sacrebleu>=2.4",  # BLEU of decoded translations
     "tokenizers>=0.22",  # Hugging Face models' tokenizer.json (data.tokenizer='hf:<dir>')
     "safetensors>=0.4",  # Hugging Face checkpoints' weights
+    "outlines-core>=0.2.14,<0.3",  # regex / JSON-schema automata for constrained decoding
   ],
   extras_require={
     # libtpu, for compiling TPU programs ahead of time on any machine (python -m launch.aot)
@@ -35,12 +36,16 @@ setup(
     "prepare": ["tensorflow-cpu", "importlib_resources"],
     # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement
     "llamacpp": ["llama-cpp-python>=0.3.36"],
+    # EleutherAI's lm-evaluation-harness (no torch), for `lm_eval --model fourfold` (eval/harness.py)
+    "harness": ["lm_eval>=0.4.13,<0.5"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",
       "ruff>=0.6",
       "scikit-learn>=1.4",  # reference metrics the tests compare against
       "jax[tpu]>=0.10.2,<0.11",
+      "lm_eval>=0.4.13,<0.5",  # the harness the adapter and the prompt formats are checked against
+      "jsonschema>=4.0",  # validates JSON-schema-constrained samples
     ],
   },
 )
