@@ -40,8 +40,6 @@ import math
 import os
 import random
 import re
-import sys
-import time
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -53,14 +51,6 @@ TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 METRICS = ("acc", "acc_norm", "acc_bytes")
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default fewshot_random_seed
-CHUNK = 256  # requests per scorer call: the progress line's step
-# What the score of a choice is, by the scorer's family (eval/loglik.py).
-SCORED_BY = {
-  "decoder": "log-likelihood",
-  "encdec": "log-likelihood of the choice as the decoder's target, the context as its input",
-  "diffusion": "ELBO (a lower bound on the log-likelihood), mean of --mc_samples draws",
-  "encoder": "pseudo-log-likelihood (each choice token masked in turn), not a likelihood",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -420,27 +410,10 @@ def prepare(
   return Prepared(name, items, reqs, docs.skipped, num_fewshot)
 
 
-def progress_printer(name: str, every_s: float = 5.0, stream=None) -> Callable[[int, int], None]:
-  """`name: i/n requests, s` lines to stderr, at most every `every_s` seconds."""
-  start = last = time.monotonic()
-
-  def show(done: int, total: int) -> None:
-    nonlocal last
-    now = time.monotonic()
-    if now - last >= every_s or (done == total and now - start >= every_s):
-      print(f"{name}: {done}/{total} requests, {now - start:.0f} s", file=stream or sys.stderr)
-      last = now
-
-  return show
-
-
-def score(scorer, task: Prepared, progress: Callable[[int, int], None] | None = None) -> dict:
-  """{metric: value} of `task` under `scorer` (eval/loglik.py's Scorer)."""
-  lls = []
-  for i in range(0, len(task.requests), CHUNK):
-    lls += [ll for ll, _ in scorer.loglikelihood(task.requests[i : i + CHUNK])]
-    if progress:
-      progress(len(lls), len(task.requests))
+def score(scorer, task: Prepared) -> dict:
+  """{metric: value} of `task` under `scorer` (eval/loglik.py's Scorer, which shows its
+  progress on stderr), with `scored_by`: what the scorer's log-likelihood is."""
+  lls = [ll for ll, _ in scorer.loglikelihood(task.requests)]
   per_item, k = [], 0
   for item in task.items:
     per_item.append(item_metrics(item, lls[k : k + len(item.choices)]))
@@ -448,7 +421,7 @@ def score(scorer, task: Prepared, progress: Callable[[int, int], None] | None = 
   out = aggregate(per_item, task.items)
   out["skipped"] = sum(task.skipped.values())
   out["num_fewshot"] = task.num_fewshot
-  out["scored_by"] = SCORED_BY.get(scorer.family, scorer.family)
+  out["scored_by"] = f"{scorer.family}: {scorer.kind.means}"
   return out
 
 
@@ -457,6 +430,12 @@ def score(scorer, task: Prepared, progress: Callable[[int, int], None] | None = 
 
 def _value(v) -> str:
   return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def short_names(workdirs: list[str]) -> list[str]:
+  """The workdirs' last folder names, or the paths as given where two would share one."""
+  names = [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
+  return names if len(set(names)) == len(names) else list(workdirs)
 
 
 def table_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
@@ -472,8 +451,7 @@ def table_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[lis
   rows = [
     [task, m, *(_value(results[w].get(task, {}).get(m, "")) for w in workdirs)] for task, m in keys
   ]
-  names = [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
-  return ["task", "metric", *names], rows
+  return ["task", "metric", *short_names(workdirs)], rows
 
 
 def text_table(results: dict[str, dict[str, dict]]) -> str:
@@ -507,41 +485,53 @@ def chart_name(task: str) -> str:
   return "eval_" + re.sub(r"[^A-Za-z0-9_.-]", "_", prefix + stem) + ".png"
 
 
-def plot_tasks(results: dict[str, dict[str, dict]], out_dir: str) -> list[str]:
-  """A bar chart per benchmark task (a task with `acc`): acc, acc_norm and acc_bytes of
-  each workdir with their standard errors, the chance rate as a line. Returns the paths."""
+def _pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt
+
+
+def task_figure(results: dict[str, dict[str, dict]], task: str):
+  """The bar chart of one benchmark task: acc, acc_norm and acc_bytes of each workdir (in
+  that order, one color per metric) with their standard errors, the chance rate a line."""
+  plt = _pyplot()
   workdirs = list(results)
-  names = [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
+  got = [results[w].get(task, {}) for w in workdirs]
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(workdirs) + 2), 3.6))
+  width = 0.8 / len(METRICS)
+  for j, m in enumerate(METRICS):
+    x = np.arange(len(workdirs)) + (j - (len(METRICS) - 1) / 2) * width
+    heights = [g.get(m, np.nan) for g in got]
+    errors = np.nan_to_num([g.get(f"{m}_stderr", 0.0) for g in got])
+    ax.bar(x, heights, width, yerr=errors, capsize=3, label=m)
+  chance = [g["chance"] for g in got if "chance" in g]
+  if chance:
+    ax.axhline(float(np.mean(chance)), color="gray", linestyle="--", label="chance")
+  ax.set_xticks(np.arange(len(workdirs)), short_names(workdirs))
+  ax.tick_params(axis="x", labelrotation=15 if len(workdirs) > 3 else 0)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("accuracy")
+  ax.set_title(task if len(task) < 60 else "..." + task[-57:])
+  ax.legend(fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  return fig
+
+
+def plot_tasks(results: dict[str, dict[str, dict]], out_dir: str) -> list[str]:
+  """`task_figure` of every benchmark task (one with `acc`) as <out_dir>/eval_<task>.png;
+  returns the paths."""
+  plt = _pyplot()
   tasks = []
   for by_task in results.values():
     tasks += [t for t, m in by_task.items() if "acc" in m and t not in tasks]
-  paths = []
   os.makedirs(out_dir, exist_ok=True)
+  paths = []
   for task in tasks:
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(workdirs) + 2), 3.6))
-    width = 0.8 / len(METRICS)
-    for j, m in enumerate(METRICS):
-      got = [results[w].get(task, {}) for w in workdirs]
-      x = np.arange(len(workdirs)) + (j - (len(METRICS) - 1) / 2) * width
-      heights = [g.get(m, np.nan) for g in got]
-      errors = [g.get(f"{m}_stderr", 0.0) for g in got]
-      ax.bar(x, heights, width, yerr=np.nan_to_num(errors), capsize=3, label=m)
-    chance = [results[w][task]["chance"] for w in workdirs if "chance" in results[w].get(task, {})]
-    if chance:
-      ax.axhline(float(np.mean(chance)), color="gray", linestyle="--", label="chance")
-    ax.set_xticks(np.arange(len(workdirs)), names, rotation=15 if len(workdirs) > 3 else 0)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(task if len(task) < 60 else "..." + task[-57:])
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    path = os.path.join(out_dir, chart_name(task))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig = task_figure(results, task)
+    paths.append(os.path.join(out_dir, chart_name(task)))
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
-    paths.append(path)
   return paths
