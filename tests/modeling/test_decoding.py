@@ -1,5 +1,7 @@
 """Decoding: the KV cache reproduces the uncached model, logit filters match NumPy
-references, EOS stops a row, and long prompts are cut from the left."""
+references, EOS stops a row, long prompts are cut from the left, and a constraint's
+automaton masks and advances on the device (tests/eval/test_constrain.py: with real
+automata)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from modeling import decoding
 from modeling.decoding import choose_tokens, complete, filter_logits, generate
 from modeling.transformer import Transformer, init_cache
 from modeling.vocab import Specials
@@ -269,3 +272,94 @@ def test_complete_starts_the_prompt_with_bos_and_stops_at_any_stop_id():
   tok = Letters(stop=(NO_EOS - 1, ref[k]))  # the second stop id is the one met
   out = complete(model, params, tok, "abc", n, rng, temperature=0.0)
   assert out == "abc" + tok.decode(ref[:k])
+
+
+# --- constrained decoding: the device side of an automaton ----------------------------------
+
+
+def packed(allowed_SV: np.ndarray) -> np.ndarray:
+  """uint32 [S, ceil(V / 32)]: token v's bit is bit v % 32 of word v // 32."""
+  s, v = allowed_SV.shape
+  words = np.zeros((s, -(-v // 32)), np.uint64)
+  for state, token in zip(*np.nonzero(allowed_SV), strict=True):
+    words[state, token // 32] |= np.uint64(1) << np.uint64(token % 32)
+  return words.astype(np.uint32)
+
+
+def test_allowed_unpacks_the_bitmask_and_adds_stops_in_accepting_states():
+  rng = np.random.default_rng(0)
+  allowed_SV = rng.random((6, 70)) < 0.3  # 70 ids: the last word is partly used
+  final_S = np.array([True, False, True, False, False, True])
+  automaton = decoding.Automaton(
+    jnp.zeros((6, 70), jnp.int32), jnp.asarray(packed(allowed_SV)), jnp.asarray(final_S)
+  )
+  state_B = jnp.array([0, 1, 2, 3, 4, 5, 2, 1], jnp.int32)
+  for stops in [(1,), (1, 66)]:
+    got_BV = np.asarray(decoding.allowed(automaton, state_B, 70, stops))
+    want_BV = allowed_SV[np.asarray(state_B)].copy()
+    want_BV[:, list(stops)] |= final_S[np.asarray(state_B)][:, None]
+    np.testing.assert_array_equal(got_BV, want_BV)
+
+
+def two_state_automaton() -> decoding.Automaton:
+  """State 0 allows 3, 5, 7 (each to state 1); state 1 allows 2 and 4 (back to 0) and is
+  accepting; 2 is the dead state."""
+  v = 10
+  allowed_SV = np.zeros((3, v), bool)
+  allowed_SV[0, [3, 5, 7]] = allowed_SV[1, [2, 4]] = True
+  next_SV = np.full((3, v), 2, np.int32)
+  next_SV[0, [3, 5, 7]], next_SV[1, [2, 4]] = 1, 0
+  final_S = np.array([False, True, False])
+  return decoding.Automaton(
+    jnp.asarray(next_SV), jnp.asarray(packed(allowed_SV)), jnp.asarray(final_S)
+  )
+
+
+def test_constrained_sampling_follows_the_renormalized_allowed_distribution():
+  """Fixed logits, 4000 rows: the first token follows softmax over {3, 5, 7}, the second
+  (in state 1) softmax over {2, 4} and EOS (1, allowed there); top-k after the mask keeps the
+  best allowed token; the state walked over the tokens is where each row ended."""
+  automaton = two_state_automaton()
+  logits_V = jnp.asarray([0.5, 1.0, -1.0, 0.0, 2.0, 1.0, 3.0, -0.5, 0.0, 0.0], jnp.float32)
+  b = 4000
+
+  def step(tok_B1, pos_B1, cache):
+    return jnp.broadcast_to(logits_V, (tok_B1.shape[0], 10)), cache
+
+  def run(top_k):
+    loop = jax.jit(
+      lambda rng: decoding.sample_loop(
+        step,
+        jnp.broadcast_to(logits_V, (b, 10)),
+        None,
+        0,
+        3,
+        jnp.zeros(b, bool),
+        rng,
+        1.0,
+        top_k,
+        1.0,
+        1,
+        automaton,
+      )  # fmt: skip
+    )
+    return np.asarray(loop(jax.random.key(0))[0])
+
+  out_BN = run(0)
+
+  def softmax_over(ids):
+    e = np.exp(np.asarray(logits_V, np.float64)[ids])
+    return e / e.sum()
+
+  first, second = [3, 5, 7], [1, 2, 4]
+  np.testing.assert_allclose(
+    [np.mean(out_BN[:, 0] == t) for t in first], softmax_over(first), atol=0.03
+  )
+  np.testing.assert_allclose(
+    [np.mean(out_BN[:, 1] == t) for t in second], softmax_over(second), atol=0.03
+  )
+  stopped = out_BN[:, 1] == 1
+  assert np.all(out_BN[stopped, 2] == 0) and np.all(np.isin(out_BN[~stopped, 2], first))
+  state_B = decoding.walk(automaton, jnp.zeros(b, jnp.int32), jnp.asarray(out_BN), 1)
+  np.testing.assert_array_equal(state_B, 1)  # after 3 tokens, or a stop in state 1
+  np.testing.assert_array_equal(run(1)[0], [5, 4, 5])  # top-1 of what each state allows
