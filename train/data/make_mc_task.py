@@ -44,7 +44,7 @@ flags.DEFINE_integer("mc_train", 1000, "items from the pystdlib training split's
 flags.DEFINE_integer("mc_eval", 400, "items from the pystdlib validation split's files")
 flags.DEFINE_integer("mc_choices", 4, "choices per item: the real continuation and distractors")
 flags.DEFINE_integer("mc_context_chars", 160, "most characters of the snippet (the question)")
-flags.DEFINE_integer("mc_continuation_chars", 48, "characters of every choice")
+flags.DEFINE_integer("mc_continuation_chars", 24, "characters of every choice")
 flags.DEFINE_integer("mc_seed", 0, "random seed")
 
 _CUT = re.compile(r"(?<=\S) (?=\S)")  # a space between two non-space characters
@@ -104,7 +104,7 @@ def make_items(
   rng: random.Random,
   choices: int = 4,
   context: int = 160,
-  continuation: int = 48,
+  continuation: int = 24,
 ) -> list[dict]:
   """`count` items from `files`, distractors from the other files among them."""
   if choices < 2:
@@ -153,7 +153,7 @@ def make_items(
 
 
 def make_splits(
-  n_train: int, n_eval: int, seed: int, choices: int = 4, context: int = 160, continuation: int = 48
+  n_train: int, n_eval: int, seed: int, choices: int = 4, context: int = 160, continuation: int = 24
 ) -> tuple[list[dict], list[dict]]:
   """(train, eval) items: from pystdlib's training and validation files respectively."""
   if n_train < 0 or n_eval < 1:

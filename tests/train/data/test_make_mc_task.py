@@ -91,7 +91,7 @@ def test_cli_writes_what_eval_main_reads(tmp_path):
   for row, k in zip(rows, range(0, len(task.requests), 3), strict=True):
     context, continuation = task.requests[k + row["answer"]]
     start = row["offset"] - 1 - len(row["question"])
-    assert context + continuation == texts[row["path"]][start : row["offset"] + 48]
+    assert context + continuation == texts[row["path"]][start : row["offset"] + 24]
 
 
 def test_its_flags_clash_with_no_other_make_task_module():
