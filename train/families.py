@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -96,20 +97,46 @@ class Task:
     return self.eval_data(config, tokenizer, self.frame(tokenizer.specials), **kw)
 
 
+class Sampled(NamedTuple):
+  """What a sampler made of one prompt."""
+
+  text: str  # the generated text alone
+  calls: int  # network calls
+  before: str = ""  # the text shown before it: the prompt it continues
+  after: str = ""  # and after it: a diffusion infill's clamped suffix
+  accepted: bool | None = None  # whether a constraint accepts `text` (None: no constraint)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   mask_kind: str
   tasks: dict[str, Task]
   autoregressive: bool  # can be sampled token by token with a KV cache
-  # (config, model, params, tokenizer, prompt, num_tokens, rng, **options) -> (text, network
-  # calls); None: the family does not generate text
-  sample: Callable | None = None
-  sample_options: tuple[str, ...] = ()  # the eval.sample flags its sampler reads
+  # (config, model, params, tokenizer, prompt, num_tokens, rng, *, constraint=None,
+  # **options) -> Sampled; None: the family does not generate text. `constraint` is an
+  # eval.constrain.Constraint (its device automaton, `.text` and `.accepts`)
+  sampler: Callable | None = None
+  # the eval.sample flags its sampler reads (regex, json_schema, choices reach it as one
+  # `constraint`, which eval.sample builds)
+  sample_options: tuple[str, ...] = ()
   model: type = Transformer  # the flax module: one stack, or encoder + decoder
   sentinels: bool = False  # task.num_sentinels ids follow the tokenizer's vocabulary (T5)
   # what eval.score reports for a text: "exact" (the chain rule, token by token), "bound"
   # (a Monte Carlo ELBO); None: the family models no distribution over texts
   likelihood: str | None = None
+
+  @property
+  def sample(self) -> Callable | None:
+    """The sampler as a console shows it: (same arguments) -> (the generated text with the
+    prompt it continues and any suffix around it, network calls); None without one."""
+    if self.sampler is None:
+      return None
+
+    def shown(*args, **kw) -> tuple[str, int]:
+      s = self.sampler(*args, **kw)
+      return s.before + s.text + s.after, s.calls
+
+    return shown
 
 
 # ---- the other data adapters: (config, tokenizer, frame, **kw) -> batches
@@ -290,46 +317,88 @@ def sft_lengths(config) -> dict[str, int]:
   return {**packed_lengths(config), "loss_mask": config.data.seq_len}
 
 
-# ---- samplers: (config, model, params, tokenizer, prompt, num_tokens, rng, **options)
+# ---- samplers: (config, model, params, tokenizer, prompt, num_tokens, rng, *, constraint,
+# **options) -> Sampled
 
 
-def _sample_ar(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
-  """`chat=True`: the prompt is one user turn in the run's `task.template`; the text returned
-  is the assistant's answer, up to its end of turn."""
-  if not opts.pop("chat", False):
-    text = decoding.complete(model, params, tokenizer, prompt, num_tokens, rng, **opts)
-    return text, num_tokens  # a prefill, then one call per further token
-  template = config.task.template
-  turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
-  ids, _ = chat.prompt_and_answer(turn, template, tokenizer)
-  stops = chat.answer_stops(template, tokenizer)
-  out = decoding.generate(model, params, ids[None], num_tokens, rng, eos_id=stops, **opts)[0]
-  return tokenizer.decode(decoding.until_stop(out, stops)), num_tokens
+def _sample_ar(
+  config, model, params, tokenizer, prompt, num_tokens, rng, *, constraint=None, **opts
+) -> Sampled:
+  """The prompt is read as a document's start, and continued. `chat=True`: the prompt is one
+  user turn in the run's `task.template`; the text is the assistant's answer, up to its end
+  of turn."""
+  if opts.pop("chat", False):
+    template = config.task.template
+    turn = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+    ids, _ = chat.prompt_and_answer(turn, template, tokenizer)
+    stops, before = chat.answer_stops(template, tokenizer), ""
+  else:
+    ids, before = decoding.prompt_ids(tokenizer, prompt), prompt
+    stops = tokenizer.specials.stop_ids
+  automaton = None if constraint is None else constraint.automaton
+  out = decoding.generate(
+    model, params, ids[None], num_tokens, rng, eos_id=stops, automaton=automaton, **opts
+  )[0]
+  text, accepted = _generated(tokenizer, out, stops, constraint)
+  return Sampled(text, num_tokens, before, "", accepted)  # a prefill, then a call per token
 
 
-def _sample_diffusion(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+def _sample_diffusion(
+  config, model, params, tokenizer, prompt, num_tokens, rng, *, constraint=None, **opts
+) -> Sampled:
+  if constraint is not None:
+    raise ValueError(
+      f"{constraint.source}: a diffusion model unmasks positions in any order, and a "
+      "constraint's automaton reads text left to right; constrain a decoder or an encdec model"
+    )
   schedule = diffusion.make_schedule(config.task.schedule, config.task.schedule_exponent)
-  return diffusion.complete(
+  text, calls = diffusion.complete(
     model, params, tokenizer, prompt, num_tokens, rng, schedule=schedule, **opts
   )
+  suffix = opts.get("suffix", "")  # complete's text is prompt + the span + suffix
+  return Sampled(text[len(prompt) : len(text) - len(suffix)], calls, prompt, suffix)
 
 
-def _sample_seq2seq(config, model, params, tokenizer, prompt, num_tokens, rng, **opts):
+def _sample_seq2seq(
+  config, model, params, tokenizer, prompt, num_tokens, rng, *, constraint=None, **opts
+) -> Sampled:
   """The prompt is the encoder's input (ended with EOS, as seq2seq sources are); the text
-  returned is the decoder's output."""
+  is the decoder's output."""
   ids = tokenizer.encode(prompt)
   if ids.size == 0:
     raise ValueError("--prompt must be non-empty: it is the encoder's input")
   specials = tokenizer.specials
   src = np.concatenate([ids, [specials.require("eos", "an encoder's input")]])[None]
+  automaton = None if constraint is None else constraint.automaton
   out = decoding.seq2seq_generate(
-    model, params, src.astype(np.int32), num_tokens, rng, specials=specials, **opts
+    model,
+    params,
+    src.astype(np.int32),
+    num_tokens,
+    rng,
+    specials=specials,
+    automaton=automaton,
+    **opts,
   )[0]
-  text = decoding.text_of(tokenizer, out)
-  return text, 1 + int(np.count_nonzero(out))  # the encoder and first step, then one per token
+  calls = 1 + int(np.count_nonzero(out))  # the encoder and first step, then one per token
+  text, accepted = _generated(tokenizer, out, specials.stop_ids, constraint)
+  return Sampled(text, calls, "", "", accepted)
+
+
+def _generated(tokenizer, out_N, stops, constraint) -> tuple[str, bool | None]:
+  """The text of generated ids up to the first stop id, and whether the constraint accepts
+  them (None without one). A constraint's text is its tokens' bytes joined: what its regex
+  matched (a SentencePiece decode would drop a leading space)."""
+  if constraint is None:
+    return decoding.text_of(tokenizer, out_N, stops), None
+  return constraint.text(out_N, stops), constraint.accepts(out_N, stops)
 
 
 # ---- the table
+
+# eval.sample's constraint flags (eval/constrain.py builds the `constraint` from them): the
+# left-to-right samplers read them; diffusion's unmask in any order and cannot
+CONSTRAINT_OPTIONS = ("regex", "json_schema", "choices")
 
 ENCODER_TASKS = {
   "pretrain": Task("mlm", objectives.make_mlm, frame=cls_sep),
@@ -379,8 +448,16 @@ FAMILIES: dict[str, Family] = {
       ),
     },
     autoregressive=True,
-    sample=_sample_ar,
-    sample_options=("temperature", "top_k", "top_p", "chat"),
+    sampler=_sample_ar,
+    sample_options=(
+      "temperature",
+      "top_k",
+      "top_p",
+      "beam_size",
+      "length_penalty",
+      "chat",
+      *CONSTRAINT_OPTIONS,
+    ),
     likelihood="exact",
   ),
   "encoder": Family("bidirectional", ENCODER_TASKS, autoregressive=False),
@@ -410,8 +487,15 @@ FAMILIES: dict[str, Family] = {
       ),
     },
     autoregressive=True,
-    sample=_sample_seq2seq,
-    sample_options=("temperature", "top_k", "top_p", "beam_size", "length_penalty"),
+    sampler=_sample_seq2seq,
+    sample_options=(
+      "temperature",
+      "top_k",
+      "top_p",
+      "beam_size",
+      "length_penalty",
+      *CONSTRAINT_OPTIONS,
+    ),
     model=EncoderDecoder,
     sentinels=True,
   ),
@@ -421,7 +505,7 @@ FAMILIES: dict[str, Family] = {
     "bidirectional",
     {"pretrain": Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion)},
     autoregressive=False,
-    sample=_sample_diffusion,
+    sampler=_sample_diffusion,
     sample_options=(
       "temperature",
       "top_p",
