@@ -1,11 +1,18 @@
-"""Evaluating a trained workdir outside of training (`python -m eval.main`, `eval.mask_curve`)."""
+"""Evaluating a trained workdir outside of training (`python -m eval.main`, `eval.mask_curve`):
+its own task's metrics, or multiple-choice benchmarks (eval/benchmarks.py)."""
 
 from __future__ import annotations
+
+import dataclasses
+import sys
+import time
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from eval import benchmarks
+from eval.loglik import Scorer
 from modeling import diffusion
 from train import families, sharding
 from train.step import make_eval_step
@@ -57,6 +64,49 @@ def evaluate_workdir(
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return {own: run_eval(config, wiring.task, tokenizer, params, eval_step, to_global, model)}
+
+
+def split_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+  """(a workdir's own-task names, benchmark names) of `--tasks`; a name that is neither a
+  benchmark nor any family's task.name is refused, listing the known tasks."""
+  own_names = sorted({t for f in families.FAMILIES.values() for t in f.tasks})
+  for name in tasks:
+    if not benchmarks.is_benchmark(name) and name not in own_names:
+      raise ValueError(
+        f"--tasks: unknown task {name!r}; known: the benchmarks {', '.join(benchmarks.KNOWN)}, "
+        f"or the workdir's own task.name (one of {', '.join(own_names)})"
+      )
+  return [t for t in tasks if not benchmarks.is_benchmark(t)], [
+    t for t in tasks if benchmarks.is_benchmark(t)
+  ]
+
+
+def evaluate_benchmarks(
+  workdir: str,
+  tasks: list[benchmarks.Prepared],
+  batch_size: int = 0,
+  mc_samples: int = 16,
+  seed: int = 0,
+) -> dict[str, dict]:
+  """{task: metrics} of prepared benchmark tasks under the workdir's model (eval/loglik.py's
+  Scorer: every family; `batch_size` 0 is 16 rows). Progress goes to stderr."""
+  scorer = Scorer.from_workdir(
+    workdir, batch_size=batch_size or 16, mc_samples=mc_samples, seed=seed
+  )
+  # is_greedy is no benchmark metric: skip diffusion's greedy decode (a call per token)
+  scorer = dataclasses.replace(scorer, check_greedy=False)
+  results = {}
+  for i, task in enumerate(tasks, 1):
+    start = time.perf_counter()
+    print(
+      f"[{i}/{len(tasks)}] {task.name} on {workdir}: {len(task.items)} items, "
+      f"{len(task.requests)} requests",
+      file=sys.stderr,
+      flush=True,
+    )
+    results[task.name] = benchmarks.score(scorer, task)
+    print(f"{task.name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+  return results
 
 
 def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_size=0, seed=0):

@@ -13,6 +13,8 @@ import collections
 import json
 import os
 import random
+import subprocess
+import sys
 
 import datasets
 import lm_eval
@@ -24,7 +26,15 @@ from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from eval import benchmarks
+from eval.loglik import Scorer
+from tests.tiny_models import abstract_init, draw_params, tiny_config
+from train import families
+from train.checkpoint import Checkpointer
+from train.data import make_mc_task
+from train.data.tokenizers import ByteTokenizer
+from train.trainer import load_for_inference
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
 SEED = 1234
 datasets.disable_progress_bars()
@@ -429,3 +439,151 @@ def test_unknown_tasks_and_missing_inputs_are_refused_clearly(tmp_path):
   path = write_jsonl(tmp_path / "mc.jsonl", mc_rows(3))
   with pytest.raises(ValueError, match="--num_fewshot=3: the few-shot pool has 3 rows; 4 needed"):
     benchmarks.prepare(f"mc:{path}", benchmarks.Options(), num_fewshot=3)
+
+
+# ---- eval.main on tiny workdirs, every family through eval/loglik.py's Scorer
+
+CONTEXT = 64  # the tiny models' context (tokens = bytes): every request below fits
+
+
+def write_workdir(workdir, preset: str) -> str:
+  """configs/<preset>.py:size=tiny with random params, as eval.import_hf writes a workdir."""
+  config = tiny_config(preset, seq_len=CONTEXT)
+  model, _ = families.resolve(config).build(config, ByteTokenizer())
+  params = draw_params(abstract_init(model.cfg, type(model)))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  ckpt = Checkpointer(str(workdir), keep=1, async_save=False)
+  ckpt.save(0, {"params": params}, None, force=True)
+  ckpt.close()
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mc")
+  return {p: write_workdir(root / p, p) for p in ("gpt", "mdlm", "t5", "bert")}
+
+
+@pytest.fixture(scope="module")
+def stdlib_mc(tmp_path_factory):
+  """30 stdlib items (make_mc_task, short enough for the tiny context), 2 bad rows after."""
+  files = make_mc_task.stdlib_files("validation")
+  rows = make_mc_task.make_items(files, 30, random.Random(0), context=36, continuation=12)
+  rows += [
+    dict(question="q", choices=["a"], answer=0),
+    dict(question="q", choices=["a", "b"], answer=5),
+  ]
+  return write_jsonl(tmp_path_factory.mktemp("mcdata") / "eval.jsonl", rows)
+
+
+def reference_lls(workdir: str, reqs: list[tuple[str, str]]) -> np.ndarray:
+  """log p(continuation | context) of each request in one padded forward pass, float64
+  log-softmax in NumPy: no sorting, bucketing or truncation (every request fits)."""
+  config, model, params, tokenizer = load_for_inference(workdir)
+  rows = []
+  for ctx, cont in reqs:
+    ids, n_ctx = tokenizer.encode(ctx + cont), len(tokenizer.encode(ctx))
+    assert len(ids) <= CONTEXT
+    rows.append((ids, n_ctx))
+  tokens = np.zeros((len(rows), CONTEXT), np.int32)
+  seg = np.zeros_like(tokens)
+  for r, (ids, _) in enumerate(rows):
+    tokens[r, : len(ids)], seg[r, : len(ids)] = ids, 1
+  pos = np.broadcast_to(np.arange(CONTEXT, dtype=np.int32), tokens.shape)
+  logits, _ = model.apply({"params": params}, tokens, pos, np.maximum(seg, 1))
+  logits = np.asarray(logits, np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  logp -= logits.max(-1, keepdims=True)
+  return np.array(
+    [sum(logp[r, t - 1, ids[t]] for t in range(n, len(ids))) for r, (ids, n) in enumerate(rows)]
+  )
+
+
+def run_main(*flags):
+  cmd = [sys.executable, "-m", "eval.main", *flags]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_main_scores_every_family_and_the_decoders_numbers_are_a_forward_pass(
+  workdirs, stdlib_mc, tmp_path
+):
+  with open(os.path.join(workdirs["gpt"], "eval_results.json"), "w") as f:
+    json.dump({"pretrain": {"eval/loss": 1.5}}, f)  # an earlier result, kept
+  plots = tmp_path / "plots"
+  order = [workdirs[p] for p in ("gpt", "mdlm", "t5", "bert")]
+  out = run_main(
+    f"--workdir={','.join(order)}",
+    f"--tasks=mc:{stdlib_mc}",
+    "--mc_samples=2",
+    f"--plot_dir={plots}",
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  task = f"mc:{stdlib_mc}"
+  assert (
+    f"{task}: skipped 2 rows (1 fewer than two choices, 1 answer index outside the choices)"
+    in out.stdout
+  )
+  results = {}
+  for p, w in workdirs.items():
+    with open(os.path.join(w, "eval_results.json")) as f:
+      results[p] = json.load(f)
+    assert results[p][task]["items"] == 30 and results[p][task]["skipped"] == 2
+    assert (
+      f"| {task} | acc | {results[p][task]['acc']:.4f} |"
+      in open(os.path.join(w, "eval_results.md")).read()
+    )
+  assert results["gpt"]["pretrain"] == {"eval/loss": 1.5}
+  assert "pseudo-log-likelihood" in results["bert"][task]["scored_by"]
+  assert "ELBO" in results["mdlm"][task]["scored_by"]
+  # the decoder's acc and acc_norm: argmax of a direct forward pass's log-likelihoods
+  prepared = benchmarks.prepare(task, benchmarks.Options())
+  lls = reference_lls(workdirs["gpt"], prepared.requests)
+  per_item, k = [], 0
+  for item in prepared.items:
+    per_item.append(benchmarks.item_metrics(item, lls[k : k + len(item.choices)]))
+    k += len(item.choices)
+  expected = benchmarks.aggregate(per_item, prepared.items)
+  scored = Scorer.from_workdir(workdirs["gpt"]).loglikelihood(prepared.requests)
+  np.testing.assert_allclose([ll for ll, _ in scored], lls, atol=1e-4)
+  for m in ("acc", "acc_norm", "acc_bytes", "acc_stderr"):
+    assert results["gpt"][task][m] == pytest.approx(expected[m], abs=1e-12), m
+  # the printed table: one column per workdir
+  row = next(line.split() for line in out.stdout.splitlines() if line.startswith(f"{task} acc "))
+  assert row[2:] == [f"{results[p][task]['acc']:.4f}" for p in ("gpt", "mdlm", "t5", "bert")]
+  assert (plots / "eval_mc_eval.png").is_file()
+  assert (
+    open(plots / "eval_compare.md").read().startswith("| task | metric | gpt | mdlm | t5 | bert |")
+  )
+
+
+def test_a_chart_shows_each_workdirs_metrics_and_chance():
+  results = {
+    "runs/ar": {
+      "mc:x.jsonl": {
+        "acc": 0.6,
+        "acc_stderr": 0.05,
+        "acc_norm": 0.55,
+        "acc_bytes": 0.5,
+        "chance": 0.25,
+      }
+    },
+    "runs/mdlm": {"mc:x.jsonl": {"acc": 0.4, "acc_norm": 0.35, "acc_bytes": 0.3, "chance": 0.25}},
+  }
+  fig = benchmarks.task_figure(results, "mc:x.jsonl")
+  ax = fig.axes[0]
+  heights = [round(p.get_height(), 6) for p in ax.patches]
+  assert heights == [0.6, 0.4, 0.55, 0.35, 0.5, 0.3]  # acc of each workdir, then acc_norm, ...
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["ar", "mdlm"]
+  assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.25]
+
+
+def test_eval_main_refuses_an_unknown_task_listing_the_known_ones(tmp_path):
+  out = run_main(f"--workdir={tmp_path}", "--tasks=hellaswog")
+  assert out.returncode != 0
+  assert (
+    "unknown task 'hellaswog'; known: the benchmarks hellaswag, arc_easy, arc_challenge, mmlu, mc:<path.jsonl>"
+    in out.stderr
+  )
+  assert "own task.name (one of " in out.stderr and "pretrain" in out.stderr
