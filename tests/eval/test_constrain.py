@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -414,3 +416,24 @@ def test_generate_until_through_each_familys_sampler():
   diffusion = families.FAMILIES["diffusion"]
   with pytest.raises(ValueError, match=r"--regex=.*unmasks positions in any order"):
     diffusion.sampler(None, model, params, BYTES, "x", 4, rng, constraint=c)
+
+
+# ---- the benchmark
+
+
+def test_bench_prints_both_rates_and_every_sample_matches():
+  cmd = [
+    sys.executable, "-m", "bench.constrained_decoding", "--config=configs/gpt.py:size=tiny",
+    "--choices=red,green,blue (dark)", "--batch_size=8", "--num_tokens=24", "--rounds=1",
+  ]  # fmt: skip
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  last = r.stdout.strip().splitlines()[-1]
+  m = re.fullmatch(
+    r"tokens_per_sec=(\d+) constrained_tokens_per_sec=(\d+) ratio=([\d.]+) matched=16/16", last
+  )
+  assert m, last
+  assert float(m[3]) == pytest.approx(int(m[2]) / int(m[1]), abs=2e-3)
+  # the minimal automaton: start, r, re, g .. gree, b .. blue, ' (' .. 'k', and one end
+  assert "--choices=red,green,blue (dark): 18 states, device tables" in r.stdout
+  assert "(19 x 264)" in r.stdout
