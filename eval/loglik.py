@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from eval import scoring
+from eval import constrain, scoring
 from modeling import decoding, diffusion
 from modeling.transformer import EncoderDecoder
 from train import families
@@ -378,10 +378,27 @@ class Generation:
   top_p: float = 1.0
   steps: int = 0  # diffusion: denoising steps; 0: one per generated token
   block_length: int = 0  # diffusion: LLaDA's semi-autoregressive blocks; 0: one block
+  # constrained decoding (eval/constrain.py): a regex, a JSON schema file, or choices
+  regex: str = ""
+  json_schema: str = ""
+  choices: tuple[str, ...] = ()
 
   def sampling(self) -> tuple:
-    """What batches of one program must share (the cut strings need not)."""
+    """What the requests of one batch must share (the cut strings need not)."""
     return dataclasses.astuple(dataclasses.replace(self, until=()))
+
+  def constraint(self, s: Scorer, built: dict) -> constrain.Constraint | None:
+    """The constraint asked for (None: none), built once per call (`built` caches it)."""
+    key = (self.regex, self.json_schema, self.choices)
+    if key not in built:
+      built[key] = constrain.build(
+        s.tokenizer,
+        s.model.cfg.vocab_size,
+        regex=self.regex or None,
+        json_schema=self.json_schema or None,
+        choices=list(self.choices) or None,
+      )
+    return built[key]
 
   def cut(self, text: str) -> str:
     for stop in self.until:
@@ -389,49 +406,62 @@ class Generation:
     return text
 
 
+COMMON_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")
+
+
 def generation_of(gen_kwargs: dict, allowed: tuple[str, ...], family: str) -> Generation:
   """`Generation` from lm_eval's gen_kwargs (until, max_gen_toks, do_sample, temperature,
   and the family's sampler options); a key the family's sampler does not read is refused."""
   kw = dict(gen_kwargs or {})
-  unknown = sorted(set(kw) - {"until", "max_gen_toks", "do_sample", *allowed})
+  unknown = sorted(set(kw) - {*COMMON_GEN_KWARGS, *allowed})
   if unknown:
+    why = (
+      ": a diffusion model unmasks positions in any order, and a constraint's automaton "
+      "reads text left to right"
+      if set(unknown) & set(families.CONSTRAINT_OPTIONS)
+      else ""
+    )
     raise ValueError(
-      f"gen_kwargs {unknown}: model.family={family!r} reads "
-      f"{['until', 'max_gen_toks', 'do_sample', *allowed]}"
+      f"gen_kwargs {unknown}: model.family={family!r} reads {[*COMMON_GEN_KWARGS, *allowed]}{why}"
     )
   until = kw.pop("until", None) or ()
   until = (until,) if isinstance(until, str) else tuple(until)
   do_sample = bool(kw.pop("do_sample", False))
-  temperature = float(kw.pop("temperature", 1.0 if do_sample else 0.0))
+  temperature = float(kw.pop("temperature", 1.0))
   n = int(kw.pop("max_gen_toks", MAX_GEN_TOKS))
   if n < 1:
     raise ValueError(f"gen_kwargs max_gen_toks={n}: allowed a positive integer")
+  choices = kw.pop("choices", ())
+  choices = tuple(choices.split(",") if isinstance(choices, str) else choices)
   defaults = Generation()
   return Generation(
     until=tuple(u for u in until if u),
     max_gen_toks=n,
     temperature=temperature if do_sample else 0.0,
+    choices=choices,
     **{k: type(getattr(defaults, k))(v) for k, v in kw.items()},
   )
 
 
-def _groups(requests, key) -> Iterator[list[int]]:
+def _groups(n: int, key) -> Iterator[list[int]]:
+  """Indices 0..n-1 grouped by `key(i)`, in first-seen order."""
   by: dict[Any, list[int]] = {}
-  for i, r in enumerate(requests):
-    by.setdefault(key(r), []).append(i)
+  for i in range(n):
+    by.setdefault(key(i), []).append(i)
   yield from by.values()
 
 
-def _generate_causal(s: Scorer, requests: list[tuple[list[int], Generation]]) -> list[str]:
+Requests = list[tuple[list[int], Generation, Any]]  # (context ids, settings, constraint)
+
+
+def _generate_causal(s: Scorer, requests: Requests) -> list[np.ndarray]:
   """decoding.generate on prompts of one length and settings at a time; each prompt keeps
   its last max_len - max_gen_toks tokens (at least one) as lm-evaluation-harness does."""
-  prompts = [ids[-max(1, s.context - g.max_gen_toks) :] for ids, g in requests]
-  out = [""] * len(requests)
-  groups = list(
-    _groups(range(len(requests)), lambda i: (len(prompts[i]), requests[i][1].sampling()))
-  )
-  for n, group in enumerate(groups):
-    g = requests[group[0]][1]
+  prompts = [ids[-max(1, s.context - g.max_gen_toks) :] for ids, g, _ in requests]
+  out: list[Any] = [None] * len(requests)
+  keyed = lambda i: (len(prompts[i]), requests[i][1].sampling())  # noqa: E731
+  for n, group in enumerate(_groups(len(requests), keyed)):
+    _, g, constraint = requests[group[0]]
     for start in range(0, len(group), s.batch_size):
       rows = group[start : start + s.batch_size]
       new_BN = decoding.generate(
@@ -444,47 +474,53 @@ def _generate_causal(s: Scorer, requests: list[tuple[list[int], Generation]]) ->
         top_k=g.top_k,
         top_p=g.top_p,
         eos_id=s.specials.stop_ids,
+        automaton=None if constraint is None else constraint.automaton,
       )
       for j, i in enumerate(rows):
-        out[i] = decoding.text_of(s.tokenizer, new_BN[j])
+        out[i] = new_BN[j]
   return out
 
 
-def _generate_seq2seq(s: Scorer, requests) -> list[str]:
-  """decoding.seq2seq_texts (the encoder's input padded to a length bucket) per settings."""
-  out = [""] * len(requests)
-  for n, group in enumerate(_groups(requests, lambda r: r[1].sampling())):
-    g = requests[group[0]][1]
-    sources = [requests[i][0][-s.context :] for i in group]
-    texts = decoding.seq2seq_texts(
-      s.model,
-      s.params,
-      s.tokenizer,
-      sources,
-      g.max_gen_toks,
-      jax.random.fold_in(jax.random.PRNGKey(s.seed), n),
-      batch_size=s.batch_size,
-      src_len=bucket(max(map(len, sources)), s.context),
-      temperature=g.temperature,
-      top_k=g.top_k,
-      top_p=g.top_p,
-    )
-    for i, text in zip(group, texts, strict=True):
-      out[i] = text
+def _generate_seq2seq(s: Scorer, requests: Requests) -> list[np.ndarray]:
+  """decoding.seq2seq_generate per settings, the encoder's inputs (the context's last
+  max_len tokens) padded to a length bucket."""
+  out: list[Any] = [None] * len(requests)
+  for n, group in enumerate(_groups(len(requests), lambda i: requests[i][1].sampling())):
+    _, g, constraint = requests[group[0]]
+    sources = {i: requests[i][0][-s.context :] for i in group}
+    length = bucket(max(map(len, sources.values())), s.context)
+    for start in range(0, len(group), s.batch_size):
+      rows = group[start : start + s.batch_size]
+      src, seg = _padded([sources[i] for i in rows], s.batch_size, length)
+      new_BN = decoding.seq2seq_generate(
+        s.model,
+        s.params,
+        src,
+        g.max_gen_toks,
+        jax.random.fold_in(jax.random.PRNGKey(s.seed), n * len(requests) + start),
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        specials=s.specials,
+        src_lengths=seg.sum(axis=1),
+        automaton=None if constraint is None else constraint.automaton,
+      )
+      for j, i in enumerate(rows):
+        out[i] = new_BN[j]
   return out
 
 
-def _generate_diffusion(s: Scorer, requests) -> list[str]:
+def _generate_diffusion(s: Scorer, requests: Requests) -> list[np.ndarray]:
   """diffusion.llada_sample (low-confidence remasking) on the context followed by
   max_gen_toks masks (at most the context - 1), the context left-truncated to fit; rows of
-  one layout and settings share a batch. The generated span is cut at the first stop id."""
-  out = [""] * len(requests)
+  one layout and settings share a batch."""
+  out: list[Any] = [None] * len(requests)
   layouts = []
-  for ids, g in requests:
+  for ids, g, _ in requests:
     n = min(g.max_gen_toks, s.context - 1)
     layouts.append((ids[-(s.context - n) :], n))
   keyed = lambda i: (len(layouts[i][0]), layouts[i][1], requests[i][1].sampling())  # noqa: E731
-  for k, group in enumerate(_groups(range(len(requests)), keyed)):
+  for k, group in enumerate(_groups(len(requests), keyed)):
     g, n = requests[group[0]][1], layouts[group[0]][1]
     for start in range(0, len(group), s.batch_size):
       rows = group[start : start + s.batch_size]
@@ -493,14 +529,14 @@ def _generate_diffusion(s: Scorer, requests) -> list[str]:
         s.model,
         s.params,
         z_BL,
-        jax.random.fold_in(jax.random.PRNGKey(s.seed), k),
+        jax.random.fold_in(jax.random.PRNGKey(s.seed), k * len(requests) + start),
         steps=g.steps or n,
         block_length=g.block_length,
         temperature=g.temperature,
         top_p=g.top_p,
       )
       for j, i in enumerate(rows):
-        out[i] = decoding.text_of(s.tokenizer, tokens_BL[j, -n:])
+        out[i] = tokens_BL[j, -n:]
   return out
 
 
@@ -528,9 +564,10 @@ class Kind:
   backend: str
   score: Callable  # (scorer, [(context ids, continuation ids)]) -> [(log p, is_greedy)]
   frame: Callable  # (text ids, specials) -> the ids as the model reads a text's start
-  # (scorer, [(context ids, Generation)]) -> texts; None: the family generates no text
+  # (scorer, [(context ids, Generation, constraint)]) -> the generated ids of each; None:
+  # the family generates no text
   generate: Callable | None
-  gen_options: tuple[str, ...] = ()  # the gen_kwargs its sampler reads besides the common ones
+  gen_options: tuple[str, ...] = ()  # the gen_kwargs it reads besides COMMON_GEN_KWARGS
 
 
 KINDS = {
@@ -540,7 +577,7 @@ KINDS = {
     _score_causal,
     _frame_document,
     _generate_causal,
-    ("temperature", "top_k", "top_p"),
+    ("top_k", "top_p", *families.CONSTRAINT_OPTIONS),
   ),
   "seq2seq": Kind(
     "the exact sum of the continuation's (decoder targets') log-probs given the context (encoder input)",
@@ -548,7 +585,7 @@ KINDS = {
     _score_seq2seq,
     _frame_source,
     _generate_seq2seq,
-    ("temperature", "top_k", "top_p"),
+    ("top_k", "top_p", *families.CONSTRAINT_OPTIONS),
   ),
   "bound": Kind(
     "a Monte Carlo estimate of the ELBO of the continuation given the context (a lower bound)",
@@ -556,7 +593,7 @@ KINDS = {
     _score_bound,
     _frame_document,
     _generate_diffusion,
-    ("temperature", "top_p", "steps", "block_length"),
+    ("top_p", "steps", "block_length"),
   ),
   "pseudo": Kind(
     "the masked pseudo-log-likelihood of the continuation (each token masked in turn)",
@@ -725,17 +762,31 @@ class Scorer:
   def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
     """lm_eval's (context, gen_kwargs) -> the generated text, cut before the first `until`
     string (and at the model's stop ids): greedy unless do_sample, at most max_gen_toks
-    tokens. Decoders: decoding.generate; encoder-decoders: decoding.seq2seq_texts;
-    diffusion: diffusion.llada_sample. An encoder generates no text."""
+    tokens. Decoders: decoding.generate; encoder-decoders: decoding.seq2seq_generate;
+    diffusion: diffusion.llada_sample. Decoders and encoder-decoders also take gen_kwargs
+    regex, json_schema (a file) or choices (a list, or commas), built by eval/constrain.py
+    into the automaton the decoding loop follows (the text is then its tokens' bytes, what
+    the regex matched). An encoder generates no text."""
     kind = self.kind
     if kind.generate is None:
       raise ValueError(
         f"model.family={self.family!r}: an MLM generates no text; generate_until needs a "
         "decoder, encdec or diffusion workdir"
       )
-    reqs = []
+    reqs, built = [], {}
     for context, gen_kwargs in requests:
       ids = self.encode(context) if context else [self.prefix_token_id]
-      reqs.append((ids, generation_of(gen_kwargs, kind.gen_options, self.family)))
-    texts = kind.generate(self, reqs) if reqs else []
-    return [g.cut(t) for t, (_, g) in zip(texts, reqs, strict=True)]
+      g = generation_of(gen_kwargs, kind.gen_options, self.family)
+      reqs.append((ids, g, g.constraint(self, built)))  # constraints refused before any work
+    out = []
+    stops = self.specials.stop_ids
+    for new_N, (_, g, constraint) in zip(
+      kind.generate(self, reqs) if reqs else [], reqs, strict=True
+    ):
+      text = (
+        decoding.text_of(self.tokenizer, new_N)
+        if constraint is None
+        else constraint.text(new_N, stops)
+      )
+      out.append(g.cut(text))
+    return out

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,15 +242,14 @@ def test_diffusion_bound_is_the_conditional_nelbo_by_enumeration(scorers):
 
 def test_diffusion_is_greedy_is_llada_greedy_decoding(scorers):
   s = scorers["mdlm"]
-  ctx = s.encode("Once upon")
-  n = 4
-  z = np.array([[*ctx, *[diffusion.MASK_ID] * n]], np.int32)
+  ctx, n = s.encode("Once"), 6
+  z = np.array([[*ctx, *[diffusion.MASK_ID] * n]] * 2, np.int32)  # generate_until's shape
   decoded, _ = diffusion.llada_sample(
     s.model, s.params, z, jax.random.PRNGKey(0), steps=n, temperature=0.0
   )
   best = [int(x) for x in decoded[0, len(ctx) :]]
-  worse = [*best[:3], 9 if best[3] != 9 else 10]
-  others = [(s.encode("x"), [9] * 7), (ctx, best[:1])]  # padded beside longer and shorter rows
+  worse = [*best[:5], 9 if best[5] != 9 else 10]
+  others = [(s.encode("x"), [9] * 12), (ctx, best[:1])]  # padded beside longer and shorter rows
   got = s.loglikelihood_tokens([(ctx, best), (ctx, worse), *others])
   assert [g[1] for g in got[:2]] == [True, False]
   unchecked = dataclasses.replace(s, check_greedy=False).loglikelihood_tokens([(ctx, best)])
@@ -298,14 +298,6 @@ def test_decoder_rolling_is_eval_score_and_lm_evals_own_windows(scorers):
   np.testing.assert_allclose(got, [want], rtol=1e-6)
 
 
-def test_diffusion_rolling_is_eval_scores_bound(scorers):
-  s = dataclasses.replace(scorers["mdlm"], mc_samples=2, seed=3)
-  want = scoring.score_diffusion(
-    s.model, s.params, s.tokenizer, LONG_TEXT, mc_samples=2, seed=3, batch_size=3
-  )
-  assert s.loglikelihood_rolling([LONG_TEXT]) == [want.loglikelihood]
-
-
 @pytest.mark.parametrize("preset", ["t5", "bert"])
 def test_rolling_refuses_encdec_and_encoders(scorers, preset):
   with pytest.raises(ValueError, match=r"model.family in \['decoder', 'diffusion'\]"):
@@ -321,10 +313,10 @@ def test_generate_until_is_the_families_greedy_samplers_cut_at_until(scorers):
   ctx = gpt.encode("Once")  # the shapes below are the scorers' (two prompts of one length)
   out = decoding.generate(gpt.model, gpt.params, np.array([ctx] * 2), 6, key, 0.0, eos_id=stops)
   want = {"gpt": decoding.text_of(gpt.tokenizer, out[0])}
-  src = np.zeros((3, 8), np.int32)  # padded to a length bucket, a batch of 3
+  src = np.zeros((3, CONTEXT), np.int32)  # padded to a length bucket, a batch of 3
   src[:, :5] = t5.encode("Once")  # "Once" EOS
   out = decoding.seq2seq_generate(
-    t5.model, t5.params, src, 6, key, specials=t5.specials, src_lengths=np.full(3, 5)
+    t5.model, t5.params, src, 6, key, specials=t5.specials, src_lengths=[5, 5, 1]
   )
   want["t5"] = decoding.text_of(t5.tokenizer, out[0])
   z = np.array([[*ctx, *[diffusion.MASK_ID] * 6]] * 2, np.int32)
@@ -351,3 +343,16 @@ def test_batches_are_longest_first_and_pad_to_few_lengths():
     1000,
   ]
   assert list(loglik.batches([3, 9, 1, 9, 5], 2)) == [[1, 3], [4, 0], [2]]
+
+
+def test_generate_until_follows_a_regex_or_choices_and_diffusion_refuses_them(scorers):
+  sampled = {"do_sample": True, "temperature": 1.0, "max_gen_toks": 8}
+  texts = scorers["gpt"].generate_until([("Code:", {**sampled, "regex": "[0-9]{3}"})] * 4)
+  assert all(re.fullmatch("[0-9]{3}", t) for t in texts), texts
+  choices = {**sampled, "choices": "yes,no,maybe", "until": ["a"]}
+  texts = scorers["t5"].generate_until([(f"Say {i}", choices) for i in range(4)])
+  assert all(t in ("yes", "no", "m") for t in texts), texts  # maybe is cut at its a
+  with pytest.raises(ValueError, match=r"gen_kwargs \['regex'\].*unmasks positions in any order"):
+    scorers["mdlm"].generate_until([("x", {"regex": "a"})])
+  with pytest.raises(ValueError, match=r"--regex='a\(b': not compiled"):
+    scorers["gpt"].generate_until([("x", {"regex": "a(b"})])
