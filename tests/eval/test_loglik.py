@@ -204,15 +204,18 @@ def exact_conditional_nelbo(s: Scorer, ctx, cont):
 def test_diffusion_one_token_continuation_is_exact_and_any_is_batch_and_order_free(scorers):
   s = scorers["mdlm"]
   assert not s.model.cfg.time_conditioning  # LLaDA's count estimator
+  exact = []
 
   def reference(ctx, cont):  # only one-token continuations are exact whatever the draws
     if len(cont) != 1:
       return s.loglikelihood_tokens([(ctx, cont)])[0]
+    exact.append(cont)
     logp = denoised_logp(s, [[*ctx[-(CONTEXT - 1) :], diffusion.MASK_ID]])[0, -1]
     return logp[cont[0]], logp.argmax() == cont[0]
 
-  requests = [*REQUESTS, ("Question: 2+2?\nAnswer: ", "4")]
-  reorderings(s, requests, reference)
+  one_token = [("Question: 2+2?\nAnswer:", "4"), ("", "a"), ("a" * 30, "!")]
+  reorderings(s, [*REQUESTS, *one_token], reference)
+  assert len(exact) == 3
 
 
 def test_diffusion_bound_is_the_conditional_nelbo_by_enumeration(scorers):
