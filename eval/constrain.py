@@ -26,6 +26,7 @@ import sentencepiece as spm
 import tokenizers
 
 from modeling.decoding import Automaton, until_stop
+from modeling.vocab import NUM_SPECIAL
 from train.data.tokenizers import (
   ByteTokenizer,
   HuggingFaceSentencePieceTokenizer,
@@ -119,8 +120,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
   """The bytes each id in [0, vocab_size) emits when generated; None for ids never generated
   under a constraint (special ids, ids past the tokenizer, tokens that emit nothing)."""
   if isinstance(tokenizer, ByteTokenizer):
-    n = tokenizer.vocab_size - 256
-    table: list[bytes | None] = [None] * n + [bytes([b]) for b in range(256)]
+    table: list[bytes | None] = [None] * NUM_SPECIAL + [bytes([b]) for b in range(256)]
   elif isinstance(tokenizer, SentencePieceTokenizer):
     table = _sentencepiece_bytes(spm.SentencePieceProcessor(model_file=tokenizer.path))
   elif isinstance(tokenizer, HuggingFaceSentencePieceTokenizer):

@@ -15,6 +15,7 @@ error, not silently ignored.
 
 import json
 import time
+from contextlib import nullcontext
 
 import jax
 from absl import app, flags, logging
@@ -76,7 +77,7 @@ def main(argv):
   else:
     config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
   fam = families.resolve(config).family
-  if fam.sample is None:
+  if fam.sampler is None:
     raise app.UsageError(
       f"--workdir={FLAGS.workdir or FLAGS.packed}: a model.family={config.model.family!r} model does not "
       "generate text; evaluate it with python -m eval.main"
@@ -103,37 +104,35 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if constraint is not None:
     print(f"{constraint.source}: {constraint.num_states} states", flush=True)
-  out = open(FLAGS.output, "w", encoding="utf-8") if FLAGS.output else None
   rng = jax.random.PRNGKey(FLAGS.seed)
-  for i in range(FLAGS.num_samples):
-    start = time.perf_counter()
-    sampled = fam.sampler(
-      config,
-      model,
-      params,
-      tokenizer,
-      FLAGS.prompt,
-      FLAGS.num_tokens,
-      jax.random.fold_in(rng, i),
-      constraint=constraint,
-      **options,
-    )
-    seconds = time.perf_counter() - start
-    print(
-      f"---- sample {i + 1}/{FLAGS.num_samples} ({sampled.calls} network calls, {seconds:.2f} s)"
-      f"\n{sampled.before}{sampled.text}{sampled.after}",
-      flush=True,
-    )
-    if sampled.accepted is False:
-      logging.warning(
-        f"sample {i + 1}: --num_tokens={FLAGS.num_tokens} ran out before {constraint.source} "
-        "was satisfied; the text is cut short"
+  with open(FLAGS.output, "w", encoding="utf-8") if FLAGS.output else nullcontext() as out:
+    for i in range(FLAGS.num_samples):
+      start = time.perf_counter()
+      sampled = fam.sampler(
+        config,
+        model,
+        params,
+        tokenizer,
+        FLAGS.prompt,
+        FLAGS.num_tokens,
+        jax.random.fold_in(rng, i),
+        constraint=constraint,
+        **options,
       )
-    if out is not None:
-      out.write(json.dumps({"prompt": FLAGS.prompt, "text": sampled.text}) + "\n")
-      out.flush()
-  if out is not None:
-    out.close()
+      seconds = time.perf_counter() - start
+      print(
+        f"---- sample {i + 1}/{FLAGS.num_samples} ({sampled.calls} network calls, "
+        f"{seconds:.2f} s)\n{sampled.before}{sampled.text}{sampled.after}",
+        flush=True,
+      )
+      if sampled.accepted is False:
+        logging.warning(
+          f"sample {i + 1}: --num_tokens={FLAGS.num_tokens} ran out before "
+          f"{constraint.source} was satisfied; the text is cut short"
+        )
+      if out is not None:
+        out.write(json.dumps({"prompt": FLAGS.prompt, "text": sampled.text}) + "\n")
+        out.flush()
 
 
 if __name__ == "__main__":
