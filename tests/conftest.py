@@ -41,6 +41,10 @@ SLOWEST_FIRST = (
   "tests/train/test_post_training.py",
   "tests/eval/test_lora_export.py",
   "tests/train/test_lora_train.py",
+  "tests/eval/test_constrain.py",
+  "tests/eval/test_harness.py",
+  "tests/eval/test_benchmarks.py",
+  "tests/eval/test_loglik.py",
 )
 
 
