@@ -4,6 +4,8 @@ its own task's metrics, or multiple-choice benchmarks (eval/benchmarks.py)."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import sys
 import time
 
@@ -107,6 +109,45 @@ def evaluate_benchmarks(
     results[task.name] = benchmarks.score(scorer, task)
     print(f"{task.name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
   return results
+
+
+def write_results(workdir: str, results: dict[str, dict]) -> dict[str, dict]:
+  """Merges `results` into <workdir>/eval_results.json, writes eval_results.md; returns all."""
+  path = os.path.join(workdir, "eval_results.json")
+  merged = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      merged = json.load(f)
+  merged.update(results)
+  with open(path, "w") as f:
+    json.dump(merged, f, indent=2)
+  with open(os.path.join(workdir, "eval_results.md"), "w") as f:
+    f.write(benchmarks.markdown_table({workdir: merged}))
+  return merged
+
+
+def report(results: dict[str, dict], prepared: list[benchmarks.Prepared], plot_dir: str) -> None:
+  """Prints {workdir: {task: metrics}} as one table (with the rows each task skipped and what
+  each workdir's scores are), writes each workdir's results, and with several workdirs the
+  comparison table; one bar chart per benchmark task in `plot_dir`."""
+  for task in prepared:
+    if task.skipped:
+      reasons = ", ".join(f"{n} {why}" for why, n in task.skipped.items())
+      print(f"{task.name}: skipped {sum(task.skipped.values())} rows ({reasons})")
+  for workdir, got in results.items():
+    for line in sorted({m["scored_by"] for m in got.values() if "scored_by" in m}):
+      print(f"{workdir} scored by {line}")
+  print(benchmarks.text_table(results))
+  for workdir, got in results.items():
+    write_results(workdir, got)
+    print(f"written to {os.path.join(workdir, 'eval_results.json')} and eval_results.md")
+  if len(results) > 1:
+    os.makedirs(plot_dir, exist_ok=True)
+    with open(os.path.join(plot_dir, "eval_compare.md"), "w") as f:
+      f.write(benchmarks.markdown_table(results))
+    print(f"comparison table: {os.path.join(plot_dir, 'eval_compare.md')}")
+  for path in benchmarks.plot_tasks(results, plot_dir):
+    print(f"chart: {path}")
 
 
 def mask_curve(config, model, params, tokenizer, ratios, eval_steps=0, batch_size=0, seed=0):

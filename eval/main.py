@@ -13,15 +13,13 @@ and with several workdirs `<plot_dir>/eval_compare.md` holds the table of all of
 docs/benchmark_tasks.md is the guide.
 """
 
-import json
-import os
 import sys
 
 import jax
 from absl import app, flags
 
 from eval import benchmarks
-from eval.evaluate import evaluate_benchmarks, evaluate_workdir, split_tasks
+from eval.evaluate import evaluate_benchmarks, evaluate_workdir, report, split_tasks
 from train import console
 
 flags.DEFINE_list(
@@ -53,55 +51,25 @@ flags.DEFINE_string("plot_dir", "", "benchmarks: where charts go; empty: the fir
 FLAGS = flags.FLAGS
 
 
-def write_results(workdir: str, results: dict[str, dict]) -> dict[str, dict]:
-  """Merges `results` into <workdir>/eval_results.json, writes eval_results.md; returns all."""
-  path = os.path.join(workdir, "eval_results.json")
-  merged = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      merged = json.load(f)
-  merged.update(results)
-  with open(path, "w") as f:
-    json.dump(merged, f, indent=2)
-  with open(os.path.join(workdir, "eval_results.md"), "w") as f:
-    f.write(benchmarks.markdown_table({workdir: merged}))
-  return merged
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdirs = FLAGS.workdir
-  console.setup(workdirs[0])
+  console.setup(FLAGS.workdir[0])
   try:
     own_tasks, bench_tasks = split_tasks(FLAGS.tasks)
+    options = benchmarks.Options(data_dir=FLAGS.data_dir, mmlu_dir=FLAGS.mmlu_dir)
     prepared = [
-      benchmarks.prepare(
-        name,
-        benchmarks.Options(data_dir=FLAGS.data_dir, mmlu_dir=FLAGS.mmlu_dir),
-        FLAGS.num_fewshot,
-        FLAGS.fewshot_seed,
-        FLAGS.limit,
-      )
+      benchmarks.prepare(name, options, FLAGS.num_fewshot, FLAGS.fewshot_seed, FLAGS.limit)
       for name in bench_tasks
     ]
   except ValueError as e:
     sys.exit(f"eval.main: {e}")
   results = {}
-  for workdir in workdirs:
+  for workdir in FLAGS.workdir:
     got = {}
     if own_tasks or not bench_tasks:
-      got.update(
-        evaluate_workdir(
-          workdir,
-          own_tasks,
-          FLAGS.eval_name,
-          FLAGS.eval_steps,
-          FLAGS.batch_size,
-          FLAGS.beam_size,
-          FLAGS.eval_decode,
-        )
-      )
+      own = (FLAGS.eval_name, FLAGS.eval_steps, FLAGS.batch_size, FLAGS.beam_size)
+      got.update(evaluate_workdir(workdir, own_tasks, *own, FLAGS.eval_decode))
     if prepared:
       try:
         got.update(
@@ -110,27 +78,8 @@ def main(argv):
       except ValueError as e:
         sys.exit(f"eval.main: {workdir}: {e}")
     results[workdir] = got
-  if jax.process_index() != 0:
-    return
-  for task in prepared:
-    if task.skipped:
-      reasons = ", ".join(f"{n} {why}" for why, n in task.skipped.items())
-      print(f"{task.name}: skipped {sum(task.skipped.values())} rows ({reasons})")
-  for workdir, got in results.items():
-    for line in sorted({m["scored_by"] for m in got.values() if "scored_by" in m}):
-      print(f"{workdir} scored by {line}")
-  print(benchmarks.text_table(results))
-  for workdir, got in results.items():
-    write_results(workdir, got)
-    print(f"written to {os.path.join(workdir, 'eval_results.json')} and eval_results.md")
-  plot_dir = FLAGS.plot_dir or workdirs[0]
-  if len(workdirs) > 1:
-    os.makedirs(plot_dir, exist_ok=True)
-    with open(os.path.join(plot_dir, "eval_compare.md"), "w") as f:
-      f.write(benchmarks.markdown_table(results))
-    print(f"comparison table: {os.path.join(plot_dir, 'eval_compare.md')}")
-  for path in benchmarks.plot_tasks(results, plot_dir):
-    print(f"chart: {path}")
+  if jax.process_index() == 0:
+    report(results, prepared, FLAGS.plot_dir or FLAGS.workdir[0])
 
 
 if __name__ == "__main__":
