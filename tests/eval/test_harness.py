@@ -17,13 +17,13 @@ import subprocess
 import sys
 
 import lm_eval
-import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
-from eval import scoring
+from eval import benchmarks, scoring
+from eval.benchmarks import FEWSHOT_SEED
 from eval.harness import FourfoldLM
 from tests.eval.test_score import REPO, write_workdir
 
@@ -68,33 +68,32 @@ def evaluate(lm: FourfoldLM, task: str) -> dict:
   return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager)["results"][task]
 
 
-def mc_metrics(scorer, rows) -> dict[str, float]:
-  """acc and acc_norm (log p per character of the choice, as lm_eval normalizes) from
-  Scorer.loglikelihood on the task's prompt: 'Question: ...\\nAnswer:' and ' <choice>'."""
-  acc, norm = [], []
-  for row in rows:
-    context = f"Question: {row['question']}\nAnswer:"
-    lls = np.array(
-      [ll for ll, _ in scorer.loglikelihood([(context, " " + c) for c in row["choices"]])]
-    )
-    chars = np.array([len(c) for c in row["choices"]], np.float64)
-    acc.append(int(np.argmax(lls)) == row["answer"])
-    norm.append(int(np.argmax(lls / chars)) == row["answer"])
-  return {"acc,none": float(np.mean(acc)), "acc_norm,none": float(np.mean(norm))}
+def eval_main_mc(lm: FourfoldLM, shots: int) -> tuple[benchmarks.Prepared, dict[str, float]]:
+  """eval.main's `mc:<MC_FILE>` task (its requests) and its acc, acc_norm and acc_bytes under
+  the adapter's Scorer."""
+  task = benchmarks.prepare(f"mc:{MC_FILE}", benchmarks.Options(), shots, FEWSHOT_SEED, 0)
+  got = benchmarks.score(lm.scorer, task)
+  return task, {m: got[m] for m in benchmarks.METRICS}
 
 
-def read_mc():
-  with open(MC_FILE) as f:
-    return [json.loads(line) for line in f]
-
-
-@pytest.mark.parametrize("preset", ["gpt", "t5", "mdlm"])
-def test_multiple_choice_through_lm_eval_equals_the_scorers_own(workdirs, preset):
+@pytest.mark.parametrize("preset,shots", [("gpt", 0), ("gpt", 2), ("t5", 0), ("mdlm", 0)])
+def test_multiple_choice_through_lm_eval_equals_eval_mains(workdirs, preset, shots):
+  """One local file two ways: lm_eval's fourfold_mc through the adapter, and eval.main's
+  `mc:` task (eval/benchmarks.py: its own prompts, shots and metrics) on the same Scorer:
+  the same (context, continuation) requests, log-likelihoods and metrics."""
   lm = model(workdirs, preset)
-  got = evaluate(lm, "fourfold_mc")
-  want = mc_metrics(lm.scorer, read_mc())
+  manager = TaskManager(include_path=TASKS, include_defaults=False)
+  out = lm_eval.simple_evaluate(
+    model=lm, tasks=["fourfold_mc"], task_manager=manager, num_fewshot=shots, log_samples=True
+  )
+  samples = sorted(out["samples"]["fourfold_mc"], key=lambda s: s["doc_id"])
+  task, want = eval_main_mc(lm, shots)
+  assert [tuple(a) for s in samples for a in s["arguments"]] == task.requests
+  lls = [ll for ll, _ in lm.scorer.loglikelihood(task.requests)]
+  assert [r[0][0] for s in samples for r in s["resps"]] == lls
+  got = out["results"]["fourfold_mc"]
   assert got["sample_len"] == 8
-  assert {k: got[k] for k in want} == want
+  assert {m: got[f"{m},none"] for m in benchmarks.METRICS} == want
 
 
 @pytest.mark.parametrize("preset", ["gpt", "mdlm"])
@@ -163,13 +162,13 @@ def test_cli_runs_lm_eval_with_the_fourfold_model(workdirs, offline, tmp_path):
   env = {**os.environ, **offline, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert re.search(r"\|fourfold_mc\s*\|\s*1\|none\s*\|\s*0\|acc\s", proc.stdout)
+  assert re.search(r"\|fourfold_mc\s*\|\s*2\|none\s*\|\s*0\|acc\s", proc.stdout)
   (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
   with open(path) as f:
     results = json.load(f)["results"]
   lm = model(workdirs, "gpt")
-  want = mc_metrics(lm.scorer, read_mc())
-  assert {k: results["fourfold_mc"][k] for k in want} == want
+  got = {m: results["fourfold_mc"][f"{m},none"] for m in benchmarks.METRICS}
+  assert got == eval_main_mc(lm, 0)[1]
   s, text = lm.scorer, scoring.read_text(PPL_FILE)
   score = scoring.score_text(s.config, s.model, s.params, s.tokenizer, text)  # eval.score's
   assert results["fourfold_ppl"]["bits_per_byte,none"] == pytest.approx(score.bits_per_byte)
