@@ -53,8 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -90,20 +88,6 @@ def batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
   order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
   for start in range(0, len(order), batch_size):
     yield order[start : start + batch_size]
-
-
-class Progress:
-  """`<what> i/n` on stderr, at most every `every_s` seconds once the work has run that long."""
-
-  def __init__(self, what: str, total: int, every_s: float = 5.0):
-    self.what, self.total, self.every_s = what, total, every_s
-    self.last = time.monotonic()
-
-  def __call__(self, done: int) -> None:
-    now = time.monotonic()
-    if now - self.last >= self.every_s:
-      print(f"{self.what} {done}/{self.total}", file=sys.stderr, flush=True)
-      self.last = now
 
 
 def _padded(rows: list[list[int]], batch_size: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +127,7 @@ def _score_causal(s: Scorer, requests: list[tuple[list[int], list[int]]]):
   c = s.context
   seqs = [(ctx + cont)[-(c + 1) :] for ctx, cont in requests]  # inputs seq[:-1], targets seq[1:]
   out: list[Any] = [None] * len(seqs)
-  progress = Progress("loglikelihood requests", len(seqs))
+  progress, total = scoring.progress_printer("loglikelihood requests"), len(seqs)
   for idx in batches([len(q) - 1 for q in seqs], s.batch_size):
     length = bucket(max(len(seqs[i]) - 1 for i in idx), c)
     inputs, seg = _padded([seqs[i][:-1] for i in idx], s.batch_size, length)
@@ -154,7 +138,7 @@ def _score_causal(s: Scorer, requests: list[tuple[list[int], list[int]]]):
     for j, i in enumerate(idx):
       end, n = len(seqs[i]) - 1, len(requests[i][1])
       out[i] = (_sum(logp[j, end - n : end]), bool(greedy[j, end - n : end].all()))
-    progress(sum(x is not None for x in out))
+    progress(sum(x is not None for x in out), total)
   return out
 
 
@@ -183,7 +167,7 @@ def _score_seq2seq(s: Scorer, requests):
   start = s.specials.require("decoder_start", "an encoder-decoder's decoder")
   srcs = [ctx[-c:] for ctx, _ in requests]
   out: list[Any] = [None] * len(requests)
-  progress = Progress("loglikelihood requests", len(requests))
+  progress, total = scoring.progress_printer("loglikelihood requests"), len(requests)
   lengths = [len(x) + len(cont) for x, (_, cont) in zip(srcs, requests, strict=True)]
   for idx in batches(lengths, s.batch_size):
     src, src_seg = _padded(
@@ -198,7 +182,7 @@ def _score_seq2seq(s: Scorer, requests):
     for j, i in enumerate(idx):
       n = len(conts[j])
       out[i] = (_sum(logp[j, :n]), bool(greedy[j, :n].all()))
-    progress(sum(x is not None for x in out))
+    progress(sum(x is not None for x in out), total)
   return out
 
 
@@ -290,7 +274,7 @@ def _score_bound(s: Scorer, requests):
   schedule = (str(s.config.task.schedule), float(s.config.task.schedule_exponent))
   by_count = not s.model.cfg.time_conditioning
   out: list[Any] = [None] * len(seqs)
-  progress = Progress("loglikelihood requests", len(seqs))
+  progress, total = scoring.progress_printer("loglikelihood requests"), len(seqs)
   for idx in batches([len(q) for q in seqs], s.batch_size):
     length = bucket(max(len(seqs[i]) for i in idx), c)
     tokens, seg = _padded([seqs[i] for i in idx], s.batch_size, length)
@@ -317,7 +301,7 @@ def _score_bound(s: Scorer, requests):
     for j, i in enumerate(idx):
       greedy = s.check_greedy and bool((decoded[j] == tokens[j]).all())
       out[i] = (-float(draws[j].mean()), greedy)
-    progress(sum(x is not None for x in out))
+    progress(sum(x is not None for x in out), total)
   return out
 
 
@@ -346,7 +330,7 @@ def _score_pseudo(s: Scorer, requests):
     rows += [(r, seq, len(ctx) + p) for p in range(len(cont))]
   sums = np.zeros(len(requests), np.float64)
   greedy = np.ones(len(requests), bool)
-  progress = Progress("pseudo-log-likelihood rows", len(rows))
+  progress, total = scoring.progress_printer("pseudo-log-likelihood rows"), len(rows)
   done = 0
   for idx in batches([len(seq) for _, seq, _ in rows], s.batch_size):
     length = bucket(max(len(rows[i][1]) for i in idx), c)
@@ -360,7 +344,7 @@ def _score_pseudo(s: Scorer, requests):
       sums[rows[i][0]] += float(logp[j, 0])
       greedy[rows[i][0]] &= bool(top[j, 0])
     done += len(idx)
-    progress(done)
+    progress(done, total)
   return [(float(x), bool(g)) for x, g in zip(sums, greedy, strict=True)]
 
 
@@ -743,7 +727,7 @@ class Scorer:
     diffusion model's ELBO over `mc_samples` draws; other families are refused there."""
     scorer = scoring.scorer_of(self.config)
     options = {"stride": self.stride, "mc_samples": self.mc_samples, "seed": self.seed}
-    progress = Progress("loglikelihood_rolling texts", len(texts))
+    progress, total = scoring.progress_printer("loglikelihood_rolling texts"), len(texts)
     out = []
     for text in texts:
       score = scoring.score_text(
@@ -756,7 +740,7 @@ class Scorer:
         **{name: options[name] for name in scorer.options},
       )
       out.append(score.loglikelihood)
-      progress(len(out))
+      progress(len(out), total)
     return out
 
   def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:

@@ -34,19 +34,6 @@ flags.DEFINE_integer("seed", 0, "diffusion: seed of the draws")
 FLAGS = flags.FLAGS
 
 
-def progress_printer(every_s: float = 5.0):
-  """A progress callback printing `windows i/n` to stderr at most every `every_s` seconds."""
-  last = [time.monotonic()]
-
-  def show(done: int, total: int) -> None:
-    now = time.monotonic()
-    if (done == total and total > 1) or now - last[0] >= every_s:
-      print(f"windows {done}/{total}", file=sys.stderr, flush=True)
-      last[0] = now
-
-  return show
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -69,7 +56,7 @@ def main(argv):
       text,
       context=FLAGS.max_len,
       batch_size=FLAGS.batch_size,
-      progress=progress_printer(),
+      progress=scoring.progress_printer(),
       **{name: FLAGS[name].value for name in scoring.SCORE_OPTIONS if FLAGS[name].present},
     )
   except ValueError as e:

@@ -42,6 +42,8 @@ import dataclasses
 import functools
 import math
 import os
+import sys
+import time
 from collections.abc import Callable
 
 import jax
@@ -54,6 +56,22 @@ from train import families
 from train.objectives import token_nll
 
 Progress = Callable[[int, int], None]  # (windows scored, windows in all)
+
+
+def progress_printer(what: str = "windows", every_s: float = 5.0) -> Progress:
+  """A Progress callback printing `<what> i/n` to stderr at most every `every_s` seconds, and
+  once at the end of more than one."""
+  last = [time.monotonic()]
+
+  def show(done: int, total: int) -> None:
+    now = time.monotonic()
+    if (done == total and total > 1) or now - last[0] >= every_s:
+      print(f"{what} {done}/{total}", file=sys.stderr, flush=True)
+      last[0] = now
+
+  return show
+
+
 MC_SAMPLES = 8  # diffusion: Monte Carlo draws per window, by default
 
 
