@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
 import random
@@ -211,23 +210,11 @@ def _tfds_loader(name: str, split: str, feature: str, make: Callable) -> Callabl
   return load
 
 
-def read_jsonl(path: str, flag: str) -> list[dict]:
-  """The rows of a JSONL file; a missing file or a bad line is refused naming both."""
+def read_jsonl(path: str, flag: str, name: str) -> list[dict]:
+  """The rows of a JSONL file; a missing file or a bad line is refused naming the flag."""
   if not os.path.isfile(path):
-    raise ValueError(f"{flag}: no such file {path!r}")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: {path}:{n} is not JSON ({e})") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{flag}: {path}:{n}: expected an object, got {type(row).__name__}")
-      rows.append(row)
-  return rows
+    raise ValueError(f"{flag}={name}: no such file {path!r}")
+  return [row for *_, row in sources.jsonl_lines(path, flag, name)]
 
 
 def _mc_item(row: dict, path: str, n: int, keys: tuple[str, ...]) -> dict:
@@ -242,7 +229,7 @@ def _mc_item(row: dict, path: str, n: int, keys: tuple[str, ...]) -> dict:
 def _mc_loader(path: str) -> Callable:
   def load(options: Options) -> Docs:
     del options
-    rows = read_jsonl(path, f"--tasks=mc:{path}")
+    rows = read_jsonl(path, "--tasks", f"mc:{path}")
     keys = ("question", "choices", "answer")
     rows = [_mc_item(r, path, n, keys) for n, r in enumerate(rows, 1)]
     skipped = collections.Counter()
@@ -265,7 +252,10 @@ def _mmlu_rows(options: Options, split: str) -> list[dict]:
     )
   path = os.path.join(options.mmlu_dir, f"{split}.jsonl")
   keys = ("question", "choices", "answer", "subject")
-  return [_mc_item(r, path, n, keys) for n, r in enumerate(read_jsonl(path, "--mmlu_dir"), 1)]
+  return [
+    _mc_item(r, path, n, keys)
+    for n, r in enumerate(read_jsonl(path, "--mmlu_dir", os.path.dirname(path)), 1)
+  ]
 
 
 def _mmlu_items(rows: list[dict], skipped: collections.Counter) -> list[Item]:

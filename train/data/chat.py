@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 from collections.abc import Sequence
 
 import grain
@@ -193,18 +192,8 @@ def _rows(pattern: str):
   if not paths:
     raise ValueError(f"data.name='jsonl:{pattern}': no file matches")
   for path in paths:
-    with open(path) as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_no}"
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-          raise ValueError(f"{where}: expected a JSON object")
-        yield where, row
+    for line_no, _, _, row in sources.jsonl_lines(path, "jsonl", pattern):
+      yield f"{path}:{line_no}", row
 
 
 def read_conversations(

@@ -36,8 +36,6 @@ def _jsonl_records(name: str, split: str, key: str) -> list[tuple[str, dict]]:
   out = []
   for path in sources._local_files(name, key):
     for line_no, _, _, record in sources.jsonl_lines(path, key, name):
-      if not isinstance(record, dict):
-        raise ValueError(f"{key}={name!r}: {path}:{line_no}: not a JSON object")
       out.append((f"{path}:{line_no}", record))
   cut = len(out) - len(out) // _HELD_OUT_FRACTION
   return {"train": out[:cut], "validation": out[cut:], "all": out}[split]

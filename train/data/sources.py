@@ -147,7 +147,8 @@ def _text_spans(files: list[str], split: str) -> _FileSpans:
 
 
 def jsonl_lines(path: str, key: str, name: str):
-  """(line number, start byte, end byte, parsed record) for each non-blank line."""
+  """(line number, start byte, end byte, parsed record) for each non-blank line; a line that
+  is not JSON, or not a JSON object, is refused naming `key`, the file and the line."""
   offset = 0
   with open(path, "rb") as f:
     for line_no, line in enumerate(f, 1):
@@ -158,6 +159,8 @@ def jsonl_lines(path: str, key: str, name: str):
         record = json.loads(line)
       except ValueError as e:
         raise ValueError(f"{key}={name!r}: {path}:{line_no}: not valid JSON ({e})") from e
+      if not isinstance(record, dict):
+        raise ValueError(f"{key}={name!r}: {path}:{line_no}: not a JSON object")
       yield line_no, start, offset, record
 
 
@@ -166,7 +169,7 @@ def _jsonl_spans(files: list[str], field: str, split: str, key: str, name: str) 
   file_idx, starts, stops = [], [], []
   for i, path in enumerate(files):
     for line_no, start, offset, record in jsonl_lines(path, key, name):
-      if not isinstance(record, dict) or not isinstance(record.get(field), str):
+      if not isinstance(record.get(field), str):
         raise ValueError(
           f"{key}={name!r}: {path}:{line_no}: no string field {field!r} (data.text_field={field!r})"
         )
