@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from modeling.attention import Attention
 from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
 from modeling.lora import Lora
+from modeling.moe import Moe, MoeMlp
 from modeling.quant import make_dot_general
 from modeling.rope import Rope
 
@@ -88,6 +89,7 @@ class TransformerConfig:
   rel_max_distance: int = 128  # position="relative": distances beyond share the last bucket
   neighbor_mix: int = 0  # bidirectional stacks: positions also read +-this many neighbours' inputs
   lora: Lora = Lora()  # adapters on the blocks' Dense layers; rank 0: none (modeling/lora.py)
+  moe: Moe = Moe()  # mixture of experts in place of the MLP; num_experts 0: none (modeling/moe.py)
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -101,11 +103,13 @@ class Block(nn.Module):
   With `cross`, a cross-attention sublayer over the encoder's output sits between the two
   (T5's decoder). `ctx` holds what every layer shares: the relative-position `bias`, and
   the encoder's output `enc` (None when decoding from a cache) and `enc_seg`.
+  With `routed`, a mixture of experts (modeling/moe.py) stands in for the MLP.
   """
 
   cfg: TransformerConfig
   deterministic: bool = True
   cross: bool = False
+  routed: bool = False
 
   @nn.compact
   def __call__(
@@ -174,17 +178,22 @@ class Block(nn.Module):
       cache = dict(self_cache)
       if self.cross:
         cache.update(ck=cross_cache["k"], cv=cross_cache["v"])
-    h_BLD = Mlp(
-      d_ff=c.d_ff,
-      kind=c.mlp,
-      gelu=c.gelu,
-      use_bias=c.use_bias,
-      dropout=c.dropout,
-      dtype=dtype,
-      out_init_scale=out_scale,
-      name="mlp",
-      **linear,
-    )(mlp_norm(x_BLD) if pre else x_BLD, self.deterministic)
+    mlp_in_BLD = mlp_norm(x_BLD) if pre else x_BLD
+    if self.routed:
+      moe = MoeMlp(c.moe, dtype, out_scale, linear["dot_general"], linear["sub_norm"], name="moe")
+      h_BLD = nn.Dropout(c.dropout)(moe(mlp_in_BLD, seg_BL), deterministic=self.deterministic)
+    else:
+      h_BLD = Mlp(
+        d_ff=c.d_ff,
+        kind=c.mlp,
+        gelu=c.gelu,
+        use_bias=c.use_bias,
+        dropout=c.dropout,
+        dtype=dtype,
+        out_init_scale=out_scale,
+        name="mlp",
+        **linear,
+      )(mlp_in_BLD, self.deterministic)
     x_BLD = x_BLD + h_BLD if pre else mlp_norm(x_BLD + h_BLD)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
     return x_BLD, cache
@@ -290,21 +299,37 @@ def run_stack(
     shared = block(c, deterministic, cross, name=f"{prefix}shared_block")
     for _ in range(c.num_layers):
       x_BLD, _ = shared(x_BLD, pos_BL, seg_BL, None, ctx)
-  elif c.scan_layers:
-    stack = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-      length=c.num_layers,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, deterministic, cross, name=f"{prefix}blocks")
-    x_BLD, cache = stack(x_BLD, pos_BL, seg_BL, cache, ctx)
+  elif c.scan_layers:  # one scanned group per kind of layer: MoE's dense first layers apart
+    dense = min(c.moe.first_dense_layers, c.num_layers) if c.moe.num_experts else c.num_layers
+    groups = [("dense_blocks", 0, dense, False), ("blocks", dense, c.num_layers, True)]
+    groups = [g for g in groups if g[2] > g[1]]
+    if len(groups) == 1:  # every layer alike: the one group `blocks`
+      groups = [("blocks", 0, c.num_layers, c.moe.num_experts > 0)]
+    caches = []
+    for name, start, stop, routed in groups:
+      stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=stop - start,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, deterministic, cross, routed, name=f"{prefix}{name}")
+      group_cache = cache
+      if cache is not None and len(groups) > 1:
+        group_cache = jax.tree.map(lambda a, s=start, e=stop: a[s:e], cache)
+      x_BLD, group_cache = stack(x_BLD, pos_BL, seg_BL, group_cache, ctx)
+      caches.append(group_cache)
+    if cache is not None:
+      cache = (
+        caches[0] if len(caches) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *caches)
+      )
   else:
     new_layers = []
     for i in range(c.num_layers):
       layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-      x_BLD, layer_cache = block(c, deterministic, cross, name=f"{prefix}block_{i}")(
+      routed = c.moe.is_moe(i)
+      x_BLD, layer_cache = block(c, deterministic, cross, routed, name=f"{prefix}block_{i}")(
         x_BLD, pos_BL, seg_BL, layer_cache, ctx
       )
       new_layers.append(layer_cache)

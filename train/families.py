@@ -21,6 +21,7 @@ import numpy as np
 
 from modeling import decoding, diffusion
 from modeling.lora import Lora
+from modeling.moe import Moe
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
@@ -635,6 +636,7 @@ class Wiring:
       rel_max_distance=m.rel_max_distance,
       neighbor_mix=m.neighbor_mix,
       lora=Lora(m.lora.rank, m.lora.alpha, m.lora.targets, m.lora.base_quant),
+      moe=Moe(**{**m.moe.to_dict(), "expert_d_ff": m.moe.expert_d_ff or m.d_ff}),
     )
 
   def build(

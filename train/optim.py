@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+
+from modeling.moe import BIAS
+
+FIXED = (BIAS,)  # leaves the optimizer never sees: MoE's balancing bias, moved by the step
 
 SCHEDULES = ("cosine", "linear", "constant", "two_stage")
 
@@ -83,5 +90,39 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
       learning_rate_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask
     )
   if t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+    return skip_fixed(optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw))
+  return skip_fixed(adamw)
+
+
+def _has_fixed(tree) -> bool:
+  return isinstance(tree, Mapping) and any(k in FIXED or _has_fixed(v) for k, v in tree.items())
+
+
+def _without_fixed(tree):
+  if not _has_fixed(tree):
+    return tree
+  return {k: _without_fixed(v) for k, v in tree.items() if k not in FIXED}
+
+
+def _with_fixed(updates, like):
+  """`updates` with zeros at the FIXED leaves of `like`."""
+  if not _has_fixed(like):
+    return updates
+  return {
+    k: jnp.zeros_like(v) if k in FIXED else _with_fixed(updates[k], v) for k, v in like.items()
+  }
+
+
+def skip_fixed(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """tx over the params without the FIXED leaves: no optimizer state for them, a zero update.
+  A tree without such leaves gets tx's own state and updates, unchanged."""
+
+  def init(params):
+    return tx.init(_without_fixed(params))
+
+  def update(grads, state, params=None):
+    params = None if params is None else _without_fixed(params)
+    updates, state = tx.update(_without_fixed(grads), state, params)
+    return _with_fixed(updates, grads), state
+
+  return optax.GradientTransformation(init, update)

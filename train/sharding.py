@@ -10,10 +10,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 to 'the rest of the devices' and checks the product."""
   sizes = [mesh_cfg[a] for a in MESH_AXES]
   if sizes.count(-1) > 1:
@@ -52,10 +52,10 @@ def _axes_of(rule_axes) -> tuple[str, ...]:
   return (rule_axes,) if isinstance(rule_axes, str) else tuple(rule_axes)
 
 
-def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Checks the mesh against the devices, the model and the batch; compiles nothing.
 
-  Returns the resolved (data, fsdp, tensor) sizes. Errors name the key and the value.
+  Returns the resolved (data, expert, fsdp, tensor) sizes. Errors name the key and the value.
   """
   for name, axes in config.logical_axis_rules:
     for axis in _axes_of(axes):
@@ -72,6 +72,12 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
         f"mesh.tensor={sizes['tensor']}: must divide model.{key}={m[key]} "
         "(heads are split over the tensor axis)"
       )
+  experts = m.moe.num_experts
+  if experts and experts % sizes["expert"]:
+    raise ValueError(
+      f"mesh.expert={sizes['expert']}: must divide model.moe.num_experts={experts} "
+      "(the experts are split over the expert axis)"
+    )
   batch_axes = dict(config.logical_axis_rules).get("act_batch")
   dp = int(np.prod([sizes[a] for a in _axes_of(batch_axes)]))
   axes = _axes_of(batch_axes)
@@ -121,7 +127,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batches are split over the data-parallel axes, replicated over tensor."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  return NamedSharding(mesh, PartitionSpec(("data", "expert", "fsdp")))
 
 
 def to_global(local: dict, sharding: NamedSharding) -> dict:

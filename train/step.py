@@ -9,6 +9,10 @@ With LoRA (`model.lora.rank` > 0) `params` holds the adapters alone: they take t
 gradients and the optimizer state, and `frozen` holds the base (cast or quantized,
 `Trainable`), which the step merges in. DPO's frozen reference lives in `reference`. The
 frozen parts are rebuilt from the initial weights on every start and never saved.
+
+With MoE layers (modeling/moe.py) the step also reads what the forward pass sows: the
+experts' loads (metrics, and the balancing bias's move after the update; the bias is a param
+the optimizer skips, train/optim.py) and the optional balance loss, added to the objective.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modeling import lora
+from modeling import lora, moe
 from train.objectives import Objective, accuracy_name
 
 
@@ -133,6 +137,29 @@ def make_init(
   return init
 
 
+class Sowing:
+  """`model` whose `apply` also keeps what its layers sow (collection `intermediates`), so an
+  objective's forward pass hands the MoE layers' loads to the step; `sown` holds the last
+  pass's."""
+
+  def __init__(self, model: nn.Module):
+    self.model, self.sown = model, {}
+
+  def __getattr__(self, name: str):
+    return getattr(self.model, name)
+
+  def apply(self, variables, *args, **kwargs):
+    out, state = self.model.apply(variables, *args, mutable=["intermediates"], **kwargs)
+    self.sown = state.get("intermediates", {})
+    return out
+
+
+def routing(model: nn.Module) -> moe.Moe | None:
+  """The model's MoE config when it has MoE layers."""
+  m = getattr(getattr(model, "cfg", None), "moe", None)
+  return m if m is not None and m.num_experts else None
+
+
 def _split_microbatches(batch: dict, n: int) -> dict:
   """[B, ...] -> [B/n, n, ...]: microbatch i is rows i, i+n, ...; each keeps the batch
   dimension's data-parallel sharding, so splitting moves no data between devices."""
@@ -150,6 +177,8 @@ def make_train_step(
   """(state, batch) -> (state, metrics); gradients of the mean loss over all targets.
   `ema_decay` > 0 also updates `state.ema_params` (see `ema_rate`)."""
 
+  routed = routing(model)
+
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     reference = {} if state.reference is None else {"reference": state.reference}
@@ -157,13 +186,21 @@ def make_train_step(
     def sums_and_grads(params, batch, rng):
       def loss_fn(p):
         full = model_params(p, state.frozen)
-        sums = objective(model, full, batch, rng, deterministic=False, **reference)
-        return sums["loss_sum"], sums
+        sowing = Sowing(model) if routed else model
+        sums = objective(sowing, full, batch, rng, deterministic=False, **reference)
+        loss, counts = sums["loss_sum"], {}
+        if routed:  # the MoE layers' counts, and L_Bal per target like the loss's sum
+          counts = {
+            **moe.sown_counts(full, sowing.sown),
+            "moe_balance": moe.balance_total(sowing.sown),
+          }
+          loss = loss + routed.balance_loss * counts["moe_balance"] * sums["weight"]
+        return loss, (sums, counts)
 
       return jax.grad(loss_fn, has_aux=True)(params)
 
     if grad_accum == 1:
-      grads, sums = sums_and_grads(state.params, batch, rng)
+      grads, (sums, counts) = sums_and_grads(state.params, batch, rng)
     else:
       micro = _split_microbatches(batch, grad_accum)
 
@@ -177,7 +214,7 @@ def make_train_step(
         sums_and_grads, state.params, jax.tree.map(lambda x: x[:, 0], micro), rng
       )
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
-      (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(grad_accum))
+      (grads, (sums, counts)), _ = jax.lax.scan(body, zeros, jnp.arange(grad_accum))
     denom = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -192,6 +229,12 @@ def make_train_step(
       "train/learning_rate": schedule(state.step),
       "train/tokens": sums["weight"],
     }
+    if routed:
+      if routed.bias_update_rate > 0:
+        params = moe.update_bias(params, counts["moe_loads"], routed.bias_update_rate)
+      moe_metrics = {**moe.load_metrics(counts), **moe.bias_range(params)}
+      moe_metrics["moe/balance_loss"] = counts["moe_balance"] / grad_accum
+      metrics.update({f"train/{k}": v for k, v in moe_metrics.items()})
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay > 0:
       if state.ema_params is None:
@@ -208,10 +251,15 @@ def make_train_step(
 
 def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
   """(params, batch) -> sums over the batch, to be added over the split. `reference`: DPO's
-  frozen reference weights, when it has them."""
+  frozen reference weights, when it has them. MoE models add their layers' counts
+  (`moe.sown_counts`)."""
 
   def eval_step(params, batch: dict, reference=None) -> dict:
     kw = {} if reference is None else {"reference": reference}  # objectives without one
-    return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
+    if not routing(model):
+      return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
+    sowing = Sowing(model)
+    sums = objective(sowing, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
+    return {**sums, **moe.sown_counts(params, sowing.sown)}
 
   return eval_step

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from configs import base
-from modeling import flops, lora
+from modeling import flops, lora, moe
 from train import families, sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
 from train.data import make_tokenizer
@@ -133,6 +133,8 @@ def run_eval(
     raise ValueError(f"data.name={config.data.name!r}: the validation split is empty")
   rows = {k: np.concatenate(v) for k, v in rows.items()}
   metrics = task.summarize(sums, rows, config, tokenizer.is_byte_level)
+  if "moe_loads" in sums:  # MoE layers' loads over the split (modeling/moe.py)
+    metrics.update({f"eval/{k}": float(v) for k, v in moe.load_metrics(sums).items()})
   if task.decode_metrics is not None and model is not None:
     metrics.update(task.decode_metrics(config, model, params, tokenizer))
   return metrics
@@ -331,6 +333,7 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
   axis rules are tuples again, and the mesh is one replica per device (for inference)."""
   config = base.from_saved(saved)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config.mesh.expert = 1
   return config
 
 

@@ -15,6 +15,7 @@ from configs import base
 from modeling import diffusion, lora
 from modeling.attention import ATTENTION_IMPLS
 from modeling.layers import GELUS, MLP_KINDS, NORMS
+from modeling.moe import IMPLS as MOE_IMPLS
 from modeling.quant import QUANT_KINDS
 from modeling.rope import ROPE_SCALINGS
 from modeling.transformer import (
@@ -53,6 +54,7 @@ CHOICES = {
   "task.reference": objectives.REFERENCES,
   "model.lora.base_quant": lora.BASE_QUANTS,
   "model.lora.base_dtype": ("float32", "bfloat16"),
+  "model.moe.impl": MOE_IMPLS,
   "train.schedule": SCHEDULES,
 }
 PROBABILITIES = (
@@ -112,6 +114,12 @@ NON_NEGATIVE = (
   "task.length_penalty",
   "model.lora.rank",
   "task.simpo_gamma",
+  "model.moe.num_experts",
+  "model.moe.num_shared_experts",
+  "model.moe.expert_d_ff",
+  "model.moe.first_dense_layers",
+  "model.moe.bias_update_rate",
+  "model.moe.balance_loss",
 )
 
 
@@ -304,6 +312,8 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "'count' integrates the time out, so it needs model.time_conditioning=False",
     )
   _validate_post_training(config, wiring)
+  if m.moe.num_experts:
+    _validate_moe(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
   _validate_specials(config, wiring, tokenizer)
   if wiring.task.template_rows:
@@ -370,6 +380,45 @@ def _validate_post_training(config: ml_collections.ConfigDict, wiring: families.
       "task.reference",
       t.reference,
       "with LoRA the initial policy is the base itself: use 'adapter_base' (no second copy)",
+    )
+
+
+def _validate_moe(config: ml_collections.ConfigDict) -> None:
+  """Routing sizes, and what MoE layers do not compose with (modeling/moe.py)."""
+  moe, m = config.model.moe, config.model
+  e = moe.num_experts
+  if not 1 <= moe.top_k <= e:
+    fail("model.moe.top_k", moe.top_k, f"must lie in [1, model.moe.num_experts={e}]")
+  if moe.n_group < 1 or e % moe.n_group:
+    fail("model.moe.n_group", moe.n_group, f"must be >= 1 and divide model.moe.num_experts={e}")
+  if not 1 <= moe.topk_group <= moe.n_group:
+    fail(
+      "model.moe.topk_group", moe.topk_group, f"must lie in [1, model.moe.n_group={moe.n_group}]"
+    )
+  if moe.top_k > moe.topk_group * (e // moe.n_group):
+    fail(
+      "model.moe.top_k",
+      moe.top_k,
+      f"must be <= the experts in the kept groups, topk_group * num_experts / n_group = "
+      f"{moe.topk_group * (e // moe.n_group)}",
+    )
+  if moe.routed_scaling_factor <= 0:
+    fail("model.moe.routed_scaling_factor", moe.routed_scaling_factor, "must be > 0")
+  if m.share_layers:
+    fail("model.share_layers", True, "not with model.moe.num_experts > 0 (one block, one kind)")
+  if m.lora.rank:
+    fail(
+      "model.lora.rank",
+      m.lora.rank,
+      "not with model.moe.num_experts > 0: routed experts take no adapters and the balancing "
+      "bias would sit in the frozen base",
+    )
+  if m.quant != "none" and moe.capacity_factor <= 0 and moe.impl == "ragged":
+    fail(
+      "model.moe.impl",
+      moe.impl,
+      f"jax.lax.ragged_dot takes no quantized dot_general: with model.quant={m.quant!r} use "
+      "impl='dense' or a capacity_factor > 0",
     )
 
 
