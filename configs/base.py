@@ -96,26 +96,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lora.targets = "attn/(query|key|value|out)$"  # regex over paths: attn/query, mlp/up
   c.model.lora.base_quant = "none"  # frozen base: none | nf4 (QLoRA) | ternary (BitNet, packed)
   c.model.lora.base_dtype = "float32"  # a float base is held in float32 | bfloat16
-  c.model.moe = (
-    ml_collections.ConfigDict()
-  )  # mixture of experts, DeepSeek-V3 style (modeling/moe.py)
+  c.model.moe = ml_collections.ConfigDict()  # mixture of experts, DeepSeek-V3 (modeling/moe.py)
   c.model.moe.num_experts = 0  # routed experts; 0: every layer keeps the dense MLP
   c.model.moe.top_k = 1  # routed experts per token
-  c.model.moe.num_shared_experts = (
-    0  # shared experts (one SwiGLU of this many times expert_d_ff), added unweighted
-  )
+  c.model.moe.num_shared_experts = 0  # one SwiGLU of this times expert_d_ff, added unweighted
   c.model.moe.expert_d_ff = 0  # each expert's SwiGLU width; 0: model.d_ff
   c.model.moe.first_dense_layers = 0  # the first layers keep the dense MLP (DeepSeek-V3: 3)
   c.model.moe.routed_scaling_factor = 1.0  # the routed experts' normalized gates are scaled by it
   c.model.moe.n_group = 1  # expert groups for group-limited routing; 1: no groups
   c.model.moe.topk_group = 1  # groups kept per token (by the sum of each group's 2 best scores)
-  c.model.moe.capacity_factor = 0.0  # > 0: each expert takes ceil(this * tokens * top_k / experts), the rest dropped; <= 0: dropless
-  c.model.moe.impl = (
-    "ragged"  # dropless path: ragged (jax.lax.ragged_dot) | dense (every expert on every token)
-  )
-  c.model.moe.bias_update_rate = (
-    0.0  # auxiliary-loss-free balancing: bias += rate * sign(mean load - load) per step; 0: off
-  )
+  c.model.moe.capacity_factor = 0.0  # > 0: capacity factor (overflow dropped); <= 0: dropless
+  c.model.moe.impl = "ragged"  # dropless path: ragged (lax.ragged_dot) | dense (masked, reference)
+  c.model.moe.bias_update_rate = 0.0  # bias += rate * sign(mean load - load) each step; 0: off
   c.model.moe.balance_loss = 0.0  # weight of the sequence-wise balance loss L_Bal; 0: off
 
   c.task = ml_collections.ConfigDict()
@@ -185,9 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel size; -1: the devices left over
-  c.mesh.expert = (
-    1  # expert-parallel size: MoE expert weights split over it, data-parallel elsewhere
-  )
+  c.mesh.expert = 1  # expert-parallel size: MoE experts split over it; data-parallel elsewhere
   c.mesh.fsdp = 1  # fully sharded data-parallel size
   c.mesh.tensor = 1  # tensor-parallel size
 

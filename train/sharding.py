@@ -15,7 +15,7 @@ MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 to 'the rest of the devices' and checks the product."""
-  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  sizes = [mesh_cfg.get(a, 1) for a in MESH_AXES]  # a mesh saved before an axis existed: 1
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh={dict(zip(MESH_AXES, sizes, strict=True))}: at most one size may be -1")
   for axis, size in zip(MESH_AXES, sizes, strict=True):

@@ -86,7 +86,7 @@ def test_llama_train_step_with_splash_compiles_for_tpu():
   c = llama.get_config("size=tiny")
   c.model.attention_impl, c.data.seq_len, c.train.batch_size = "splash", 128, 4
   topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
-  mesh = Mesh(np.asarray(topo.devices[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+  mesh = Mesh(np.asarray(topo.devices[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES)
   model, objective = families.resolve(c).build(c, ByteTokenizer())
   tx = make_optimizer(c.train)
   rules = sharding.rules(c)

@@ -60,7 +60,19 @@ def test_batch_must_divide_over_data_parallel_devices():
   with pytest.raises(ValueError, match=r"train.eval_batch_size=4.*data-parallel size 8"):
     sharding.validate_mesh(c, 8)
   c.train.eval_batch_size = 8
-  assert sharding.validate_mesh(c, 8) == (4, 2, 1)
+  assert sharding.validate_mesh(c, 8) == (4, 1, 2, 1)
+
+
+def test_expert_axis_divides_the_experts_and_splits_the_batch():
+  c = config(data=2, expert=4)
+  c.model.moe.num_experts = 6
+  with pytest.raises(ValueError, match=r"mesh.expert=4: must divide model.moe.num_experts=6"):
+    sharding.validate_mesh(c, 8)
+  c.model.moe.num_experts, c.train.batch_size = 8, 4  # outside MoE layers: data parallelism
+  with pytest.raises(ValueError, match=r"train.batch_size=4.*data-parallel size 8"):
+    sharding.validate_mesh(c, 8)
+  c.train.batch_size = 16
+  assert sharding.validate_mesh(c, 8) == (2, 4, 1, 1)
 
 
 def test_rules_must_name_mesh_axes():
@@ -76,7 +88,7 @@ def test_uneven_parameter_split_names_the_parameter():
   vocab = types.SimpleNamespace(vocab_size=97, specials=FOURFOLD)  # a tokenizer's size and ids
   model, _ = families.resolve(c).build(c, vocab)
   devices = np.array(jax.devices() * 2)  # shape checks only: nothing runs on the mesh
-  mesh = jax.sharding.Mesh(devices.reshape(1, 1, 2), sharding.MESH_AXES)
+  mesh = jax.sharding.Mesh(devices.reshape(1, 1, 1, 2), sharding.MESH_AXES)
   with pytest.raises(ValueError, match=r"'vocab' dimension \(97\) does not split.*'tensor'"):
     abstract_state(c, model, make_optimizer(c.train), mesh, sharding.rules(c))
 

@@ -148,7 +148,7 @@ def test_bad_meshes(mesh, devices, pattern):
 def test_mesh_minus_one_takes_the_rest():
   assert sharding.mesh_shape(
     ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 2}), 8
-  ) == (2, 2, 2)
+  ) == (2, 1, 2, 2)
 
 
 def test_readme_quickstart_is_two_commands():
