@@ -95,7 +95,24 @@ def memory_job(job: dict) -> dict:
   return {"per_device": sorted(held.values()), "total": total, "devices": len(held)}
 
 
-JOBS = {"train": train_job, "memory": memory_job}
+def specs_job(job: dict) -> dict:
+  """The mesh partition spec of every parameter, by path (no init: the abstract state)."""
+  import jax
+
+  from train import families, sharding
+  from train.data.tokenizers import ByteTokenizer
+  from train.optim import make_optimizer
+  from train.trainer import abstract_state
+
+  c = tiny_config(job["corpus"], job.get("overrides"))
+  model, _ = families.resolve(c).build(c, ByteTokenizer())
+  mesh, rules = sharding.make_mesh(c.mesh), sharding.rules(c)
+  _, shardings, _ = abstract_state(c, model, make_optimizer(c.train), mesh, rules)
+  flat = jax.tree_util.tree_leaves_with_path(shardings.params)
+  return {jax.tree_util.keystr(k): [a for a in s.spec] for k, s in flat}
+
+
+JOBS = {"train": train_job, "memory": memory_job, "specs": specs_job}
 
 
 def main(spec: str) -> None:
