@@ -12,7 +12,9 @@ def matmul_params(cfg: TransformerConfig) -> int:
   Embedding lookups are not matmuls; the output head is, tied or not. Shared layers
   (ALBERT) count once per application, since each application is a matmul. An
   encoder-decoder (`num_decoder_layers` > 0) adds its decoder blocks, each with a second
-  (cross-)attention (`flops_per_token` weighs them by the target length).
+  (cross-)attention (`flops_per_token` weighs them by the target length). MoE layers
+  (modeling/moe.py) count their active weights: the router, top_k routed and the shared
+  experts.
   """
   d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   e = cfg.embed_dim or d
@@ -21,7 +23,10 @@ def matmul_params(cfg: TransformerConfig) -> int:
   head = {"lm": d * cfg.vocab_size, "mlm": d * e + e * cfg.vocab_size}.get(cfg.head, 0)
   proj = d * e if e != d else 0
   decoder = cfg.num_decoder_layers * (2 * attn + mlp)
-  return cfg.num_layers * (attn + mlp) + decoder + head + proj
+  m = cfg.moe
+  active = d * m.expert_d_ff * 3 * (m.top_k + m.num_shared_experts) + d * m.num_experts
+  moe_layers = sum(m.is_moe(i) for i in range(cfg.num_layers))
+  return cfg.num_layers * (attn + mlp) + moe_layers * (active - mlp) + decoder + head + proj
 
 
 def flops_per_token(cfg: TransformerConfig, seq_len: int, target_len: int = 0) -> float:

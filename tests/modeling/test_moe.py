@@ -206,3 +206,16 @@ def test_scanned_groups_equal_looped_layers_and_cached_decoding():
       {"params": stacked}, tokens[:, i : i + 1], pos[:, i : i + 1], seg[:, i : i + 1], cache
     )
     np.testing.assert_allclose(step[:, 0], want[:, i], rtol=1e-4, atol=1e-4)
+
+
+def test_flops_count_the_active_experts():
+  """matmul_params counts the router, top_k routed and the shared experts, not all experts."""
+  from modeling.flops import matmul_params
+
+  dense = tiny("llama")
+  d, f = dense.d_model, dense.d_ff
+  for experts, k, shared in ((1, 1, 0), (8, 2, 1), (64, 2, 1)):
+    m = Moe(num_experts=experts, top_k=k, num_shared_experts=shared, expert_d_ff=f // (k + shared))
+    got = matmul_params(dataclasses.replace(dense, moe=m, num_layers=3))
+    want = matmul_params(dataclasses.replace(dense, num_layers=3)) + 3 * d * experts
+    assert got == want - 3 * 3 * d * (f - (k + shared) * (f // (k + shared)))
