@@ -21,6 +21,7 @@ import numpy as np
 
 from modeling import decoding, diffusion
 from modeling.lora import Lora
+from modeling.mla import Mla
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
@@ -540,6 +541,10 @@ def rope_of(m: ml_collections.ConfigDict) -> Rope:
     short_factor=tuple(float(x) for x in r.short_factor),
     long_factor=tuple(float(x) for x in r.long_factor),
     attention_factor=r.attention_factor,
+    beta_fast=r.beta_fast,
+    beta_slow=r.beta_slow,
+    mscale=r.mscale,
+    mscale_all_dim=r.mscale_all_dim,
   )
 
 
@@ -635,6 +640,8 @@ class Wiring:
       rel_max_distance=m.rel_max_distance,
       neighbor_mix=m.neighbor_mix,
       lora=Lora(m.lora.rank, m.lora.alpha, m.lora.targets, m.lora.base_quant),
+      attention=m.attention,
+      mla=Mla(**m.mla),
     )
 
   def build(
