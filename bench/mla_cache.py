@@ -6,10 +6,9 @@ For DeepSeek-V3's attention shape (61 layers, 128 heads, kv_lora_rank 512, qk_ro
 64, bfloat16) the cache holds layers x (kv_lora_rank + qk_rope_head_dim) numbers per token:
 61 x 576 x 2 = 70,272 bytes. The compiled figure comes from XLA: a one-token decode step
 of the model is lowered and compiled for this machine's backend on abstract shapes
-(`jax.eval_shape`, `jax.ShapeDtypeStruct`: no weights are made), at two cache lengths. The
-cache is the only argument that grows with the length, so the growth of
-`memory_analysis().argument_size_in_bytes` per added position is the cache's bytes per
-token. The MLP is a dense SwiGLU of DeepSeek-V3's dense layers' width (its mixture of
+(`jax.eval_shape`, `jax.ShapeDtypeStruct`: no weights are made); its
+`memory_analysis().argument_size_in_bytes`, less the params' and the tokens' bytes, is the
+cache, divided by the positions it holds. The MLP is a dense SwiGLU of DeepSeek-V3's dense layers' width (its mixture of
 experts does not touch the cache). It also prints what multi-head attention with the same
 heads would cache.
 """
@@ -61,8 +60,10 @@ def formula_bytes_per_token(cfg: TransformerConfig) -> int:
   return cfg.num_layers * width * jnp.dtype(cfg.jnp_dtype).itemsize
 
 
-def decode_step_argument_bytes(cfg: TransformerConfig, length: int, batch: int = 1) -> int:
-  """argument_size_in_bytes of a compiled one-token decode step with a cache of `length`."""
+def compiled_bytes_per_token(cfg: TransformerConfig, length: int = 256, batch: int = 1) -> float:
+  """The cache's bytes per token in a compiled one-token decode step with a cache of `length`:
+  memory_analysis().argument_size_in_bytes less the params' and the token arrays' bytes (from
+  their abstract shapes), over batch x length."""
   model = Transformer(cfg)
   tok_B1 = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), tok_B1, tok_B1, tok_B1)["params"]
@@ -72,14 +73,9 @@ def decode_step_argument_bytes(cfg: TransformerConfig, length: int, batch: int =
     return model.apply({"params": params}, tok_B1, pos_B1, jnp.ones_like(tok_B1), cache)
 
   compiled = jax.jit(step).lower(params, tok_B1, tok_B1, cache).compile()
-  return compiled.memory_analysis().argument_size_in_bytes
-
-
-def compiled_bytes_per_token(cfg: TransformerConfig, lengths: tuple[int, int] = (256, 512)):
-  """The argument bytes a decode step gains per added cache position."""
-  short, long = (decode_step_argument_bytes(cfg, n) for n in lengths)
-  per_token = (long - short) / (lengths[1] - lengths[0])
-  return int(per_token) if float(per_token).is_integer() else per_token
+  others = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, tok_B1, tok_B1)))
+  per_token = (compiled.memory_analysis().argument_size_in_bytes - others) / (batch * length)
+  return int(per_token) if per_token.is_integer() else per_token
 
 
 def main() -> None:

@@ -198,6 +198,7 @@ def get_config() -> ml_collections.ConfigDict:
     ("factor", None),
     ("labels", None),
     ("lora_rank", None),
+    ("latent", None),  # MLA's query and key/value latents (small; replicated)
     ("quant_blocks", "fsdp"),
   )
 

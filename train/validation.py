@@ -300,11 +300,11 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "model.num_heads", m.num_heads, f"must be divisible by model.num_kv_heads={m.num_kv_heads}"
     )
   head_dim = m.head_dim or m.d_model // m.num_heads
+  _validate_mla(config, wiring)
   if m.position == "rope" and head_dim % 2:
     fail("model.head_dim", head_dim, "must be even with model.position='rope'")
   if m.position == "rope":
     _validate_rope(m, m.mla.qk_rope_head_dim if m.attention == "mla" else head_dim)
-  _validate_mla(config, wiring)
   if m.position_offset < 0 or (m.position_offset and m.position != "learned"):
     fail(
       "model.position_offset", m.position_offset, "must be >= 0, and 0 unless position='learned'"
