@@ -350,3 +350,14 @@ def test_mla_is_refused_on_the_encoder_decoder():
   c.model.position, c.model.attention = "rope", "mla"
   with pytest.raises(ValueError, match=r"model\.attention='mla': not supported with .*'encdec'"):
     validate_config(c)
+
+
+def test_gguf_export_refuses_mla():
+  """llama.cpp's bitnet graph computes multi-head attention only."""
+  from configs import bitnet
+  from eval import gguf_export
+
+  c = bitnet.get_config("size=tiny")
+  c.model.attention = "mla"
+  with pytest.raises(ValueError, match=r"model\.attention='mla': llama\.cpp's bitnet"):
+    gguf_export.check_exportable(c)
