@@ -105,8 +105,7 @@ class LatentAttention(Attention):
     scale = (n + p) ** -0.5 * self.rope.softmax_scale
 
     if cache is None:
-      kv_pos_BS, kv_seg_BS = pos_BL, seg_BL
-      mask = make_mask(pos_BL, kv_pos_BS, seg_BL, kv_seg_BS, self.mask_kind, self.window)
+      mask = make_mask(pos_BL, pos_BL, seg_BL, seg_BL, self.mask_kind, self.window)
       blocks = causal_blocks_for(x_BLD.shape[1]) if self.mask_kind == "causal" else 1
       out_BLHV = self._expanded(
         kv_b, q_nope_BLHN, q_rope_BLHP, c_BLR, k_rope_BL1P, mask, scale, blocks
@@ -153,6 +152,6 @@ class LatentAttention(Attention):
     """W_UKV [R, H, N + V] as kv_b applies it: its kernel plus any LoRA update folded in."""
     if self.is_initializing():  # create kv_b's params (the expanded form's call)
       kv_b(c_BSR)
-    own = {k: v for k, v in nn.unbox(kv_b.variables["params"]).items()}
+    own = dict(nn.unbox(kv_b.variables["params"]))
     folded = lora_lib.fold({"kv_b": own}, self.lora or lora_lib.Lora())["kv_b"]
     return folded["kernel"].astype(self.dtype)
