@@ -62,14 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10000.0  # RoPE base frequency
   c.model.rope_fraction = 1.0  # share of each head's features RoPE rotates (partial_rotary_factor)
   c.model.rope_scaling = ml_collections.ConfigDict()  # RoPE context extension (modeling/rope.py)
-  c.model.rope_scaling.type = "none"  # none | linear | llama3 | longrope (Phi-3)
-  c.model.rope_scaling.factor = 1.0  # linear, llama3: the context extension factor
+  c.model.rope_scaling.type = "none"  # none | linear | llama3 | longrope (Phi-3) | yarn
+  c.model.rope_scaling.factor = 1.0  # linear, llama3, yarn: the context extension factor
   c.model.rope_scaling.low_freq_factor = 1.0  # llama3: scale wavelengths > original_max_len / this
   c.model.rope_scaling.high_freq_factor = 4.0  # llama3: keep wavelengths < original_max_len / this
-  c.model.rope_scaling.original_max_len = 0  # llama3, longrope: the pretraining context
+  c.model.rope_scaling.original_max_len = 0  # llama3, longrope, yarn: the pretraining context
   c.model.rope_scaling.short_factor = ()  # longrope: per-frequency divisors within original_max_len
   c.model.rope_scaling.long_factor = ()  # longrope: per-frequency divisors past it
   c.model.rope_scaling.attention_factor = 1.0  # longrope: cos and sin are multiplied by it
+  c.model.rope_scaling.beta_fast = 32.0  # yarn: dims turning > this often in original_max_len kept
+  c.model.rope_scaling.beta_slow = 1.0  # yarn: dims turning < this often divided by factor
+  c.model.rope_scaling.mscale = 1.0  # yarn: cos and sin's temperature factor (modeling/rope.py)
+  c.model.rope_scaling.mscale_all_dim = 0.0  # yarn: and of MLA's softmax scale (V3: 1); 0: none
   c.model.position_offset = 0  # learned positions: the table row of position 0 (RoBERTa: 2)
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5  # epsilon of the norms
@@ -80,6 +84,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.dropout = 0.0  # dropout on embeddings, attention output and MLP output
   c.model.sliding_window = 0  # >0: each query sees this many keys, itself included
+  c.model.attention = "mha"  # mha (multi-head, GQA, MQA) | mla (multi-head latent: DeepSeek-V2/V3)
+  c.model.mla = ml_collections.ConfigDict()  # attention=mla: its sizes (modeling/mla.py)
+  c.model.mla.q_lora_rank = 0  # query latent rank; 0: queries straight from x (DeepSeek-V3: 1536)
+  c.model.mla.kv_lora_rank = 128  # rank of the cached key/value latent c_KV (DeepSeek-V3: 512)
+  c.model.mla.qk_nope_head_dim = 32  # per-head query/key features without RoPE (DeepSeek-V3: 128)
+  c.model.mla.qk_rope_head_dim = 16  # rotary query/key features, one key for all heads (V3: 64)
+  c.model.mla.v_head_dim = 32  # each head's value features (DeepSeek-V3: 128)
   c.model.attention_impl = "xla"  # xla | cudnn (GPU) | splash (Pallas TPU; seq_len % 128 == 0)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
   c.model.scan_layers = False  # nn.scan over layers: faster compiles; off is faster on CPU
@@ -201,6 +212,7 @@ def get_config() -> ml_collections.ConfigDict:
     ("factor", None),
     ("labels", None),
     ("lora_rank", None),
+    ("latent", None),  # MLA's query and key/value latents (small; replicated)
     ("quant_blocks", "fsdp"),
     ("expert", "expert"),
   )

@@ -60,6 +60,7 @@ def check_exportable(config) -> None:
     "model.use_bias": (m.use_bias, False),
     "model.tie_embeddings": (m.tie_embeddings, True),
     "model.sliding_window": (m.sliding_window, 0),
+    "model.attention": (m.attention, "mha"),
   }
   for key, (value, wanted) in need.items():
     if value != wanted:

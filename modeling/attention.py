@@ -124,7 +124,9 @@ def _attend_xla(q_BLHK, k_BSGK, v_BSGK, mask_B1LS, bias_BHLS=None, scale=None) -
   logits_BGQS = jnp.where(mask_B1QS, logits_BGQS, _NEG)
   probs_BGQS = jax.nn.softmax(logits_BGQS, axis=-1).astype(v_BSGK.dtype)
   out_BGQK = jnp.einsum("bgqs,bgsk->bgqk", probs_BGQS, v_BGSK)
-  return out_BGQK.reshape(b, g, r, q_len, k).transpose(0, 3, 1, 2, 4).reshape(b, q_len, h, k)
+  v_dim = v_BSGK.shape[-1]  # may differ from the query's (MLA)
+  out_BGQV = out_BGQK.reshape(b, g, r, q_len, v_dim).transpose(0, 3, 1, 2, 4)
+  return out_BGQV.reshape(b, q_len, h, v_dim)
 
 
 def attend_splash(
@@ -305,7 +307,7 @@ class Attention(nn.Module):
   def _output(self, out_BLHK, x_BLD, deterministic) -> jax.Array:
     """SubLN (quantized blocks), the output projection and dropout."""
     dense = self._dense_kwargs()
-    h, k = self.num_heads, self.head_dim
+    h, k = out_BLHK.shape[2:]  # the value width: head_dim, or MLA's v_head_dim
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     if self.sub_norm is not None:  # over all heads at once, as the fused projection sees them
       b, n = out_BLHK.shape[:2]

@@ -19,6 +19,8 @@ def matmul_params(cfg: TransformerConfig) -> int:
   d, h, g, k, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
   e = cfg.embed_dim or d
   attn = d * h * k * 2 + d * g * k * 2
+  if cfg.attention == "mla":
+    attn = cfg.mla.matmul_params(d, h)
   mlp = d * f * (3 if cfg.mlp in GATED else 2)
   head = {"lm": d * cfg.vocab_size, "mlm": d * e + e * cfg.vocab_size}.get(cfg.head, 0)
   proj = d * e if e != d else 0
@@ -35,6 +37,9 @@ def flops_per_token(cfg: TransformerConfig, seq_len: int, target_len: int = 0) -
   `target_len` targets (0: as many as sources): decoder blocks, cross-attention queries
   and the head scale by target_len / seq_len, cross-attention keys and values do not."""
   h, k = cfg.num_heads, cfg.head_dim
+  if cfg.attention == "mla":  # scores over N + P features, values of V: 2 h k -> h (N + P + V)
+    m = cfg.mla
+    k = (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) / 2
   if not cfg.num_decoder_layers:
     return 6 * matmul_params(cfg) + 12 * cfg.num_layers * h * k * seq_len
   r = (target_len or seq_len) / seq_len

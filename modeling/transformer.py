@@ -29,6 +29,7 @@ from modeling.attention import Attention
 from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
 from modeling.lora import Lora
 from modeling.moe import Moe, MoeMlp
+from modeling.mla import LatentAttention, Mla
 from modeling.quant import make_dot_general
 from modeling.rope import Rope
 
@@ -41,6 +42,7 @@ REMAT_POLICIES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITIONS = ("learned", "rope", "relative", "none")  # absolute table, rotary, T5 buckets, none
 NORM_POSITIONS = ("pre", "post")  # x + f(norm(x)), or norm(x + f(x)) (BERT)
+ATTENTIONS = ("mha", "mla")  # multi-head (GQA, MQA), multi-head latent (modeling/mla.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,8 @@ class TransformerConfig:
   neighbor_mix: int = 0  # bidirectional stacks: positions also read +-this many neighbours' inputs
   lora: Lora = Lora()  # adapters on the blocks' Dense layers; rank 0: none (modeling/lora.py)
   moe: Moe = Moe()  # mixture of experts in place of the MLP; num_experts 0: none (modeling/moe.py)
+  attention: str = "mha"  # ATTENTIONS: the self-attention of every block
+  mla: Mla = Mla()  # attention="mla": its sizes (modeling/mla.py)
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -145,8 +149,12 @@ class Block(nn.Module):
       out_init_scale=out_scale,
       **linear,
     )
-    self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-    h_BLD, self_cache = Attention(
+    self_attention, self_keys = Attention, ("k", "v")
+    if c.attention == "mla":  # the latent cache; quantized layers decode in the expanded form
+      mla = dict(mla=c.mla, norm_eps=c.norm_eps, absorb=not quantized)
+      self_attention, self_keys = functools.partial(LatentAttention, **mla), ("c_kv",)
+    self_cache = None if cache is None else {k: cache[k] for k in self_keys}
+    h_BLD, self_cache = self_attention(
       mask_kind=c.mask_kind,
       window=c.sliding_window,
       rope=c.rope if c.position == "rope" else None,
@@ -200,7 +208,11 @@ class Block(nn.Module):
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int) -> dict[str, jax.Array]:
-  """An empty KV cache, stacked over layers: k, v of [layers, B, S, G, K]."""
+  """An empty KV cache, stacked over layers: k, v of [layers, B, S, G, K]; with MLA, c_kv of
+  [layers, B, S, kv_lora_rank + qk_rope_head_dim] (the latent and the rotated shared key)."""
+  if cfg.attention == "mla":
+    shape = (cfg.num_layers, batch, length, cfg.mla.cache_width)
+    return {"c_kv": jnp.zeros(shape, cfg.jnp_dtype)}
   shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, cfg.jnp_dtype), "v": jnp.zeros(shape, cfg.jnp_dtype)}
 

@@ -22,6 +22,7 @@ import numpy as np
 from modeling import decoding, diffusion
 from modeling.lora import Lora
 from modeling.moe import Moe
+from modeling.mla import Mla
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
@@ -541,6 +542,10 @@ def rope_of(m: ml_collections.ConfigDict) -> Rope:
     short_factor=tuple(float(x) for x in r.short_factor),
     long_factor=tuple(float(x) for x in r.long_factor),
     attention_factor=r.attention_factor,
+    beta_fast=r.beta_fast,
+    beta_slow=r.beta_slow,
+    mscale=r.mscale,
+    mscale_all_dim=r.mscale_all_dim,
   )
 
 
@@ -637,6 +642,8 @@ class Wiring:
       neighbor_mix=m.neighbor_mix,
       lora=Lora(m.lora.rank, m.lora.alpha, m.lora.targets, m.lora.base_quant),
       moe=Moe(**{**m.moe.to_dict(), "expert_d_ff": m.moe.expert_d_ff or m.d_ff}),
+      attention=m.attention,
+      mla=Mla(**m.mla),
     )
 
   def build(

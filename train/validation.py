@@ -19,6 +19,7 @@ from modeling.moe import IMPLS as MOE_IMPLS
 from modeling.quant import QUANT_KINDS
 from modeling.rope import ROPE_SCALINGS
 from modeling.transformer import (
+  ATTENTIONS,
   DTYPES,
   NORM_POSITIONS,
   POOLINGS,
@@ -45,6 +46,7 @@ CHOICES = {
   "model.norm_position": NORM_POSITIONS,
   "model.gelu": GELUS,
   "model.rope_scaling.type": ROPE_SCALINGS,
+  "model.attention": ATTENTIONS,
   "task.pooling": POOLINGS,
   "task.schedule": diffusion.SCHEDULES,
   "task.estimator": diffusion.ESTIMATORS,
@@ -83,6 +85,10 @@ POSITIVE = (
   "model.rel_max_distance",
   "model.lora.alpha",
   "task.beta",
+  "model.mla.kv_lora_rank",
+  "model.mla.qk_nope_head_dim",
+  "model.mla.qk_rope_head_dim",
+  "model.mla.v_head_dim",
 )
 NON_NEGATIVE = (
   "model.vocab_size",
@@ -120,6 +126,9 @@ NON_NEGATIVE = (
   "model.moe.first_dense_layers",
   "model.moe.bias_update_rate",
   "model.moe.balance_loss",
+  "model.mla.q_lora_rank",
+  "model.rope_scaling.mscale",
+  "model.rope_scaling.mscale_all_dim",
 )
 
 
@@ -153,9 +162,9 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
       m.rope_fraction,
       f"must be in (0, 1] and rotate an even number of the head's {head_dim} features",
     )
-  if r.type in ("linear", "llama3") and r.factor < 1:
+  if r.type in ("linear", "llama3", "yarn") and r.factor < 1:
     fail("model.rope_scaling.factor", r.factor, f"must be >= 1 with type={r.type!r}")
-  if r.type in ("llama3", "longrope") and r.original_max_len <= 0:
+  if r.type in ("llama3", "longrope", "yarn") and r.original_max_len <= 0:
     fail(
       "model.rope_scaling.original_max_len", r.original_max_len, f"must be > 0 with type={r.type!r}"
     )
@@ -165,6 +174,19 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
       r.high_freq_factor,
       f"must be > low_freq_factor={r.low_freq_factor}",
     )
+  if r.type == "yarn" and not 0 < r.beta_slow < r.beta_fast:
+    fail(
+      "model.rope_scaling.beta_fast",
+      r.beta_fast,
+      f"must be > beta_slow={r.beta_slow} > 0 (rotations within original_max_len)",
+    )
+  if r.type == "yarn" and r.attention_factor != 1.0:
+    fail(
+      "model.rope_scaling.attention_factor",
+      r.attention_factor,
+      "must be 1.0 with type='yarn', which derives cos and sin's factor from mscale and "
+      "mscale_all_dim",
+    )
   if r.type == "longrope":
     for key in ("short_factor", "long_factor"):
       if len(r[key]) != rotary // 2:
@@ -173,6 +195,33 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
           r[key],
           f"needs rotary_dim / 2 = {rotary // 2} values (one per rotated frequency)",
         )
+
+
+def _validate_mla(config: ml_collections.ConfigDict, wiring: families.Wiring) -> None:
+  """MLA (modeling/mla.py): one Transformer stack with RoPE, the XLA attention path."""
+  m = config.model
+  if m.attention != "mla":
+    if m.rope_scaling.mscale_all_dim:
+      fail(
+        "model.rope_scaling.mscale_all_dim",
+        m.rope_scaling.mscale_all_dim,
+        "must be 0 unless model.attention='mla' (DeepSeek scales MLA's softmax by it)",
+      )
+    return
+  needs = {
+    "model.position": ("rope", "MLA's decoupled key is rotary"),
+    "model.rope_fraction": (1.0, "MLA rotates all qk_rope_head_dim features"),
+    "model.attention_impl": ("xla", "MLA's value width differs from its query's"),
+    "model.scale_attention": (True, "MLA scales by 1 / sqrt(qk_nope + qk_rope head dims)"),
+    "model.lora.base_quant": ("none", "a quantized frozen base covers MHA's projections only"),
+  }
+  for key, (value, why) in needs.items():
+    if get(config, key) != value:
+      fail(key, get(config, key), f"must be {value!r} with model.attention='mla': {why}")
+  if wiring.family.model is not Transformer:
+    fail("model.attention", "mla", f"not supported with model.family={m.family!r}")
+  if m.mla.qk_rope_head_dim % 2:
+    fail("model.mla.qk_rope_head_dim", m.mla.qk_rope_head_dim, "must be even (RoPE pairs)")
 
 
 def _validate_specials(config, wiring: families.Wiring, tokenizer) -> None:
@@ -259,10 +308,11 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "model.num_heads", m.num_heads, f"must be divisible by model.num_kv_heads={m.num_kv_heads}"
     )
   head_dim = m.head_dim or m.d_model // m.num_heads
+  _validate_mla(config, wiring)
   if m.position == "rope" and head_dim % 2:
     fail("model.head_dim", head_dim, "must be even with model.position='rope'")
   if m.position == "rope":
-    _validate_rope(m, head_dim)
+    _validate_rope(m, m.mla.qk_rope_head_dim if m.attention == "mla" else head_dim)
   if m.position_offset < 0 or (m.position_offset and m.position != "learned"):
     fail(
       "model.position_offset", m.position_offset, "must be >= 0, and 0 unless position='learned'"
