@@ -34,6 +34,14 @@ DIFFUSION = {"model.family": "diffusion", "task.eval_t_samples": 2, "train.ema_d
 # T5 span corruption on the tiny Llama's shapes: 4 steps, no evaluation (compiles are the cost).
 ENCDEC = {"model.family": "encdec", "model.position": "relative"}
 ENCDEC_TRAIN = {"train.steps": 4, "train.eval_every": 0}
+# BLOOM's ALiBi and embedding norm in PaLM's parallel block, its 16 heads split over tensor=8
+ALIBI_PARALLEL = {
+  "model.position": "alibi",
+  "model.embed_norm": True,
+  "model.block": "parallel",
+  "train.steps": 4,
+  "train.eval_every": 0,
+}
 # QLoRA: adapters over an NF4 base whose code blocks split over fsdp
 QLORA = {
   "model.lora.rank": 4,
@@ -133,8 +141,17 @@ def eight(corpus, single, tmp_path_factory):
       "overrides": {**MESHES["fsdp8"], **QLORA},
     }
   )
+  jobs.append(
+    {
+      "kind": "train",
+      "corpus": corpus,
+      "workdir": str(root / "alibi_parallel_tensor8"),
+      "overrides": {**MESHES["tensor8"], **ALIBI_PARALLEL},
+    }
+  )
   out = results(launch(jobs, devices=8))
   names = [*MESHES, "from_single", "memory", "diffusion_2x2x2", "encdec_2x2x2", "qlora_fsdp8"]
+  names.append("alibi_parallel_tensor8")
   return {"root": root, **dict(zip(names, out, strict=True))}
 
 
@@ -181,6 +198,17 @@ def test_sharded_qlora_equals_single_device(corpus, eight, tmp_path):
   device."""
   trainer.run(runner.tiny_config(corpus, QLORA), str(tmp_path))
   ref, got = steps(runner.losses(str(tmp_path))), steps(eight["qlora_fsdp8"]["losses"])
+  assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
+  assert ref[4] < ref[1]
+
+
+def test_sharded_alibi_parallel_equals_single_device(corpus, eight, tmp_path):
+  """ALiBi's per-head slopes with the heads split over tensor=8, in parallel blocks, log the
+  losses of one device."""
+  trainer.run(runner.tiny_config(corpus, ALIBI_PARALLEL), str(tmp_path))
+  ref = steps(runner.losses(str(tmp_path)))
+  got = steps(eight["alibi_parallel_tensor8"]["losses"])
   assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in ref], list(ref.values()), rtol=RTOL)
   assert ref[4] < ref[1]
