@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.d_ff = c.model.get_ref("d_model") * 4  # MLP hidden width: follows 4 x d_model unless set
   c.model.head_dim = 0  # 0: d_model // num_heads
   c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
-  c.model.position = "learned"  # learned | rope | relative (T5 buckets) | none
+  c.model.position = "learned"  # learned | rope | relative (T5 buckets) | alibi (BLOOM) | none
   c.model.rel_buckets = 32  # relative: buckets of T5's log-spaced relative positions
   c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
   c.model.neighbor_mix = 0  # encoder / diffusion: each position also reads a zero-initialized linear map of its +-N neighbours' embeddings; 0: off
@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
   c.model.quant = "none"  # none | bitnet158 (ternary) | bitnet1 (binary): 8-bit activations, QAT
   c.model.norm_position = "pre"  # pre (x + f(norm(x))) | post (norm(x + f(x)), BERT)
+  c.model.block = "serial"  # serial (attention, then MLP) | parallel (one norm, PaLM)
+  c.model.embed_norm = False  # a norm right after the embeddings of a pre-norm stack (BLOOM)
   c.model.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0: none
   c.model.embed_dim = 0  # factorized embedding width (ALBERT); 0: d_model
   c.model.share_layers = False  # all layers share one set of weights (ALBERT)

@@ -366,6 +366,83 @@ def _phi3_links(c: TransformerConfig) -> list[Link]:
   return out + _decoder_tail(c, "model.norm")
 
 
+def _bloom_config(hf: dict) -> dict:
+  _require(hf, "apply_residual_connection_post_layernorm", (False,), False)
+  _require(hf, "tie_word_embeddings", (True,), True)
+  d = hf.get("hidden_size") or hf["n_embed"]
+  heads = hf.get("n_head") or hf["num_attention_heads"]
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf.get("n_layer") or hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=heads,
+    d_model=d,
+    d_ff=4 * d,
+    position="alibi",
+    embed_norm=True,
+    norm="layernorm",
+    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    mlp="gelu",
+    gelu="tanh",
+    use_bias=True,
+    tie_embeddings=True,
+    dropout=hf.get("hidden_dropout", 0.0),
+  )
+
+
+def _bloom_write(m) -> dict:
+  if m.d_ff != 4 * m.d_model:
+    raise Unsupported(f"model.d_ff={m.d_ff}: BLOOM's MLP is 4 x hidden_size={4 * m.d_model}")
+  return dict(
+    vocab_size=m.vocab_size,
+    hidden_size=m.d_model,
+    n_layer=m.num_layers,
+    n_head=m.num_heads,
+    layer_norm_epsilon=m.norm_eps,
+    apply_residual_connection_post_layernorm=False,
+    hidden_dropout=m.dropout,
+    attention_dropout=0.0,
+    tie_word_embeddings=True,
+  )
+
+
+def _bloom_qkv(hf: str, b: str, kind: str) -> Link:
+  """BLOOM's query_key_value: per head, its query, key and value rows in turn ([H, 3, K]
+  out rows, as `BloomAttention._reshape` splits them) <-> query, key, value [D, H, K]."""
+  ours = "bias" if kind == "bias" else "kernel"
+  names = tuple(f"{b}/attn/{p}/{ours}" for p in ("query", "key", "value"))
+
+  def to_ours(a, shapes):
+    h, k = shapes[0][-2:]
+    x = a[0].reshape(h, 3, k, -1)  # [H, 3, K, D] (a bias: D = 1)
+    if kind == "bias":
+      return [x[:, i, :, 0].reshape(s) for i, s in enumerate(shapes)]
+    return [x[:, i].transpose(2, 0, 1).reshape(s) for i, s in enumerate(shapes)]
+
+  def to_hf(arrays):
+    if kind == "bias":
+      return [np.stack(arrays, axis=1).reshape(-1)]  # [H, 3, K]
+    x = np.stack([w.transpose(1, 2, 0) for w in arrays], axis=1)  # [H, 3, K, D]
+    return [x.reshape(-1, x.shape[-1])]
+
+  return Link((f"{hf}.{kind}",), names, to_ours, to_hf)
+
+
+def _bloom_links(c: TransformerConfig) -> list[Link]:
+  out = [_same("word_embeddings.weight", "embed/embedding")]
+  out += _norm("word_embeddings_layernorm", "embed_norm", True)
+  for i in range(c.num_layers):
+    h, b = f"h.{i}", f"block_{i}"
+    out += _norm(f"{h}.input_layernorm", f"{b}/attn_norm", True)
+    qkv = f"{h}.self_attention.query_key_value"
+    out += [_bloom_qkv(qkv, b, "weight"), _bloom_qkv(qkv, b, "bias")]
+    out += _dense(f"{h}.self_attention.dense", f"{b}/attn/out", True, 2)
+    out += _norm(f"{h}.post_attention_layernorm", f"{b}/mlp_norm", True)
+    out += _dense(f"{h}.mlp.dense_h_to_4h", f"{b}/mlp/up", True)
+    out += _dense(f"{h}.mlp.dense_4h_to_h", f"{b}/mlp/down", True)
+  return out + _norm("ln_f", "final_norm", True)
+
+
 def _bert_config(hf: dict, roberta: bool = False) -> dict:
   act = _require(hf, "hidden_act", tuple(GELU_ACTS), "gelu")
   _require(hf, "position_embedding_type", ("absolute",), "absolute")
@@ -590,6 +667,17 @@ ARCHITECTURES = {
       _phi3_write,
       _phi3_links,
       ignored=("rotary_emb.inv_freq",),
+    ),
+    Arch(
+      "BloomForCausalLM",
+      "bloom",
+      "decoder",
+      PRETRAIN,
+      _bloom_config,
+      _bloom_write,
+      _bloom_links,
+      prefix="transformer.",
+      ignored=("lm_head.weight",),
     ),
     Arch(
       "BertForMaskedLM",

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from modeling.attention import Attention
 from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
@@ -40,9 +42,10 @@ REMAT_POLICIES = {
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-POSITIONS = ("learned", "rope", "relative", "none")  # absolute table, rotary, T5 buckets, none
+POSITIONS = ("learned", "rope", "relative", "alibi", "none")  # table, rotary, T5, linear bias
 NORM_POSITIONS = ("pre", "post")  # x + f(norm(x)), or norm(x + f(x)) (BERT)
 ATTENTIONS = ("mha", "mla")  # multi-head (GQA, MQA), multi-head latent (modeling/mla.py)
+BLOCKS = ("serial", "parallel")  # attention then MLP, or both from one norm (PaLM, GPT-J)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,8 @@ class TransformerConfig:
   scan_layers: bool = True
   remat: str = "none"
   norm_position: str = "pre"  # pre | post
+  block: str = "serial"  # serial | parallel: x + attn(norm(x)) + mlp(norm(x)), one norm (PaLM)
+  embed_norm: bool = False  # a norm on the embeddings of a pre-norm stack (BLOOM)
   type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0: none
   embed_dim: int = 0  # factorized embedding width (ALBERT); 0: d_model
   share_layers: bool = False  # every layer uses one set of weights (ALBERT)
@@ -103,6 +108,8 @@ class TransformerConfig:
 class Block(nn.Module):
   """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)).
   Post-norm: norm(x + attn(x)), then norm(x + mlp(x)).
+  Parallel (`block="parallel"`, pre-norm; PaLM, Chowdhery et al. 2022, sec. 2, after
+  GPT-J): x + attn(norm(x)) + mlp(norm(x)), one norm feeding both sublayers.
 
   With `cross`, a cross-attention sublayer over the encoder's output sits between the two
   (T5's decoder). `ctx` holds what every layer shares: the relative-position `bias`, and
@@ -154,6 +161,7 @@ class Block(nn.Module):
       mla = dict(mla=c.mla, norm_eps=c.norm_eps, absorb=not quantized)
       self_attention, self_keys = functools.partial(LatentAttention, **mla), ("c_kv",)
     self_cache = None if cache is None else {k: cache[k] for k in self_keys}
+    attn_in_BLD = attn_norm(x_BLD) if pre else x_BLD
     h_BLD, self_cache = self_attention(
       mask_kind=c.mask_kind,
       window=c.sliding_window,
@@ -161,7 +169,7 @@ class Block(nn.Module):
       name="attn",
       **attention,
     )(
-      attn_norm(x_BLD) if pre else x_BLD,
+      attn_in_BLD,
       pos_BL,
       seg_BL,
       self_cache,
@@ -186,7 +194,10 @@ class Block(nn.Module):
       cache = dict(self_cache)
       if self.cross:
         cache.update(ck=cross_cache["k"], cv=cross_cache["v"])
-    mlp_in_BLD = mlp_norm(x_BLD) if pre else x_BLD
+    if c.block == "parallel":  # the MLP reads what attention read (cross-attention aside)
+      mlp_in_BLD = attn_in_BLD
+    else:
+      mlp_in_BLD = mlp_norm(x_BLD) if pre else x_BLD
     if self.routed:
       moe = MoeMlp(c.moe, dtype, out_scale, linear["dot_general"], linear["sub_norm"], name="moe")
       h_BLD = nn.Dropout(c.dropout)(moe(mlp_in_BLD, seg_BL), deterministic=self.deterministic)
@@ -277,6 +288,34 @@ class RelativeBias(nn.Module):
     return jnp.take(table, buckets_BLS, axis=0).transpose(0, 3, 1, 2)
 
 
+def key_positions(pos_BL: jax.Array, cache: dict | None) -> jax.Array:
+  """[B, S]: the keys' positions; with a KV cache, keys sit at their positions in it."""
+  if cache is None:
+    return pos_BL
+  s = cache["k"].shape[2]
+  return jnp.broadcast_to(jnp.arange(s, dtype=pos_BL.dtype), (pos_BL.shape[0], s))
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """[H] ALiBi's slopes (Press et al. 2022, "Train Short, Test Long", sec. 3): for n, the
+  largest power of two <= H, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); the
+  other H - n heads take the odd terms of the sequence for 2n heads, 2^(-4/n), 2^(-12/n),
+  ... (the paper's code and BLOOM's `_get_alibi_slopes`)."""
+  n = 2 ** math.floor(math.log2(num_heads))
+  slopes = 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+  extra = 2.0 ** (-4.0 * np.arange(1, 2 * (num_heads - n), 2) / n)
+  return np.concatenate([slopes, extra])
+
+
+def alibi_bias(num_heads: int, q_pos_BL: jax.Array, kv_pos_BS: jax.Array) -> jax.Array:
+  """[B, H, L, S] float32: -m_h * |key position - query position|. For the keys a causal
+  query sees this is ALiBi's m_h * (j - i); BLOOM adds m_h * j, equal after the softmax
+  (constant along each row). A bidirectional stack gets the same penalty on both sides."""
+  dist_BLS = jnp.abs(kv_pos_BS[:, None, :] - q_pos_BL[:, :, None]).astype(jnp.float32)
+  slopes_H = jnp.asarray(alibi_slopes(num_heads), jnp.float32)
+  return -slopes_H[None, :, None, None] * dist_BLS[:, None]
+
+
 def run_stack(
   c: TransformerConfig,
   deterministic: bool,
@@ -290,13 +329,13 @@ def run_stack(
 ) -> tuple[jax.Array, dict | None]:
   """The blocks (scanned, looped, or one shared) and the final norm, as submodules of the
   calling module named `{prefix}blocks` / `{prefix}block_{i}` / `{prefix}final_norm`.
-  With `position="relative"` it adds `{prefix}rel_bias`, computed once for all layers."""
+  With `position="relative"` it adds `{prefix}rel_bias`, computed once for all layers;
+  `position="alibi"` computes its fixed bias once for all layers."""
   ctx = dict(ctx or {})
+  if c.position == "alibi":
+    ctx["bias"] = alibi_bias(c.num_heads, pos_BL, key_positions(pos_BL, cache))
   if c.position == "relative":
-    kv_pos_BS = pos_BL
-    if cache is not None:  # keys sit at their positions in the cache
-      s = cache["k"].shape[2]
-      kv_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=pos_BL.dtype), (pos_BL.shape[0], s))
+    kv_pos_BS = key_positions(pos_BL, cache)
     ctx["bias"] = RelativeBias(
       c.num_heads,
       c.mask_kind != "causal",
@@ -431,7 +470,7 @@ class Transformer(nn.Module):
     if c.time_conditioning:
       t_B = jnp.zeros(tokens_BL.shape[:1], jnp.float32) if time_B is None else time_B
       x_BLE = x_BLE + TimeEmbedding(width, width_axis, dtype, name="time_embed")(t_B)[:, None, :]
-    if c.norm_position == "post":  # BERT normalizes the embeddings, not the last block
+    if c.norm_position == "post" or c.embed_norm:  # BERT (not the last block), BLOOM (both)
       x_BLE = Norm(name="embed_norm", **norm)(x_BLE)
     if factorized:
       x_BLE = Dense((c.d_model,), ("factor",), ("embed",), dtype=dtype, name="embed_proj")(x_BLE)
@@ -512,6 +551,11 @@ class EncoderDecoder(nn.Module):
     c = self.cfg
     dtype = c.jnp_dtype
     embed = Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed")
+    embed_norm = Norm(c.norm, c.norm_eps, c.use_bias, dtype, name="embed_norm")
+
+    def embed_in(ids_BL):  # with c.embed_norm, one norm shared by both sides, as the embedding
+      return embed_norm(embed(ids_BL)) if c.embed_norm else embed(ids_BL)
+
     drop = nn.Dropout(c.dropout)
     constrain = functools.partial(
       nn.with_logical_constraint, logical_axis_resources=("act_batch", "act_length", "act_embed")
@@ -523,7 +567,7 @@ class EncoderDecoder(nn.Module):
     layers = None if cache is None else {k: v for k, v in cache.items() if k != "src_segment_ids"}
     ctx = {"enc": None}
     if tokens_BS is not None:
-      x_BSD = constrain(drop(embed(tokens_BS), deterministic=deterministic))
+      x_BSD = constrain(drop(embed_in(tokens_BS), deterministic=deterministic))
       ctx["enc"], _ = run_stack(
         enc_cfg, deterministic, x_BSD, positions_BS, segment_ids_BS, None, prefix="encoder_"
       )
@@ -536,7 +580,7 @@ class EncoderDecoder(nn.Module):
         positions_BS,
         segment_ids_BS,
       )
-    y_BLD = constrain(drop(embed(targets_in_BL), deterministic=deterministic))
+    y_BLD = constrain(drop(embed_in(targets_in_BL), deterministic=deterministic))
     y_BLD, layers = run_stack(
       dec_cfg,
       deterministic,

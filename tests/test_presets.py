@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from configs import bert, gpt, llama, phi3, t5
+from configs import bert, bloom, gpt, llama, palm, phi3, t5
 from modeling.transformer import TransformerConfig
 from tests.tiny_models import abstract_init
 from train.data.tokenizers import ByteTokenizer
@@ -38,6 +38,7 @@ def published_presets() -> set[str]:
   names = {f"gpt.py:size={s}" for s in gpt.PUBLISHED}
   names |= {f"llama.py:size={s}" for s in llama.PUBLISHED}
   names |= {f"phi3.py:size={s}" for s in phi3.SIZES}
+  names |= {f"bloom.py:size={s}" for s in bloom.PUBLISHED}
   names |= {f"bert.py:arch={a},size={s}" for a, sizes in bert.PUBLISHED.items() for s in sizes}
   names |= {f"t5.py:variant={v},size={s}" for v, sizes in t5.PUBLISHED.items() for s in sizes}
   return names
@@ -70,6 +71,15 @@ def in_transformers_keys(config_class: str, c: TransformerConfig) -> dict:
       tie_word_embeddings=c.tie_embeddings,
     )
     return keys | ({"sliding_window": c.sliding_window} if config_class == "Phi3Config" else {})
+  if config_class == "BloomConfig":
+    return dict(
+      n_layer=c.num_layers,
+      hidden_size=c.d_model,
+      n_head=c.num_heads,
+      vocab_size=c.vocab_size,
+      layer_norm_epsilon=c.norm_eps,
+      tie_word_embeddings=c.tie_embeddings,
+    )
   if config_class in ("BertConfig", "RobertaConfig"):
     return dict(
       num_hidden_layers=c.num_layers,
@@ -139,3 +149,17 @@ def test_a_published_size_of_another_arch_is_refused_naming_the_archs():
     bert.get_config("size=base")
   with pytest.raises(ValueError, match=r"size='large': allowed \[.*'small', 'base'\]"):
     t5.get_config("variant=original,size=large")
+
+
+@pytest.mark.parametrize("size", sorted(palm.PUBLISHED))
+def test_palm_sizes_have_the_papers_parameter_counts(size):
+  """PaLM has no transformers class. Its count by hand: per layer q and o (d x h x 256 each),
+  one shared k and v (d x 256 each), SwiGLU's three d x 4d matrices and one norm scale; a
+  tied 256k-row embedding and the final norm. That equals Table 1's 8.63B, 62.50B, 540.35B
+  within one unit of the last printed digit (the table rounds 62.4957B up, 540.3565B down)."""
+  _, cfg, module = model_config(f"palm.py:size={size}")
+  count = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract_init(cfg, module))))
+  d, h, k, f = cfg.d_model, cfg.num_heads, 256, 4 * cfg.d_model
+  layer = 2 * d * h * k + 2 * d * k + 3 * d * f + d
+  assert count == cfg.num_layers * layer + 256_000 * d + d
+  assert abs(count - palm.PAPER_PARAMS[size]) < 1e7, f"{count:,}"

@@ -17,12 +17,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from configs import bert, gpt, llama, mdlm, t5
+from configs import bert, bloom, gpt, llama, mdlm, palm, t5
 from modeling.transformer import Transformer, TransformerConfig
 from train import families
 
 VOCAB = 97
-PRESETS = {"gpt": gpt, "llama": llama, "bert": bert, "t5": t5, "mdlm": mdlm}
+PRESETS = {
+  "gpt": gpt,
+  "llama": llama,
+  "bert": bert,
+  "t5": t5,
+  "mdlm": mdlm,
+  "bloom": bloom,
+  "palm": palm,
+}
 MDLM_STEPS = 40  # the steps of tiny_mdlm's run
 
 

@@ -626,6 +626,8 @@ class Wiring:
       scan_layers=m.scan_layers,
       remat=m.remat,
       norm_position=m.norm_position,
+      block=m.block,
+      embed_norm=m.embed_norm,
       type_vocab_size=m.type_vocab_size,
       embed_dim=m.embed_dim,
       share_layers=m.share_layers,

@@ -20,6 +20,7 @@ from modeling.quant import QUANT_KINDS
 from modeling.rope import ROPE_SCALINGS
 from modeling.transformer import (
   ATTENTIONS,
+  BLOCKS,
   DTYPES,
   NORM_POSITIONS,
   POOLINGS,
@@ -44,6 +45,7 @@ CHOICES = {
   "model.remat": tuple(REMAT_POLICIES),
   "model.quant": QUANT_KINDS,
   "model.norm_position": NORM_POSITIONS,
+  "model.block": BLOCKS,
   "model.gelu": GELUS,
   "model.rope_scaling.type": ROPE_SCALINGS,
   "model.attention": ATTENTIONS,
@@ -344,8 +346,18 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
     )
   if m.position == "relative" and (m.rel_buckets < 4 or m.rel_buckets % 2):
     fail("model.rel_buckets", m.rel_buckets, "must be an even number >= 4 (T5: 32)")
-  if m.position == "relative" and m.attention_impl == "splash":
+  if m.position in ("relative", "alibi") and m.attention_impl == "splash":
     fail("model.position", m.position, "the splash kernel takes no bias; use attention_impl='xla'")
+  if m.norm_position == "post" and m.block == "parallel":
+    fail(
+      "model.block", m.block, "needs model.norm_position='pre' (one norm feeding both sublayers)"
+    )
+  if m.norm_position == "post" and m.embed_norm:
+    fail(
+      "model.embed_norm",
+      True,
+      "is for pre-norm stacks; post-norm stacks always normalize the embeddings",
+    )
   if m.neighbor_mix and (fam.mask_kind != "bidirectional" or fam.model is not Transformer):
     fail(
       "model.neighbor_mix",

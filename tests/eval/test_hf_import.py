@@ -22,7 +22,18 @@ from modeling import decoding, rope
 from train.trainer import load_for_inference
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
-NAMES = ("gpt2", "llama2", "llama3", "phi3", "bert", "bert_model", "roberta", "t5", "t5_v1_1")
+NAMES = (
+  "gpt2",
+  "llama2",
+  "llama3",
+  "phi3",
+  "bert",
+  "bert_model",
+  "roberta",
+  "t5",
+  "t5_v1_1",
+  "bloom",
+)
 
 
 def forward(model, params, ref) -> np.ndarray:

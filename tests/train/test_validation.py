@@ -6,7 +6,7 @@ import re
 import ml_collections
 import pytest
 
-from configs import gpt, llama
+from configs import bloom, gpt, llama, palm
 from modeling.flops import matmul_params
 from tests.tiny_models import tiny_config
 from train import families, sharding
@@ -23,7 +23,7 @@ def config(**changes):
   return c
 
 
-@pytest.mark.parametrize("preset", [gpt, llama])
+@pytest.mark.parametrize("preset", [gpt, llama, bloom, palm])
 @pytest.mark.parametrize("size", ["tiny", "XS", "S", "M", "L", "1B"])
 def test_every_preset_size_is_valid(preset, size):
   """Validation accepts it and returns its wiring; the model is the size's own."""
@@ -35,7 +35,7 @@ def test_every_preset_size_is_valid(preset, size):
   assert cfg.num_heads * cfg.head_dim == cfg.d_model and cfg.num_heads % cfg.num_kv_heads == 0
 
 
-@pytest.mark.parametrize("preset", [gpt, llama])
+@pytest.mark.parametrize("preset", [gpt, llama, bloom, palm])
 def test_preset_sizes_grow_in_order(preset):
   sizes = ["tiny", "XS", "S", "M", "L", "1B"]
   params = []
@@ -105,6 +105,22 @@ def test_preset_sizes_grow_in_order(preset):
     (
       {"model.attention_impl": "splash", "data.seq_len": 200},
       r"data\.seq_len=200: must be a multiple of 128",
+    ),
+    (
+      {"model.block": "parallel", "model.norm_position": "post"},
+      r"model\.block='parallel': needs model\.norm_position='pre'",
+    ),
+    (
+      {"model.block": "interleaved"},
+      r"model\.block='interleaved': allowed \['serial', 'parallel'\]",
+    ),
+    (
+      {"model.embed_norm": True, "model.norm_position": "post"},
+      r"model\.embed_norm=True: is for pre-norm stacks",
+    ),
+    (
+      {"model.position": "alibi", "model.attention_impl": "splash", "data.seq_len": 128},
+      r"model\.position='alibi': the splash kernel takes no bias",
     ),
   ],
 )

@@ -18,7 +18,18 @@ from train.data import pipeline
 from train.data import tokenizers as tk
 
 HF = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "hf")
-FIXTURES = ["gpt2", "llama2", "llama3", "phi3", "bert", "bert_model", "roberta", "t5", "t5_v1_1"]
+FIXTURES = [
+  "gpt2",
+  "llama2",
+  "llama3",
+  "phi3",
+  "bert",
+  "bert_model",
+  "roberta",
+  "t5",
+  "t5_v1_1",
+  "bloom",
+]
 
 
 def tokenizer(name: str):
@@ -47,6 +58,13 @@ def test_ids_and_decoded_text_equal_transformers(name):
 # (class, vocab_size, the model's embedding rows, the Specials fields that differ from
 # fourfold's, the special-id ranges); from the fixtures' README and config files
 EXPECTED = {
+  "bloom": (
+    tk.HuggingFaceTokenizer,
+    384,
+    384,
+    dict(pad=3, eos=2, bos=1, mask=None, cls=None, sep=None, unk=0, add_bos=False),
+    ((0, 4),),
+  ),
   "gpt2": (
     tk.HuggingFaceTokenizer,
     384,
