@@ -413,7 +413,7 @@ def _validate_distill(config, wiring: families.Wiring, vocab_size: int) -> None:
         " (the KD term compares their distributions over one vocabulary)",
       )
   if saved.model.lora.rank:
-    fail("task.teacher", t.teacher, "is a LoRA run: fold its adapters first (eval.export)")
+    fail("task.teacher", t.teacher, "is a LoRA run: its checkpoint holds the adapters alone")
   teacher_wiring = families.resolve(saved)
   if teacher_wiring.task.head != wiring.task.head:
     fail(

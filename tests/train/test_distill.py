@@ -177,6 +177,14 @@ def test_a_student_copied_from_its_teacher_has_zero_kd_and_cos(family):
   other = jax.tree.map(lambda x: x * 1.5, teacher)
   sums, _ = both(student, other)
   assert float(sums["distill/kd"]) > 1e-3 * weight and float(sums["distill/cos"]) > 0
+  if family == "decoder":  # exactly the next-token targets inside each document
+    seg = np.asarray(batch["segment_ids"])
+    w = np.zeros((B, L))
+    w[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    z_s, z_t = (np.asarray(model.apply({"params": p}, *args)[0]) for p in (student, other))
+    want = kd_reference(z_s, z_t, t.distill_temperature, w)
+    np.testing.assert_allclose(sums["distill/kd"], want, rtol=1e-4)
 
 
 def test_the_teacher_gets_no_gradient_and_no_step_changes_it():
