@@ -62,10 +62,14 @@ def abstract_state(config, model, tx, mesh, rules):
   wiring = families.resolve(config)
   trainable = wiring.trainable(config)
   init_fn = make_init(model, tx, _example(config), config.train.ema_decay > 0, trainable)
-  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   if wiring.task.teacher:  # distillation: the frozen teacher's weights are the reference
-    teacher = make_init_params(wiring.teacher(config, model.cfg.vocab_size), _example(config))
-    boxed = boxed.replace(reference=jax.eval_shape(teacher, jax.random.PRNGKey(0)))
+    teacher_init = make_init_params(wiring.teacher(config, model.cfg.vocab_size), _example(config))
+    student_init = init_fn
+
+    def init_fn(rng):  # the teacher's init stands in for its weights (shapes, benchmarks)
+      return student_init(rng).replace(reference=teacher_init(rng))
+
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   if trainable.adapters and not lora.adapter_paths(nn.unbox(boxed.params)):
     raise ValueError(
       f"model.lora.targets={config.model.lora.targets!r} matches no layer; the linear layers "
