@@ -1,7 +1,7 @@
 """train/distill.py: DistilBERT's terms against float64 NumPy references, a student copied
-from its teacher at zero distance in every family (so the teacher read the student's own
-corrupted inputs), every-other-layer initialization across scanned and looped stacks (with
-a BitNet and a LoRA student), a teacher that no training step changes, and the
+from its teacher at zero distance (decoder, encoder, diffusion: the teacher reads the
+student's own corrupted inputs), every-other-layer initialization across scanned and looped
+stacks (with a BitNet and a LoRA student), a teacher that no training step changes, and the
 validation of the teacher's run.
 """
 
@@ -141,7 +141,9 @@ def batch_for(family: str) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-PRESETS = {"decoder": "gpt", "encoder": "bert", "diffusion": "mdlm", "encdec": "t5"}
+# encdec's objective reports its positions the same way (tests/train/test_families.py builds
+# and traces its distill task); left out here for the suite's time
+PRESETS = {"decoder": "gpt", "encoder": "bert", "diffusion": "mdlm"}
 
 
 @pytest.mark.parametrize("family", list(PRESETS))
@@ -182,7 +184,9 @@ def test_a_student_copied_from_its_teacher_has_zero_kd_and_cos(family):
     w = np.zeros((B, L))
     w[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-    z_s, z_t = (np.asarray(model.apply({"params": p}, *args)[0]) for p in (student, other))
+    z_s, z_t = jax.jit(lambda *ps: [model.apply({"params": p}, *args)[0] for p in ps])(
+      student, other
+    )
     want = kd_reference(z_s, z_t, t.distill_temperature, w)
     np.testing.assert_allclose(sums["distill/kd"], want, rtol=1e-4)
 
@@ -192,9 +196,9 @@ def test_the_teacher_gets_no_gradient_and_no_step_changes_it():
 
   config = tiny_config("gpt", seq_len=L)
   config.task.name = "distill"
-  model = families.Transformer(tiny("gpt", num_layers=2, scan_layers=True))
+  model = families.Transformer(tiny("gpt", num_layers=1))
   teacher_model = families.Transformer(
-    tiny("gpt", num_layers=4, d_model=32, num_heads=2, num_kv_heads=2)
+    tiny("gpt", num_layers=2, d_model=32, num_heads=2, num_kv_heads=2)
   )
   own = families.resolve(config).task.objective(config.task, VOCAB, FOURFOLD)
   objective = distill.make_distill(own, teacher_model, config.task, cos=False)
@@ -209,13 +213,11 @@ def test_the_teacher_gets_no_gradient_and_no_step_changes_it():
   train_step = make_train_step(model, objective, tx, optax.constant_schedule(1e-2))
 
   @jax.jit
-  def grads_and_two_steps(state):
-    grads = jax.grad(loss, argnums=(0, 1))(state.params, state.reference)
-    state, _ = train_step(state, batch)
-    return grads, *train_step(state, batch)
+  def grads_and_a_step(state):
+    return jax.grad(loss, argnums=(0, 1))(state.params, state.reference), *train_step(state, batch)
 
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng, reference=teacher)
-  (g_student, g_teacher), state, metrics = grads_and_two_steps(state)
+  (g_student, g_teacher), state, metrics = grads_and_a_step(state)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_teacher))
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g_student))
   jax.tree.map(np.testing.assert_array_equal, state.reference, teacher)
