@@ -161,6 +161,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.label_smoothing = 0.0  # cdpo: the probability that a preference label is flipped
   c.task.simpo_gamma = 0.5  # simpo: the target reward margin gamma
   c.task.reference = "frozen"  # dpo: frozen (initial weights) | adapter_base | precomputed
+  # task.name=distill (docs/distillation.md): DistilBERT's loss, weights as its paper's
+  c.task.teacher = ""  # distill: the teacher run's workdir or step dir (same family, tokenizer)
+  c.task.distill_temperature = 2.0  # distill: softmax temperature T of the KD term (times T^2)
+  c.task.distill_kd_weight = 5.0  # distill: weight of T^2 KL(teacher || student) (DistilBERT 5)
+  c.task.distill_task_weight = 2.0  # distill: weight of the student's own objective (DistilBERT 2)
+  c.task.distill_cos_weight = 1.0  # distill: weight of 1 - cos of final hidden states; 0: off
+  c.task.distill_init = "none"  # distill: none | every_other (from teacher layers 0, s, 2s, ..)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # optimizer steps

@@ -480,6 +480,7 @@ class Transformer(nn.Module):
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
 
     x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache)
+    self.sow("intermediates", "hidden", x_BLD)  # the final hidden state (distillation's cos)
     return self.head(x_BLD, segment_ids_BL, embed, deterministic), cache
 
   def head(self, x_BLD, seg_BL, embed: Embed, deterministic: bool) -> jax.Array:
@@ -592,6 +593,7 @@ class EncoderDecoder(nn.Module):
       prefix="decoder_",
       cross=True,
     )
+    self.sow("intermediates", "hidden", y_BLD)  # the decoder's final hidden state
     if c.tie_embeddings:  # the original T5 rescales before its tied output layer
       logits_BLV = embed.attend(y_BLD * c.d_model**-0.5)
     else:

@@ -26,7 +26,7 @@ from modeling.mla import Mla
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
-from train import objectives, preference
+from train import distill, objectives, preference
 from train.data import chat, labeled, pipeline, seq2seq, sources
 from train.step import Trainable
 from train.text_metrics import text_metrics
@@ -83,6 +83,9 @@ class Task:
   # kwargs): work done once on the initial weights before the data is read (DPO's
   # precomputed reference log-probs); None: nothing
   prepare: Callable | None = None
+  # distills `task.teacher`'s frozen model into this one: `Wiring.build` wraps the objective
+  # (train/distill.py) and the state keeps the teacher's weights as its `reference`
+  teacher: bool = False
 
   def prepare_data(self, config, model, params, tokenizer, to_global) -> tuple[dict, dict]:
     """(training data kwargs, evaluation data kwargs) from `prepare`, or nothing."""
@@ -396,6 +399,17 @@ def _generated(tokenizer, out_N, stops, constraint) -> tuple[str, bool | None]:
   return constraint.text(out_N, stops), constraint.accepts(out_N, stops)
 
 
+# ---- distillation: a family's pretraining task, with a teacher (train/distill.py)
+
+
+def distilled(pretrain: Task) -> Task:
+  """The family's pretraining data and objective, distilled from `task.teacher`; evaluation
+  reports the student's own metrics and the distillation terms."""
+  return dataclasses.replace(
+    pretrain, summarize=distill.summarize(pretrain.summarize), teacher=True
+  )
+
+
 # ---- the table
 
 # eval.sample's constraint flags (eval/constrain.py builds the `constraint` from them): the
@@ -404,6 +418,7 @@ CONSTRAINT_OPTIONS = ("regex", "json_schema", "choices")
 
 ENCODER_TASKS = {
   "pretrain": Task("mlm", objectives.make_mlm, frame=cls_sep),
+  "distill": distilled(Task("mlm", objectives.make_mlm, frame=cls_sep)),
   "classify": _labeled_task(
     "classify",
     objectives.make_classify,
@@ -428,6 +443,7 @@ FAMILIES: dict[str, Family] = {
     "causal",
     {
       "pretrain": Task("lm", objectives.make_causal_lm),
+      "distill": distilled(Task("lm", objectives.make_causal_lm)),
       "dpo": Task(
         "lm",
         objectives.make_dpo,
@@ -471,6 +487,9 @@ FAMILIES: dict[str, Family] = {
       "pretrain": Task(
         "lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths
       ),
+      "distill": distilled(
+        Task("lm", objectives.make_seq2seq, _span_train, _span_eval, batch_lengths=seq2seq_lengths)
+      ),
       "seq2seq": Task(
         "lm",
         objectives.make_seq2seq,
@@ -505,7 +524,12 @@ FAMILIES: dict[str, Family] = {
   # trained on the NELBO, sampled by unmasking (modeling/diffusion.py)
   "diffusion": Family(
     "bidirectional",
-    {"pretrain": Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion)},
+    {
+      "pretrain": Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion),
+      "distill": distilled(
+        Task("lm", objectives.make_diffusion, summarize=objectives.summarize_diffusion)
+      ),
+    },
     autoregressive=False,
     sampler=_sample_diffusion,
     sample_options=(
@@ -654,7 +678,20 @@ class Wiring:
     """(model, objective) for the configured family and task, sized for the tokenizer
     (`tokenizer.vocab_size`) and using its special ids (`tokenizer.specials`)."""
     model = self.family.model(self.transformer_config(config, tokenizer.vocab_size))
-    return model, self.task.objective(config.task, tokenizer.vocab_size, tokenizer.specials)
+    objective = self.task.objective(config.task, tokenizer.vocab_size, tokenizer.specials)
+    if self.task.teacher:
+      teacher = self.teacher(config, model.cfg.vocab_size)
+      cos = teacher.cfg.d_model == model.cfg.d_model
+      objective = distill.make_distill(objective, teacher, config.task, cos)
+    return model, objective
+
+  def teacher(self, config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
+    """The frozen teacher of a distillation run: its own model, built from its saved config
+    (`task.teacher`) with the student's vocabulary of `vocab_size` rows (the same tokenizer)."""
+    saved = distill.run_config(config.task.teacher)
+    wiring = resolve(saved)
+    cfg = wiring.transformer_config(saved, vocab_size)
+    return wiring.family.model(dataclasses.replace(cfg, vocab_size=vocab_size))
 
 
 def resolve(config: ml_collections.ConfigDict) -> Wiring:

@@ -5,6 +5,10 @@ ids)` (the table in train/families.py names it; the special ids are the tokenize
 `Specials`). An objective maps `(model, params, batch, rng,
 deterministic)` to a dict of sums: `loss_sum` (nats), `weight` (targets counted) and task
 metrics. The step divides; evaluation divides over the whole split.
+
+The pretraining objectives also take `on_scored`: distillation (train/distill.py) passes it
+to learn, after each model call, which of the model's output positions the objective scores
+(`weights_BL` over them) and how it reads the logits there (`view`, e.g. diffusion's SUBS).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import scipy.stats
 
 from modeling import diffusion, lora
-from modeling.vocab import FOURFOLD, Specials
+from modeling.vocab import FOURFOLD, MASK_ID, Specials
 from train import preference
 
 Objective = Callable[..., dict[str, jax.Array]]
@@ -61,6 +65,7 @@ def causal_lm(
   deterministic: bool,
   specials: Specials = FOURFOLD,
   masked: bool = False,
+  on_scored: Callable | None = None,
 ) -> dict[str, jax.Array]:
   """Next-token prediction inside each packed document.
 
@@ -82,6 +87,8 @@ def causal_lm(
   weights_BL = ((seg_BL[:, 1:] == seg_BL[:, :-1]) & (seg_BL[:, 1:] > 0)).astype(jnp.float32)
   if masked:
     weights_BL = weights_BL * batch["loss_mask"][:, 1:]
+  if on_scored is not None:  # the last position predicts nothing
+    on_scored(jnp.pad(weights_BL, ((0, 0), (0, 1))))
   return {
     **token_sums(logits_BLV[:, :-1], targets_BL, weights_BL),
     "bytes": jnp.sum(weights_BL * ~specials.is_special(targets_BL)),
@@ -191,7 +198,7 @@ def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int, specials: Spe
   every target token given the source and the targets before it."""
   start = specials.require("decoder_start", "an encoder-decoder's decoder input")
 
-  def seq2seq(model, params, batch, rng, deterministic):
+  def seq2seq(model, params, batch, rng, deterministic, on_scored=None):
     targets_BL, seg_BL = batch["targets"], batch["targets_segment_ids"]
     logits_BLV, _ = model.apply(
       {"params": params},
@@ -204,6 +211,8 @@ def make_seq2seq(task: ml_collections.ConfigDict, vocab_size: int, specials: Spe
       targets_positions_BL=batch["targets_positions"],
       targets_segment_ids_BL=seg_BL,
     )
+    if on_scored is not None:
+      on_scored((seg_BL > 0).astype(jnp.float32))
     return token_sums(logits_BLV, targets_BL, (seg_BL > 0).astype(jnp.float32))
 
   return seq2seq
@@ -246,7 +255,7 @@ def make_mlm(task: ml_collections.ConfigDict, vocab_size: int, specials: Special
   t = task
   specials.require("mask", "masked language modeling")
 
-  def mlm(model, params, batch, rng, deterministic):
+  def mlm(model, params, batch, rng, deterministic, on_scored=None):
     mask_rng, dropout_rng = jax.random.split(rng)
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
     inputs_BL, selected_BL = mask_tokens(
@@ -267,6 +276,8 @@ def make_mlm(task: ml_collections.ConfigDict, vocab_size: int, specials: Special
       deterministic=deterministic,
       rngs={"dropout": dropout_rng},
     )
+    if on_scored is not None:
+      on_scored(selected_BL.astype(jnp.float32))
     return token_sums(logits_BLV, tokens_BL, selected_BL.astype(jnp.float32), "mlm_correct")
 
   return mlm
@@ -342,32 +353,35 @@ def make_diffusion(
   t_cfg = task
   schedule = diffusion.make_schedule(t_cfg.schedule, t_cfg.schedule_exponent)
 
-  def one_draw(model, params, batch, rng, deterministic):
+  def one_draw(model, params, batch, rng, deterministic, on_scored=None):
     r_drop, rng = jax.random.split(rng)
 
     def logits_fn(z_BL, t_B):
       pos_BL, seg_BL = batch["positions"], batch["segment_ids"]
-      return diffusion.denoise(
+      logits_BLV = diffusion.denoise(
         model, params, z_BL, pos_BL, seg_BL, t_B, deterministic, {"dropout": r_drop}
       )
+      if on_scored is not None:  # the masked positions, read through SUBS
+        on_scored(((z_BL == MASK_ID) & (seg_BL > 0)).astype(jnp.float32), diffusion.subs_logits)
+      return logits_BLV
 
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
     if t_cfg.estimator == "count" and not deterministic:
       return diffusion.nelbo_sum_count(logits_fn, rng, tokens_BL, seg_BL)
     return diffusion.nelbo_sum(logits_fn, rng, tokens_BL, seg_BL, schedule)
 
-  def objective(model, params, batch, rng, deterministic):
+  def objective(model, params, batch, rng, deterministic, on_scored=None):
     tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
     real_BL = (seg_BL > 0).astype(jnp.float32)
     text_BL = real_BL * ~specials.is_special(tokens_BL)
     out = {"weight": jnp.sum(real_BL), "bytes": jnp.sum(text_BL)}
     if not deterministic:
-      return {"loss_sum": one_draw(model, params, batch, rng, False), **out}
+      return {"loss_sum": one_draw(model, params, batch, rng, False, on_scored), **out}
     key = jnp.sum(tokens_BL * (batch["positions"] + 1) * (seg_BL > 0))
     rng = jax.random.fold_in(rng, key)
     draws_K = jnp.stack(
       [
-        one_draw(model, params, batch, jax.random.fold_in(rng, k), True)
+        one_draw(model, params, batch, jax.random.fold_in(rng, k), True, on_scored)
         for k in range(t_cfg.eval_t_samples)
       ]
     )

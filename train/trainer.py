@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from configs import base
 from modeling import flops, lora, moe
-from train import families, sharding
+from train import distill, families, sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
 from train.data import make_tokenizer
 from train.distributed import init_distributed
@@ -59,8 +59,16 @@ def _example(config) -> dict:
 def abstract_state(config, model, tx, mesh, rules):
   """(abstract TrainState with shardings, its shardings, the boxed init fn). LoRA targets
   that match no layer are refused here, listing the layers' paths."""
-  trainable = families.resolve(config).trainable(config)
+  wiring = families.resolve(config)
+  trainable = wiring.trainable(config)
   init_fn = make_init(model, tx, _example(config), config.train.ema_decay > 0, trainable)
+  if wiring.task.teacher:  # distillation: the frozen teacher's weights are the reference
+    teacher_init = make_init_params(wiring.teacher(config, model.cfg.vocab_size), _example(config))
+    student_init = init_fn
+
+    def init_fn(rng):  # the teacher's init stands in for its weights (shapes, benchmarks)
+      return student_init(rng).replace(reference=teacher_init(rng))
+
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
   if trainable.adapters and not lora.adapter_paths(nn.unbox(boxed.params)):
     raise ValueError(
@@ -92,9 +100,36 @@ def initial_state(config, model, tx, shardings, mesh, rules):
       f"{len(jax.tree.leaves(params)) - len(fresh)} parameter arrays; new, initialized "
       f"fresh: {new}; in the checkpoint but unused: {unused or 'none'}"
     )
-  trainable = families.resolve(config).trainable(config)
-  to_state = make_state_from_params(tx, config.train.ema_decay > 0, trainable)
-  return jax.jit(to_state, out_shardings=shardings)(params, state_rng)
+  wiring = families.resolve(config)
+  teacher = (
+    load_teacher(config, wiring, model, shardings.reference) if wiring.task.teacher else None
+  )
+  if teacher is not None and config.task.distill_init != "none":
+    params, used, copied = distill.init_student(params, teacher)
+    print_main(
+      f"task.distill_init={config.task.distill_init}: student layers from the teacher's "
+      f"{used}; {len(copied)} of {len(jax.tree.leaves(params))} parameter arrays copied"
+    )
+  to_state = make_state_from_params(tx, config.train.ema_decay > 0, wiring.trainable(config))
+  if teacher is None:
+    return jax.jit(to_state, out_shardings=shardings)(params, state_rng)
+  state = jax.jit(to_state, out_shardings=shardings.replace(reference=None))(params, state_rng)
+  return state.replace(reference=teacher)
+
+
+def load_teacher(config, wiring: families.Wiring, model, teacher_shardings) -> dict:
+  """A distillation teacher's weights (its EMA when it kept one) from `task.teacher`, straight
+  into the shardings of the state's reference."""
+  teacher = wiring.teacher(config, model.cfg.vocab_size)
+  init = make_init_params(teacher, _example(config))
+  shapes = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.PRNGKey(0))
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, teacher_shardings
+  )
+  print_main(
+    f"task.teacher {config.task.teacher}: {teacher.cfg.num_layers} layers x {teacher.cfg.d_model}"
+  )
+  return restore_params(config.task.teacher, abstract)
 
 
 def config_train_step(config, model, objective, tx):

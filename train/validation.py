@@ -5,6 +5,7 @@ Each error names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -27,9 +28,10 @@ from modeling.transformer import (
   POSITIONS,
   REMAT_POLICIES,
   Transformer,
+  TransformerConfig,
 )
 from modeling.vocab import FOURFOLD
-from train import families, objectives, preference, sharding
+from train import distill, families, objectives, preference, sharding
 from train.data import chat, make_tokenizer, seq2seq, validate_source
 from train.optim import SCHEDULES
 
@@ -56,6 +58,7 @@ CHOICES = {
   "task.template": chat.TEMPLATES,
   "task.loss": preference.LOSSES,
   "task.reference": objectives.REFERENCES,
+  "task.distill_init": distill.INITS,
   "model.lora.base_quant": lora.BASE_QUANTS,
   "model.lora.base_dtype": ("float32", "bfloat16"),
   "model.moe.impl": MOE_IMPLS,
@@ -91,6 +94,7 @@ POSITIVE = (
   "model.mla.qk_nope_head_dim",
   "model.mla.qk_rope_head_dim",
   "model.mla.v_head_dim",
+  "task.distill_temperature",
 )
 NON_NEGATIVE = (
   "model.vocab_size",
@@ -131,6 +135,9 @@ NON_NEGATIVE = (
   "model.mla.q_lora_rank",
   "model.rope_scaling.mscale",
   "model.rope_scaling.mscale_all_dim",
+  "task.distill_kd_weight",
+  "task.distill_task_weight",
+  "task.distill_cos_weight",
 )
 
 
@@ -378,6 +385,8 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
     _validate_moe(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
   _validate_specials(config, wiring, tokenizer)
+  if wiring.task.teacher:
+    _validate_distill(config, wiring, tokenizer.vocab_size)
   if wiring.task.template_rows:
     chat.token_ids(task.template, tokenizer)  # raises on a template token the tokenizer lacks
   if fam.sentinels:
@@ -482,6 +491,86 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
       f"jax.lax.ragged_dot takes no quantized dot_general: with model.quant={m.quant!r} use "
       "impl='dense' or a capacity_factor > 0",
     )
+# TransformerConfig fields a student may set apart from its teacher under
+# task.distill_init='every_other' (the layer counts, and what changes no weight's shape)
+DISTILL_FREE = (
+  "num_layers",
+  "num_decoder_layers",
+  "quant",
+  "lora",
+  "dropout",
+  "scan_layers",
+  "remat",
+  "dtype",
+  "attention_impl",
+)
+
+
+def _validate_distill(config, wiring: families.Wiring, vocab_size: int) -> None:
+  """task.name=distill: the teacher's run exists and shares the family, tokenizer, head and
+  vocabulary; the cos term needs equal widths, every_other the same shapes."""
+  t = config.task
+  if not t.teacher:
+    fail("task.teacher", t.teacher, "task.name='distill' needs the teacher run's workdir")
+  saved = distill.run_config(t.teacher)
+  for key in ("model.family", "data.tokenizer"):
+    if get(saved, key) != get(config, key):
+      fail(
+        "task.teacher",
+        t.teacher,
+        f"the teacher's {key}={get(saved, key)!r} differs from the student's {get(config, key)!r}"
+        " (the KD term compares their distributions over one vocabulary)",
+      )
+  if saved.model.lora.rank:
+    fail("task.teacher", t.teacher, "is a LoRA run: its checkpoint holds the adapters alone")
+  teacher_wiring = families.resolve(saved)
+  if teacher_wiring.task.head != wiring.task.head:
+    fail(
+      "task.teacher",
+      t.teacher,
+      f"its head {teacher_wiring.task.head!r} is not the student's {wiring.task.head!r}",
+    )
+  student = wiring.transformer_config(config, vocab_size)
+  teacher = teacher_wiring.transformer_config(saved, vocab_size)
+  for field in ("vocab_size", "time_conditioning"):
+    if getattr(teacher, field) != getattr(student, field):
+      fail(
+        f"model.{field}",
+        getattr(student, field),
+        f"must equal the teacher's {getattr(teacher, field)!r} (task.teacher={t.teacher!r})",
+      )
+  if teacher.position == "learned" and teacher.max_len < student.max_len:
+    fail(
+      "data.seq_len",
+      config.data.seq_len,
+      f"the teacher's learned positions stop at {teacher.max_len} (task.teacher={t.teacher!r})",
+    )
+  if t.distill_cos_weight and teacher.d_model != student.d_model:
+    fail(
+      "task.distill_cos_weight",
+      t.distill_cos_weight,
+      f"the cos term needs equal widths, and model.d_model={student.d_model} differs from the "
+      f"teacher's {teacher.d_model}: set it to 0",
+    )
+  if t.distill_init == "none":
+    return
+  for field in dataclasses.fields(TransformerConfig):
+    name = field.name
+    if name not in DISTILL_FREE and getattr(teacher, name) != getattr(student, name):
+      fail(
+        f"model.{name}",
+        getattr(student, name),
+        f"task.distill_init={t.distill_init!r} copies the teacher's weights and needs its "
+        f"{getattr(teacher, name)!r}; or set task.distill_init='none'",
+      )
+  for name in ("num_layers", "num_decoder_layers"):
+    if getattr(student, name) > getattr(teacher, name):
+      fail(
+        f"model.{name}",
+        getattr(student, name),
+        f"task.distill_init={t.distill_init!r} needs at most the teacher's "
+        f"{getattr(teacher, name)} layers",
+      )
 
 
 def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:

@@ -53,9 +53,16 @@ def task_config(family: str, task: str, tmp_path):
   """The family's preset at size=tiny for `task`, on a small local file of that task's data."""
   preset = PRESET[family]
   options = "" if preset == "mdlm" or (preset == "gpt" and task == "pretrain") else f"task={task}"
+  if task == "distill":  # the pretraining preset, with a teacher of its own shape (its config
+    options = ""  # alone: building the model and objective reads no weights)
+    teacher = tiny_config(PRESET[family], seq_len=SEQ_LEN)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text(teacher.to_json_best_effort())
   c = tiny_config(PRESET[family], options, seq_len=SEQ_LEN, shuffle_window=4)
+  if task == "distill":
+    c.task.update(name="distill", teacher=str(tmp_path / "teacher"))
   words = "the cat sat on a mat and the dog ran to it".split()
-  if task == "pretrain":
+  if task in ("pretrain", "distill"):
     (tmp_path / "docs.txt").write_text(" ".join(words * 40))
     c.data.name = f"text:{tmp_path / 'docs.txt'}"
   elif task == "seq2seq":
@@ -121,7 +128,9 @@ def test_each_task_builds_and_its_batches_are_what_its_objective_reads(family, t
   assert wiring.target_len(config) == (batch["targets"].shape[1] if family == "encdec" else 0)
 
   params = nn.unbox(abstract_init(model.cfg, type(model)))
-  frozen = wiring.trainable(config).reference  # DPO's reference weights: the step passes them
+  # DPO's reference weights, a distillation teacher's (here of the student's shape): the
+  # step passes them
+  frozen = wiring.trainable(config).reference or wiring.task.teacher
   for deterministic in (False, True):  # the train step's call, and evaluation's
     out = jax.eval_shape(
       lambda p, b, r, d=deterministic: objective(
@@ -176,6 +185,7 @@ FRAMING = {
   ("decoder", "sft"): ({S.eos}, S.eos, None),
   ("decoder", "dpo"): ({S.eos}, S.eos, None),
 }
+FRAMING.update({(f, "distill"): FRAMING[f, "pretrain"] for f in PRESET})
 
 
 @pytest.mark.parametrize("family, task", PAIRS, ids=[f"{f}-{t}" for f, t in PAIRS])
@@ -183,7 +193,7 @@ def test_each_task_frames_its_data_with_the_tokenizers_own_ids(family, task, tmp
   """Documents, labeled rows and text-to-text examples get the tokenizer's BOS / EOS / CLS /
   SEP / pad, none of fourfold's ids (1..6 are bytes no text here holds)."""
   config = task_config(family, task, tmp_path)
-  if task == "pretrain":  # short documents, so that a batch holds their boundaries
+  if task in ("pretrain", "distill"):  # short documents, so that a batch holds their boundaries
     words = "the cat sat on a mat and the dog ran to it".split()
     docs = [{"text": " ".join(words[i % 9 : i % 9 + 3])} for i in range(40)]
     config.data.update(name=write_jsonl(tmp_path / "docs.jsonl", docs), text_field="text")

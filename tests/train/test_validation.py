@@ -69,7 +69,7 @@ def test_preset_sizes_grow_in_order(preset):
     ({"model.norm": "batchnorm"}, r"model\.norm='batchnorm': allowed \['layernorm', 'rmsnorm'\]"),
     (
       {"task.name": "classify"},
-      r"task\.name='classify': model\.family='decoder' allows \['dpo', 'pretrain', 'sft'\]",
+      r"task\.name='classify': model\.family='decoder' allows \['distill', 'dpo', 'pretrain', 'sft'\]",
     ),
     (
       {"model.norm_position": "middle"},
