@@ -635,6 +635,9 @@ class Wiring:
       rel_max_distance=m.rel_max_distance,
       neighbor_mix=m.neighbor_mix,
       lora=Lora(m.lora.rank, m.lora.alpha, m.lora.targets, m.lora.base_quant),
+      position_buckets=m.position_buckets,
+      max_relative_positions=m.max_relative_positions,
+      emd_layers=m.emd_layers,
     )
 
   def build(
