@@ -20,6 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from modeling.attention import Attention, attend, make_mask
 from modeling.layers import Dense, Norm, param_with_axes
@@ -57,13 +58,25 @@ def relative_index(pos_BL: jax.Array, buckets: int, max_distance: int) -> jax.Ar
   return jnp.clip(log_bucket_position(rel_BLL, buckets, max_distance) + s, 0, 2 * s - 1)
 
 
+def reachable_rows(buckets: int, max_distance: int, max_len: int) -> tuple[int, int]:
+  """[lo, hi): the table rows that positions below max_len can reach (the buckets grow
+  monotonically with the distance; one row of margin for float rounding)."""
+  s = span(buckets, max_distance)
+  with jax.ensure_compile_time_eval():  # a Python int, also while a jit traces the model
+    far = int(log_bucket_position(np.int32(max_len - 1), buckets, max_distance)) + 1
+  reach = min(s, far)
+  return s - reach, min(s + reach + 1, 2 * s)
+
+
 class RelativeEmbeddings(nn.Module):
-  """The layer-normed relative table [2 span, D], shared by every layer, and each
-  (query, key) pair's row [B, L, L]."""
+  """The layer-normed relative table, shared by every layer, and each (query, key) pair's
+  row [B, L, L]. The table has 2 span rows; only those positions below max_len can reach
+  are projected (DeBERTa-v3's 512 rows at a context of 128: 257)."""
 
   d_model: int
   buckets: int
   max_distance: int
+  max_len: int
   norm: dict  # Norm kwargs (DeBERTa: the model's LayerNorm)
 
   @nn.compact
@@ -72,8 +85,9 @@ class RelativeEmbeddings(nn.Module):
     table_RD = param_with_axes(
       self, "embedding", nn.initializers.normal(0.02), (rows, self.d_model), (None, "embed")
     )
-    rel_RD = Norm(name="norm", **self.norm)(table_RD.astype(self.norm["dtype"]))
-    return rel_RD, relative_index(pos_BL, self.buckets, self.max_distance)
+    lo, hi = reachable_rows(self.buckets, self.max_distance, self.max_len)
+    rel_RD = Norm(name="norm", **self.norm)(table_RD[lo:hi].astype(self.norm["dtype"]))
+    return rel_RD, relative_index(pos_BL, self.buckets, self.max_distance) - lo
 
 
 class DisentangledAttention(Attention):

@@ -420,7 +420,7 @@ class Transformer(nn.Module):
     ctx = None
     if c.position == "disentangled":  # one relative table for every layer (DeBERTa)
       rel = RelativeEmbeddings(
-        c.d_model, c.position_buckets, c.max_relative_positions, norm, name="rel_embed"
+        c.d_model, c.position_buckets, c.max_relative_positions, c.max_len, norm, name="rel_embed"
       )
       ctx = {"rel": rel(positions_BL)}
     x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache, ctx)

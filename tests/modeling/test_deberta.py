@@ -106,8 +106,8 @@ def reference_deberta_logits(cfg, params, tokens_BL, pos_BL, seg_BL):
   return h @ table_VD.T + p["mlm_bias"]
 
 
-CASES = {  # log buckets engage past 4 (packed positions reach 8); exact distances clipped at 3
-  "buckets_emd": dict(position_buckets=8, max_relative_positions=10, emd_layers=2),
+CASES = {  # log buckets past 4 (positions reach 8), rows 1..15 of 16 reachable; exact, clipped at 3
+  "buckets_emd": dict(position_buckets=8, max_relative_positions=40, emd_layers=2),
   "exact_no_emd": dict(position_buckets=0, max_relative_positions=3, emd_layers=0),
 }
 
@@ -116,6 +116,7 @@ CASES = {  # log buckets engage past 4 (packed positions reach 8); exact distanc
 def test_deberta_mlm_logits_match_a_float64_numpy_reference(case):
   cfg = encoder("deberta", **CASES[case])
   assert cfg.position == "disentangled" and cfg.norm_position == "post"
+  assert deberta.reachable_rows(8, 40, cfg.max_len) == (1, 16)  # the sliced table
   params = random_params(cfg, seed=2)
   assert "rel_embed" in params and not any("rel" in k for k in params["block_0"]["attn"])
   tokens_BL, pos_BL, seg_BL, _ = packed_batch(cfg, seed=2)
