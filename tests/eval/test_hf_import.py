@@ -23,6 +23,7 @@ from train.trainer import load_for_inference
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 NAMES = ("gpt2", "llama2", "llama3", "phi3", "bert", "bert_model", "roberta", "t5", "t5_v1_1")
+NAMES += ("deberta_v2",)
 
 
 def forward(model, params, ref) -> np.ndarray:
