@@ -55,9 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.d_ff = c.model.get_ref("d_model") * 4  # MLP hidden width: follows 4 x d_model unless set
   c.model.head_dim = 0  # 0: d_model // num_heads
   c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
-  c.model.position = "learned"  # learned | rope | relative (T5 buckets) | alibi (BLOOM) | none
+  c.model.position = (
+    "learned"  # learned | rope | relative (T5) | alibi (BLOOM) | none | disentangled (DeBERTa)
+  )
   c.model.rel_buckets = 32  # relative: buckets of T5's log-spaced relative positions
   c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
+  c.model.position_buckets = 256  # disentangled: DeBERTa's log buckets per side; 0: exact
+  c.model.max_relative_positions = 512  # disentangled: the distance the last bucket reaches
+  c.model.emd_layers = 0  # disentangled MLM: enhanced mask decoder passes; 0: none
   c.model.neighbor_mix = 0  # encoder / diffusion: each position also reads a zero-initialized linear map of its +-N neighbours' embeddings; 0: off
   c.model.rope_theta = 10000.0  # RoPE base frequency
   c.model.rope_fraction = 1.0  # share of each head's features RoPE rotates (partial_rotary_factor)

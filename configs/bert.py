@@ -31,6 +31,10 @@ learned absolute positions sit on a long plateau at small budgets, see the READM
   albert   bert with a factorized embedding (width d_model / 4, at most 128) and one set
            of weights shared by all layers
   modern   pre-norm, RMSNorm, RoPE, SwiGLU, no biases, no dropout (default)
+  deberta  DeBERTa-v3: bert without token types or absolute positions in the input;
+           disentangled attention over 256 log buckets per side up to 512, a relative
+           table shared by all layers, and for MLM the enhanced mask decoder (2 passes of
+           one block that sees absolute positions); see docs/deberta.md
 """
 
 from configs import base
@@ -56,6 +60,16 @@ ARCHS = {
   "bert": BERT,
   "roberta": {**BERT, "type_vocab_size": 0},
   "albert": {**BERT, "share_layers": True},  # embed_dim follows d_model, below
+  "deberta": {
+    **BERT,
+    "type_vocab_size": 0,
+    "position": "disentangled",
+    "position_buckets": 256,
+    "max_relative_positions": 512,
+    "emd_layers": 2,
+    "norm_eps": 1e-7,
+    "gelu": "erf",
+  },
   "modern": dict(
     norm_position="pre",
     position="rope",

@@ -533,6 +533,91 @@ def _roberta_links(c: TransformerConfig) -> list[Link]:
   return out + [_same("lm_head.bias", "mlm_bias")]
 
 
+def _deberta_config(hf: dict) -> dict:
+  """DeBERTa-v2/v3 as DebertaV2ForMaskedLM computes it: no enhanced mask decoder (its MLM
+  head reads the last layer; fourfold's emd_layers is 0 here)."""
+  act = _require(hf, "hidden_act", tuple(GELU_ACTS), "gelu")
+  _require(hf, "relative_attention", (True,), False)
+  atts = hf.get("pos_att_type") or []
+  atts = atts.split("|") if isinstance(atts, str) else atts
+  if sorted(atts) != ["c2p", "p2c"]:
+    raise Unsupported(f"config.json pos_att_type={atts!r}: fourfold supports ['p2c', 'c2p']")
+  _require(hf, "share_att_key", (True,), False)
+  _require(hf, "norm_rel_ebd", ("layer_norm",), "none")
+  _require(hf, "position_biased_input", (False,), True)
+  _require(hf, "type_vocab_size", (0,), 0)
+  _require(hf, "conv_kernel_size", (0, None), 0)
+  _require(hf, "embedding_size", (hf["hidden_size"], None), None)
+  max_len, max_rel = hf["max_position_embeddings"], hf.get("max_relative_positions", -1)
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=hf["num_attention_heads"],
+    num_kv_heads=hf["num_attention_heads"],
+    d_model=hf["hidden_size"],
+    d_ff=hf["intermediate_size"],
+    max_len=max_len,
+    position="disentangled",
+    position_buckets=max(hf.get("position_buckets", -1), 0),
+    max_relative_positions=max_rel if max_rel >= 1 else max_len,
+    emd_layers=0,
+    norm="layernorm",
+    norm_eps=hf.get("layer_norm_eps", 1e-7),
+    norm_position="post",
+    mlp="gelu",
+    gelu=GELU_ACTS[act],
+    use_bias=True,
+    tie_embeddings=True,
+    type_vocab_size=0,
+    dropout=hf.get("hidden_dropout_prob", 0.0),
+  )
+
+
+def _deberta_write(m) -> dict:
+  return dict(
+    vocab_size=m.vocab_size,
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    hidden_size=m.d_model,
+    intermediate_size=m.d_ff,
+    max_position_embeddings=m.max_len,
+    layer_norm_eps=m.norm_eps,
+    hidden_act=GELU_NAMES[m.gelu],
+    hidden_dropout_prob=m.dropout,
+    attention_probs_dropout_prob=m.dropout,
+    relative_attention=True,
+    position_buckets=m.position_buckets or -1,
+    max_relative_positions=m.max_relative_positions,
+    pos_att_type=["p2c", "c2p"],
+    share_att_key=True,
+    norm_rel_ebd="layer_norm",
+    position_biased_input=False,
+    type_vocab_size=0,
+    legacy=True,
+    tie_word_embeddings=True,
+  )
+
+
+def _deberta_links(c: TransformerConfig) -> list[Link]:
+  e, t = "deberta.embeddings", "cls.predictions"
+  out = [_same(f"{e}.word_embeddings.weight", "embed/embedding")]
+  out += _norm(f"{e}.LayerNorm", "embed_norm", True)
+  out.append(_same("deberta.encoder.rel_embeddings.weight", "rel_embed/embedding"))
+  out += _norm("deberta.encoder.LayerNorm", "rel_embed/norm", True)
+  for i in range(c.num_layers):
+    h, b = f"deberta.encoder.layer.{i}", f"block_{i}"
+    for name in ("query", "key", "value"):
+      out += _dense(f"{h}.attention.self.{name}_proj", f"{b}/attn/{name}", True)
+    out += _dense(f"{h}.attention.output.dense", f"{b}/attn/out", True, 2)
+    out += _norm(f"{h}.attention.output.LayerNorm", f"{b}/attn_norm", True)
+    out += _dense(f"{h}.intermediate.dense", f"{b}/mlp/up", True)
+    out += _dense(f"{h}.output.dense", f"{b}/mlp/down", True)
+    out += _norm(f"{h}.output.LayerNorm", f"{b}/mlp_norm", True)
+  out += _dense(f"{t}.transform.dense", "mlm_transform", True)
+  out += _norm(f"{t}.transform.LayerNorm", "mlm_norm", True)
+  return out + [_same(f"{t}.bias", "mlm_bias")]
+
+
 T5_MLPS = {
   "relu": ("relu", "erf"),
   "gated-gelu": ("geglu", "tanh"),
@@ -710,6 +795,17 @@ ARCHITECTURES = {
       _roberta_links,
       ignored=("lm_head.decoder.weight", "lm_head.decoder.bias", "position_ids"),
       unused=("roberta.pooler.",),
+    ),
+    Arch(
+      "DebertaV2ForMaskedLM",
+      "deberta-v2",
+      "encoder",
+      PRETRAIN,
+      _deberta_config,
+      _deberta_write,
+      _deberta_links,
+      ignored=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "position_ids"),
+      unused=("lm_predictions.", "mask_predictions."),
     ),
     Arch(
       "T5ForConditionalGeneration",

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from modeling.attention import Attention
+from modeling.deberta import DisentangledAttention, RelativeEmbeddings
 from modeling.layers import Dense, Embed, Mlp, NeighborMix, Norm, gelu, param_with_axes
 from modeling.lora import Lora
-from modeling.moe import Moe, MoeMlp
 from modeling.mla import LatentAttention, Mla
+from modeling.moe import Moe, MoeMlp
 from modeling.quant import make_dot_general
 from modeling.rope import Rope
 
@@ -42,7 +43,7 @@ REMAT_POLICIES = {
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-POSITIONS = ("learned", "rope", "relative", "alibi", "none")  # table, rotary, T5, linear bias
+POSITIONS = ("learned", "rope", "relative", "alibi", "none", "disentangled")  # + DeBERTa
 NORM_POSITIONS = ("pre", "post")  # x + f(norm(x)), or norm(x + f(x)) (BERT)
 ATTENTIONS = ("mha", "mla")  # multi-head (GQA, MQA), multi-head latent (modeling/mla.py)
 BLOCKS = ("serial", "parallel")  # attention then MLP, or both from one norm (PaLM, GPT-J)
@@ -99,6 +100,9 @@ class TransformerConfig:
   moe: Moe = Moe()  # mixture of experts in place of the MLP; num_experts 0: none (modeling/moe.py)
   attention: str = "mha"  # ATTENTIONS: the self-attention of every block
   mla: Mla = Mla()  # attention="mla": its sizes (modeling/mla.py)
+  position_buckets: int = 256  # position="disentangled": DeBERTa-v2's log buckets per side
+  max_relative_positions: int = 512  # position="disentangled": where the log buckets end
+  emd_layers: int = 0  # head="mlm": passes of DeBERTa's enhanced mask decoder; 0: none
 
   @property
   def jnp_dtype(self) -> jnp.dtype:
@@ -162,20 +166,25 @@ class Block(nn.Module):
       self_attention, self_keys = functools.partial(LatentAttention, **mla), ("c_kv",)
     self_cache = None if cache is None else {k: cache[k] for k in self_keys}
     attn_in_BLD = attn_norm(x_BLD) if pre else x_BLD
-    h_BLD, self_cache = self_attention(
-      mask_kind=c.mask_kind,
-      window=c.sliding_window,
-      rope=c.rope if c.position == "rope" else None,
-      name="attn",
-      **attention,
-    )(
-      attn_in_BLD,
-      pos_BL,
-      seg_BL,
-      self_cache,
-      self.deterministic,
-      ctx.get("bias"),
-    )
+    if c.position == "disentangled":  # DeBERTa; the enhanced mask decoder's keys: ctx["kv"]
+      h_BLD = DisentangledAttention(name="attn", **attention)(
+        attn_in_BLD, pos_BL, seg_BL, ctx["rel"], self.deterministic, ctx.get("kv")
+      )
+    else:
+      h_BLD, self_cache = self_attention(
+        mask_kind=c.mask_kind,
+        window=c.sliding_window,
+        rope=c.rope if c.position == "rope" else None,
+        name="attn",
+        **attention,
+      )(
+        attn_in_BLD,
+        pos_BL,
+        seg_BL,
+        self_cache,
+        self.deterministic,
+        ctx.get("bias"),
+      )
     x_BLD = x_BLD + h_BLD if pre else attn_norm(x_BLD + h_BLD)
     if self.cross:
       cross_norm = Norm(name="cross_norm", **norm)
@@ -479,9 +488,32 @@ class Transformer(nn.Module):
       x_BLD = NeighborMix(c.neighbor_mix, dtype, name="neighbor_mix")(x_BLD, segment_ids_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
 
-    x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache)
+    ctx = None
+    if c.position == "disentangled":  # one relative table for every layer (DeBERTa)
+      rel = RelativeEmbeddings(
+        c.d_model, c.position_buckets, c.max_relative_positions, c.max_len, norm, name="rel_embed"
+      )
+      ctx = {"rel": rel(positions_BL)}
+    x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache, ctx)
     self.sow("intermediates", "hidden", x_BLD)  # the final hidden state (distillation's cos)
+    if c.emd_layers and c.head == "mlm":
+      x_BLD = self.enhanced_mask_decoder(x_BLD, positions_BL, segment_ids_BL, ctx, deterministic)
     return self.head(x_BLD, segment_ids_BL, embed, deterministic), cache
+
+  def enhanced_mask_decoder(self, h_BLD, pos_BL, seg_BL, ctx, deterministic) -> jax.Array:
+    """DeBERTa's EMD (He et al. 2021, sec. 3.2): absolute positions enter only here, for
+    the MLM head. Queries start from the stack's output H plus an absolute position
+    embedding; keys and values stay H; one block, its weights shared by the emd_layers
+    passes, each reading the previous pass's output as its queries."""
+    c = self.cfg
+    table = param_with_axes(
+      self, "emd_positions", nn.initializers.normal(0.02), (c.max_len, c.d_model), (None, "embed")
+    )
+    q_BLD = h_BLD + jnp.take(table, pos_BL, axis=0).astype(c.jnp_dtype)
+    block = Block(c, deterministic, name="emd_block")
+    for _ in range(c.emd_layers):
+      q_BLD, _ = block(q_BLD, pos_BL, seg_BL, None, {**ctx, "kv": h_BLD})
+    return q_BLD
 
   def head(self, x_BLD, seg_BL, embed: Embed, deterministic: bool) -> jax.Array:
     c = self.cfg

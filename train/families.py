@@ -21,8 +21,8 @@ import numpy as np
 
 from modeling import decoding, diffusion
 from modeling.lora import Lora
-from modeling.moe import Moe
 from modeling.mla import Mla
+from modeling.moe import Moe
 from modeling.rope import Rope
 from modeling.transformer import EncoderDecoder, Transformer, TransformerConfig
 from modeling.vocab import Specials
@@ -670,6 +670,9 @@ class Wiring:
       moe=Moe(**{**m.moe.to_dict(), "expert_d_ff": m.moe.expert_d_ff or m.d_ff}),
       attention=m.attention,
       mla=Mla(**m.mla),
+      position_buckets=m.position_buckets,
+      max_relative_positions=m.max_relative_positions,
+      emd_layers=m.emd_layers,
     )
 
   def build(

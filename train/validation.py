@@ -88,6 +88,7 @@ POSITIVE = (
   "task.num_sentinels",
   "task.beam_size",
   "model.rel_max_distance",
+  "model.max_relative_positions",
   "model.lora.alpha",
   "task.beta",
   "model.mla.kv_lora_rank",
@@ -365,6 +366,7 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       True,
       "is for pre-norm stacks; post-norm stacks always normalize the embeddings",
     )
+  _validate_disentangled(config, fam)
   if m.neighbor_mix and (fam.mask_kind != "bidirectional" or fam.model is not Transformer):
     fail(
       "model.neighbor_mix",
@@ -491,6 +493,8 @@ def _validate_moe(config: ml_collections.ConfigDict) -> None:
       f"jax.lax.ragged_dot takes no quantized dot_general: with model.quant={m.quant!r} use "
       "impl='dense' or a capacity_factor > 0",
     )
+
+
 # TransformerConfig fields a student may set apart from its teacher under
 # task.distill_init='every_other' (the layer counts, and what changes no weight's shape)
 DISTILL_FREE = (
@@ -593,6 +597,42 @@ def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: i
   for key in ("batch_size", "eval_batch_size"):
     if config.train[key] % n_proc:
       fail(f"train.{key}", config.train[key], f"must be divisible by the {n_proc} processes")
+
+
+def _validate_disentangled(config: ml_collections.ConfigDict, fam) -> None:
+  """DeBERTa: its buckets, and where disentangled attention and the EMD are defined."""
+  m = config.model
+  if m.position != "disentangled":
+    if m.emd_layers:
+      fail("model.emd_layers", m.emd_layers, "must be 0 unless model.position='disentangled'")
+    return
+  if fam.mask_kind != "bidirectional" or fam.model is not Transformer:
+    fail(
+      "model.position",
+      m.position,
+      f"'disentangled' needs one bidirectional stack (encoder or diffusion), not "
+      f"model.family={m.family!r}: it has no KV cache",
+    )
+  if m.num_kv_heads != m.num_heads:
+    fail(
+      "model.num_kv_heads",
+      m.num_kv_heads,
+      f"must equal model.num_heads={m.num_heads} with "
+      "model.position='disentangled' (DeBERTa projects positions through every head)",
+    )
+  if m.position_buckets < 0 or m.position_buckets == 1:
+    fail("model.position_buckets", m.position_buckets, "must be 0 (exact distances) or >= 2")
+  if m.position_buckets and m.max_relative_positions <= m.position_buckets // 2 + 1:
+    fail(
+      "model.max_relative_positions",
+      m.max_relative_positions,
+      f"must exceed model.position_buckets / 2 + 1 = {m.position_buckets // 2 + 1}: the log "
+      "buckets start at half the buckets",
+    )
+  if m.emd_layers < 0:
+    fail("model.emd_layers", m.emd_layers, "must be >= 0")
+  if m.emd_layers and m.norm_position != "post":
+    fail("model.emd_layers", m.emd_layers, "needs model.norm_position='post' (DeBERTa's blocks)")
 
 
 def _validate_encdec(config: ml_collections.ConfigDict, tokenizer) -> None:

@@ -33,6 +33,7 @@ NAMES = (
   "t5",
   "t5_v1_1",
   "bloom",
+  "deberta_v2",
 )
 
 
