@@ -55,9 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.d_ff = c.model.get_ref("d_model") * 4  # MLP hidden width: follows 4 x d_model unless set
   c.model.head_dim = 0  # 0: d_model // num_heads
   c.model.max_len = 0  # longest position the model supports; 0: data.seq_len
-  c.model.position = (
-    "learned"  # learned | rope | relative (T5) | alibi (BLOOM) | none | disentangled (DeBERTa)
-  )
+  c.model.position = "learned"  # learned | rope | relative (T5) | alibi | disentangled | none
   c.model.rel_buckets = 32  # relative: buckets of T5's log-spaced relative positions
   c.model.rel_max_distance = 128  # relative: distances from here on share the last bucket
   c.model.position_buckets = 256  # disentangled: DeBERTa's log buckets per side; 0: exact
