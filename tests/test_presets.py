@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from configs import bert, bloom, gpt, llama, palm, phi3, t5
+from configs import bert, bloom, deepseek, gpt, llama, palm, phi3, t5
 from modeling.transformer import TransformerConfig
 from tests.tiny_models import abstract_init
 from train.data.tokenizers import ByteTokenizer
@@ -39,6 +39,7 @@ def published_presets() -> set[str]:
   names |= {f"llama.py:size={s}" for s in llama.PUBLISHED}
   names |= {f"phi3.py:size={s}" for s in phi3.SIZES}
   names |= {f"bloom.py:size={s}" for s in bloom.PUBLISHED}
+  names |= {f"deepseek.py:size={s}" for s in deepseek.PUBLISHED}
   names |= {f"bert.py:arch={a},size={s}" for a, sizes in bert.PUBLISHED.items() for s in sizes}
   names |= {f"t5.py:variant={v},size={s}" for v, sizes in t5.PUBLISHED.items() for s in sizes}
   return names
@@ -71,6 +72,41 @@ def in_transformers_keys(config_class: str, c: TransformerConfig) -> dict:
       tie_word_embeddings=c.tie_embeddings,
     )
     return keys | ({"sliding_window": c.sliding_window} if config_class == "Phi3Config" else {})
+  if config_class == "DeepseekV3Config":
+    r, mla, moe = c.rope, c.mla, c.moe
+    return dict(
+      vocab_size=c.vocab_size,
+      hidden_size=c.d_model,
+      intermediate_size=c.d_ff,
+      moe_intermediate_size=moe.expert_d_ff,
+      num_hidden_layers=c.num_layers,
+      num_attention_heads=c.num_heads,
+      n_shared_experts=moe.num_shared_experts,
+      n_routed_experts=moe.num_experts,
+      routed_scaling_factor=moe.routed_scaling_factor,
+      kv_lora_rank=mla.kv_lora_rank,
+      q_lora_rank=mla.q_lora_rank,
+      qk_rope_head_dim=mla.qk_rope_head_dim,
+      v_head_dim=mla.v_head_dim,
+      qk_nope_head_dim=mla.qk_nope_head_dim,
+      n_group=moe.n_group,
+      topk_group=moe.topk_group,
+      num_experts_per_tok=moe.top_k,
+      first_k_dense_replace=moe.first_dense_layers,
+      max_position_embeddings=c.max_len,
+      rms_norm_eps=c.norm_eps,
+      tie_word_embeddings=c.tie_embeddings,
+      rope_parameters={
+        "rope_type": r.scaling,
+        "rope_theta": r.theta,
+        "factor": r.factor,
+        "original_max_position_embeddings": r.original_max_len,
+        "beta_fast": r.beta_fast,
+        "beta_slow": r.beta_slow,
+        "mscale": r.mscale,
+        "mscale_all_dim": r.mscale_all_dim,
+      },
+    )
   if config_class == "BloomConfig":
     return dict(
       n_layer=c.num_layers,
@@ -133,7 +169,9 @@ def test_published_preset_has_the_transformers_config(preset):
 def test_published_preset_has_the_transformers_parameter_count(preset):
   _, cfg, module = model_config(preset)
   abstract = abstract_init(cfg, module)
-  count = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract)))
+  # transformers keeps DeepSeek-V3's balancing bias (our `expert_bias`) as a buffer
+  leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
+  count = sum(x.size for path, x in leaves if "expert_bias" not in jax.tree_util.keystr(path))
   assert count == COUNTS[preset]["params"], f"{preset}: {COUNTS[preset]['transformers_class']}"
 
 

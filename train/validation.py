@@ -184,11 +184,11 @@ def _validate_rope(m: ml_collections.ConfigDict, head_dim: int) -> None:
       r.high_freq_factor,
       f"must be > low_freq_factor={r.low_freq_factor}",
     )
-  if r.type == "yarn" and not 0 < r.beta_slow < r.beta_fast:
+  if r.type == "yarn" and not 0 < r.beta_slow <= r.beta_fast:
     fail(
       "model.rope_scaling.beta_fast",
       r.beta_fast,
-      f"must be > beta_slow={r.beta_slow} > 0 (rotations within original_max_len)",
+      f"must be >= beta_slow={r.beta_slow} > 0 (rotations within original_max_len)",
     )
   if r.type == "yarn" and r.attention_factor != 1.0:
     fail(

@@ -55,7 +55,9 @@ def test_cli_reports_memory_flops_and_ends_with_hbm_line():
   )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
-  assert lines[0].startswith("TPU v5 lite x 8, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}")
+  assert lines[0].startswith(
+    "TPU v5 lite x 8, mesh {'data': 2, 'expert': 1, 'fsdp': 2, 'tensor': 2}"
+  )
   assert "of 16 GiB HBM: fits" in lines[1]
   assert lines[2].startswith("XLA FLOPs per step:")
   assert lines[-1].startswith("hbm_per_chip_gib=") and 0 < float(lines[-1].split("=")[1]) < 1

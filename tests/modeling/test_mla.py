@@ -324,7 +324,7 @@ def test_mla_with_yarn_validates_and_builds_its_sizes():
         "model.rope_scaling.original_max_len": 64,
         "model.rope_scaling.beta_slow": 40.0,
       },
-      r"beta_fast=32\.0: must be > beta_slow=40\.0 > 0",
+      r"beta_fast=32\.0: must be >= beta_slow=40\.0 > 0",
     ),
     (
       {
