@@ -9,6 +9,12 @@ in a fresh temporary folder, inherited by the subprocesses the tests start): the
 tests that train the same tiny model again (resume, kill, init_from, sharded against one
 device) load its train step instead of compiling it again. Compiles are deterministic, so
 a cached program computes exactly what a fresh compile would.
+
+XLA's CPU backend compiles with LLVM's optimizations lowered (`FAST_COMPILE`, appended to
+`XLA_FLAGS` and inherited by the subprocesses): the tests' programs are tiny and compiled
+far more often than they run long, and this takes about a quarter off the suite. It changes
+code generation, not the arithmetic XLA asks for (fast-math stays off), so every comparison
+in the tests (against references, across meshes, resumes) holds as before.
 """
 
 import atexit
@@ -21,6 +27,9 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="fourfold-tests-jax-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

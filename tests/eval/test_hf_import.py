@@ -296,7 +296,8 @@ def test_on_a_mesh_each_param_is_placed_sharded_as_it_is_read(tmp_path):
   import subprocess
   import sys
 
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  count = "--xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()}
   out = subprocess.run(
     [sys.executable, "-c", SHARDED_IMPORT, str(FIXTURES / "llama3"), str(tmp_path / "wd")],
     capture_output=True,
