@@ -93,16 +93,29 @@ def xla_flops(config: ml_collections.ConfigDict, devices: list) -> float:
 
   XLA's cost analysis counts a loop body once, so a scanned stack of layers (and the
   grad-accumulation loop) would be undercounted. This compiles the model unscanned with
-  1 and 2 layers and grad_accum=1: total = f(1) + (num_layers - 1) * (f(2) - f(1)).
+  one layer, then one more of each kind (dense MLP, and mixture of experts from
+  `model.moe.first_dense_layers` on), grad_accum=1, and adds each kind's increment once
+  per layer of that kind.
   """
-  counts = []
-  for layers in (1, 2):
+  m = config.model
+  moe_layers = max(m.num_layers - m.moe.first_dense_layers, 0) if m.moe.num_experts else 0
+  kinds = (m.num_layers - moe_layers, moe_layers)  # (dense, moe) layers
+
+  def flops_of(dense: int, moe: int) -> float:
     small = ml_collections.ConfigDict(config.to_dict())
-    small.model.update(num_layers=layers, scan_layers=False)
+    small.model.update(num_layers=dense + moe, scan_layers=False)
+    small.model.moe.first_dense_layers = dense
     small.train.grad_accum = 1
     compiled, _, _ = _compile(small, devices)
-    counts.append(float(compiled.cost_analysis()["flops"]))
-  return counts[0] + (config.model.num_layers - 1) * (counts[1] - counts[0])
+    return float(compiled.cost_analysis()["flops"])
+
+  first = (1, 0) if kinds[0] else (0, 1)
+  total = base = flops_of(*first)
+  for kind, more in enumerate(((1, 0), (0, 1))):
+    extra = kinds[kind] - first[kind]
+    if extra > 0:
+      total += extra * (flops_of(first[0] + more[0], first[1] + more[1]) - base)
+  return total
 
 
 def compile_train_step(

@@ -12,9 +12,10 @@ a cached program computes exactly what a fresh compile would.
 
 XLA's CPU backend compiles with LLVM's optimizations lowered (`FAST_COMPILE`, appended to
 `XLA_FLAGS` and inherited by the subprocesses): the tests' programs are tiny and compiled
-far more often than they run long, and this takes about a quarter off the suite. It changes
-code generation, not the arithmetic XLA asks for (fast-math stays off), so every comparison
-in the tests (against references, across meshes, resumes) holds as before.
+far more often than they run long, and this takes about a quarter off the suite (16 min 53 s
+to 12 min 56 s at issue 20's merge). Fast-math stays off; what changes is code generation,
+which can move float32 sums by an ulp or so (batched against one-by-one scoring once moved
+by 1.2e-7 relative), within the tolerances the tests use.
 """
 
 import atexit
