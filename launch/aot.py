@@ -142,11 +142,11 @@ def compile_train_step(
     hbm_gib = CHIPS.get(devices[0].device_kind, (None, None))[0]
     fits = None if hbm_gib is None else hbm <= hbm_gib * GIB
   except jax.errors.JaxRuntimeError as e:
-    needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+    needed = re.search(r"HLO temporaries \(([\d.]+)([MGT])\)", str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not needed:
       raise
     state_bytes = _state_bytes_per_chip(abstract)
-    temp_bytes = float(needed.group(1)) * GIB
+    temp_bytes = float(needed.group(1)) * 1024 ** "MGT".index(needed.group(2)) * 2**20
     hbm, fits = state_bytes + temp_bytes, False
   tokens = config.train.batch_size * config.data.seq_len
   return {
@@ -178,7 +178,9 @@ def report(r: dict) -> str:
     + (f" of {hbm_gib} GiB HBM: {'fits' if r['fits'] else 'DOES NOT FIT'}" if hbm_gib else ""),
   ]
   flops = r["xla_flops_per_chip"]
-  if flops is not None:
+  if flops is None:
+    lines.append(f"model FLOPs per step (the 6N + attention formula): {r['model_flops']:.3e}")
+  else:
     lines.append(
       f"XLA FLOPs per step: {flops:.3e} per chip, {flops * r['chips']:.3e} in all "
       f"(the 6N + attention formula of perf/mfu: {r['model_flops']:.3e})"
