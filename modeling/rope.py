@@ -49,9 +49,7 @@ class Rope:
   short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors below original_max_len
   long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors past it
   attention_factor: float = 1.0  # longrope: cos and sin are scaled by it
-  beta_fast: float = (
-    32.0  # yarn: dims turning more often than this within original_max_len keep inv_freq
-  )
+  beta_fast: float = 32.0  # yarn: dims turning more often within original_max_len: kept
   beta_slow: float = 1.0  # yarn: dims turning less often than this are divided by factor
   mscale: float = 1.0  # yarn: cos and sin's temperature numerator (see the module docstring)
   mscale_all_dim: float = 0.0  # yarn: its denominator, and MLA's softmax mscale; 0: none

@@ -292,12 +292,12 @@ print("RESULT", json.dumps({"devices": jax.device_count(), "shares": {str(k): v 
 def test_on_a_mesh_each_param_is_placed_sharded_as_it_is_read(tmp_path):
   """With fsdp=8 every matrix arrives on the 8 devices as eighths (the `embed` dim split),
   never whole on one device, and the checkpoint restores the source's values."""
-  import os
   import subprocess
   import sys
 
-  count = "--xla_force_host_platform_device_count=8"
-  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()}
+  from tests.sharding import runner
+
+  env = runner.device_env(8)
   out = subprocess.run(
     [sys.executable, "-c", SHARDED_IMPORT, str(FIXTURES / "llama3"), str(tmp_path / "wd")],
     capture_output=True,

@@ -18,6 +18,14 @@ from configs import llama
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def device_env(devices: int) -> dict[str, str]:
+  """This process's environment for a child with `devices` simulated CPU devices: the count
+  appended to XLA_FLAGS, so flags set already (tests/conftest.py's) carry over."""
+  count = f"--xla_force_host_platform_device_count={devices}"
+  flags = f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+
+
 def write_corpus(path: str) -> str:
   """A JSONL corpus of the repository's own Python paragraphs: deterministic, no download."""
   docs = []

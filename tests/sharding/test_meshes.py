@@ -61,10 +61,7 @@ EXPERT4 = {"mesh.data": 2, "mesh.expert": 4}
 
 
 def launch(jobs: list[dict], devices: int, extra_env: dict | None = None) -> subprocess.Popen:
-  env = dict(os.environ)
-  count = f"--xla_force_host_platform_device_count={devices}"
-  env.update(XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {count}".strip(), JAX_PLATFORMS="cpu")
-  env.update(extra_env or {})
+  env = {**runner.device_env(devices), **(extra_env or {})}
   return subprocess.Popen(
     [sys.executable, "-m", "tests.sharding.runner", json.dumps(jobs)],
     cwd=runner.REPO,
