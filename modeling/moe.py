@@ -26,6 +26,14 @@ Three ways to run the routed experts (`Moe.impl`, `Moe.capacity_factor`):
   capacity  capacity_factor > 0: each expert takes at most C = ceil(capacity_factor * T * K
             / E) assignments (first choices first, then in token order); the rest are
             dropped (their gate contributes nothing) and counted; dense einsums.
+
+On a mesh whose `expert` axis is larger than 1 (and splits the tokens too, as the default
+`act_batch` rule does), impl='ragged', with or without a capacity, runs expert-parallel
+(`expert_parallel`, in `jax.shard_map`): each device sorts its own tokens' assignments by
+expert, sends each expert shard its rows with one all-to-all over `expert`, runs its local
+experts with `ragged_dot`, and gets the results back with a second all-to-all. Each (device,
+expert shard) buffer holds C = T_local * K rows when dropless (exact), else ceil(capacity_factor
+* T_local * K / S) for S expert shards, the overflow dropped and counted.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from modeling.layers import DotGeneral, Mlp, param_with_axes
 
@@ -158,7 +168,10 @@ class MoeMlp(nn.Module):
       ("expert", "mlp", "embed"),
     )
     weights = [w.astype(dt) for w in (gate_EDF, up_EDF, down_EFD)]
-    if m.capacity_factor > 0:
+    mesh_axes = expert_mesh(b) if m.impl == "ragged" else None
+    if mesh_axes:
+      y_TD, kept_TK = expert_parallel(x_TD, experts_TK, gates_TK, weights, m, mesh_axes)
+    elif m.capacity_factor > 0:
       y_TD, kept_TK = self.capacity_path(x_TD, experts_TK, gates_TK, weights)
     elif m.impl == "ragged":
       y_TD, kept_TK = self.ragged_path(x_TD, experts_TK, gates_TK, weights)
@@ -229,6 +242,73 @@ class MoeMlp(nn.Module):
     y_ECD = swiglu_batched(x_ECD, *weights, self.dot_general)
     y_TD = jnp.einsum("tec,ecd->td", combine_TEC, y_ECD.astype(jnp.float32))
     return y_TD, kept_TK
+
+
+def expert_mesh(rows: int) -> tuple | None:
+  """(expert axis, token axes, mlp axes) of the current mesh and logical-axis rules when the
+  routed experts run expert-parallel: an `expert` axis larger than 1 that also splits the
+  batch's `rows`; else None (the single-program paths, partitioned by XLA)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
+  expert, batch, mlp = (
+    as_tuple(nn.logical_to_mesh_axes((n,))[0]) for n in ("expert", "act_batch", "mlp")
+  )
+  if len(expert) != 1 or mesh.shape[expert[0]] == 1 or expert[0] not in batch:
+    return None
+  if rows % math.prod(mesh.shape[a] for a in batch):
+    return None
+  return expert[0], batch, mlp
+
+
+def expert_parallel(x_TD, experts_TK, gates_TK, weights, m: Moe, mesh_axes: tuple):
+  """The routed experts over an expert mesh axis: (y [T, D] float32, kept [T, K])."""
+  ep, batch, mlp = mesh_axes
+  mlp_axis = mlp if mlp else None
+  rows, experts = P(batch, None), P(ep, None, mlp_axis)
+  fn = jax.shard_map(
+    partial(_dispatch, moe=m, ep=ep, mlp=mlp),
+    in_specs=(rows, rows, rows, experts, experts, P(ep, mlp_axis, None)),
+    out_specs=(rows, rows),
+  )
+  return fn(x_TD, experts_TK, gates_TK, *weights)
+
+
+def _dispatch(x_TD, experts_TK, gates_TK, gate_EDF, up_EDF, down_EFD, *, moe, ep, mlp):
+  """One device's part of `expert_parallel`: its tokens [T, D], its experts [E/S, ...]."""
+  (t, d), k, local = x_TD.shape, moe.top_k, gate_EDF.shape[0]
+  shards = moe.num_experts // local
+  a = t * k
+  c = a if moe.capacity_factor <= 0 else max(1, math.ceil(moe.capacity_factor * a / shards))
+  experts_A = experts_TK.reshape(-1)
+  order_A = jnp.argsort(experts_A, stable=True)
+  sorted_A = experts_A[order_A]
+  token_A = order_A // k
+  shard_A = sorted_A // local
+  count_S = jnp.bincount(shard_A, length=shards)
+  slot_A = jnp.arange(a) - (jnp.cumsum(count_S) - count_S)[shard_A]
+  kept_A = slot_A < c
+  send_SCD = (
+    jnp.zeros((shards, c, d), x_TD.dtype).at[shard_A, slot_A].set(x_TD[token_A], mode="drop")
+  )
+  ids_SC = (
+    jnp.full((shards, c), local, jnp.int32).at[shard_A, slot_A].set(sorted_A % local, mode="drop")
+  )
+  recv_RD = lax.all_to_all(send_SCD, ep, 0, 0).reshape(shards * c, d)
+  ids_R = lax.all_to_all(ids_SC, ep, 0, 0).reshape(-1)
+  order_R = jnp.argsort(ids_R, stable=True)  # padding (id = local) sorts last, in no group
+  sizes_E = jnp.bincount(ids_R, length=local).astype(jnp.int32)
+  y_RD = swiglu_ragged(recv_RD[order_R], gate_EDF, up_EDF, down_EFD, sizes_E)
+  y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)
+  if mlp:
+    y_RD = lax.psum(y_RD, mlp)
+  back_SCD = lax.all_to_all(y_RD.reshape(shards, c, d), ep, 0, 0)
+  y_AD = back_SCD[shard_A, jnp.minimum(slot_A, c - 1)].astype(jnp.float32)
+  gate_A = jnp.where(kept_A, gates_TK.reshape(-1)[order_A], 0.0)
+  y_TD = jnp.zeros((t, d), jnp.float32).at[token_A].add(y_AD * gate_A[:, None])
+  kept_TK = jnp.zeros(a, jnp.bool_).at[order_A].set(kept_A).reshape(t, k)
+  return y_TD, kept_TK
 
 
 # ---- what the forward pass sows, read by the train step ---------------------------------

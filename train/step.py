@@ -155,9 +155,12 @@ class Sowing:
 
 
 def routing(model: nn.Module) -> moe.Moe | None:
-  """The model's MoE config when it has MoE layers."""
-  m = getattr(getattr(model, "cfg", None), "moe", None)
-  return m if m is not None and m.num_experts else None
+  """The model's MoE config when it has MoE layers (a stack of only `first_dense_layers`
+  has none)."""
+  cfg = getattr(model, "cfg", None)
+  m = getattr(cfg, "moe", None)
+  layers = max(cfg.num_layers, cfg.num_decoder_layers) if m is not None else 0
+  return m if m is not None and any(m.is_moe(i) for i in range(layers)) else None
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:

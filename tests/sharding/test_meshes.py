@@ -159,10 +159,12 @@ def eight(corpus, single, tmp_path_factory):
   jobs += [
     {"kind": "train", "corpus": corpus, "workdir": str(root / "moe_e4d2"), "overrides": moe},
     {"kind": "specs", "corpus": corpus, "overrides": moe},
+    {"kind": "moe_dispatch", "mesh": [2, 4, 1, 1], "cf": 1.0},
+    {"kind": "moe_dispatch", "mesh": [1, 2, 2, 2], "cf": 0.75},
   ]
   out = results(launch(jobs, devices=8))
   names = [*MESHES, "from_single", "memory", "diffusion_2x2x2", "encdec_2x2x2", "qlora_fsdp8"]
-  names += ["moe_e4d2", "moe_specs"]
+  names += ["moe_e4d2", "moe_specs", "dispatch_e4d2", "dispatch_e2f2t2"]
   return {"root": root, **dict(zip(names, out, strict=True))}
 
 
@@ -231,6 +233,21 @@ def test_moe_on_expert4_data2_equals_single_device(single_moe, eight):
   assert len(experts) == 3
   assert all(specs[k][0] == "expert" for k in experts), specs
   assert not any("expert" in str(v) for k, v in specs.items() if k not in experts), specs
+
+
+@pytest.mark.parametrize("name", ["dispatch_e4d2", "dispatch_e2f2t2"])
+def test_expert_parallel_dispatch(name, eight):
+  """The all-to-all dispatch (modeling/moe.py `expert_parallel`) on expert=4 x data=2 and on
+  expert=2 x fsdp=2 x tensor=2: dropless, outputs and gradients equal one device's ragged path;
+  with a capacity, it drops exactly each device's overflow to each expert shard."""
+  got = eight[name]
+  dropless, capped = got["dropless"], got["capacity"]
+  assert dropless["all_to_all"] >= 3 and capped["all_to_all"] >= 3  # rows, ids, results
+  assert dropless["max_diff"] <= 1e-5 * dropless["max_ref"], dropless
+  assert dropless["grad_diff"] <= 1e-7, dropless
+  assert dropless["dropped"] == 0
+  assert capped["expected_dropped"] > 0
+  assert capped["dropped"] == capped["expected_dropped"], capped
 
 
 def test_fsdp_holds_an_eighth_per_device(eight):
