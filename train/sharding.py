@@ -78,6 +78,12 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
       f"mesh.expert={sizes['expert']}: must divide model.moe.num_experts={experts} "
       "(the experts are split over the expert axis)"
     )
+  if experts and sizes["expert"] > 1 and m.moe.impl == "ragged" and m.quant != "none":
+    raise ValueError(
+      f"model.quant={m.quant!r}: the expert-parallel dispatch (mesh.expert={sizes['expert']}, "
+      "model.moe.impl='ragged') runs jax.lax.ragged_dot, which takes no quantizer; use "
+      "model.moe.impl='dense' on this mesh"
+    )
   batch_axes = dict(config.logical_axis_rules).get("act_batch")
   dp = int(np.prod([sizes[a] for a in _axes_of(batch_axes)]))
   axes = _axes_of(batch_axes)

@@ -593,15 +593,6 @@ def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: i
       f"splash runs on one device so far, not a {int(np.prod(shape))}-device mesh (sharding "
       "it with shard_map is not built yet); use 'xla' on a mesh",
     )
-  m = config.model
-  expert_size = shape[sharding.MESH_AXES.index("expert")]
-  if m.moe.num_experts and expert_size > 1 and m.moe.impl == "ragged" and m.quant != "none":
-    fail(
-      "model.quant",
-      m.quant,
-      f"the expert-parallel dispatch (mesh.expert={expert_size}, model.moe.impl='ragged') runs "
-      "jax.lax.ragged_dot, which takes no quantizer: use model.moe.impl='dense' on this mesh",
-    )
   n_proc = jax.process_count()
   for key in ("batch_size", "eval_batch_size"):
     if config.train[key] % n_proc:

@@ -73,6 +73,11 @@ def test_expert_axis_divides_the_experts_and_splits_the_batch():
     sharding.validate_mesh(c, 8)
   c.train.batch_size = 16
   assert sharding.validate_mesh(c, 8) == (2, 4, 1, 1)
+  c.model.quant = "bitnet158"  # ragged_dot takes no quantizer: the dense path is allowed
+  with pytest.raises(ValueError, match=r"model.quant='bitnet158': the expert-parallel dispatch"):
+    sharding.validate_mesh(c, 8)
+  c.model.moe.impl = "dense"
+  assert sharding.validate_mesh(c, 8) == (2, 4, 1, 1)
 
 
 def test_rules_must_name_mesh_axes():
