@@ -737,6 +737,11 @@ def _deepseek_write(m) -> dict:
   a, e = m.mla, m.moe
   if m.attention != "mla" or not e.num_experts:
     raise Unsupported("DeepseekV3ForCausalLM: model.attention='mla' with model.moe.num_experts > 0")
+  if e.num_experts // e.n_group < 2:
+    raise Unsupported(
+      f"model.moe.n_group={e.n_group}: transformers scores a group by its 2 best experts, so "
+      "each group needs >= 2"
+    )
   return dict(
     vocab_size=m.vocab_size,
     num_hidden_layers=m.num_layers,
