@@ -121,17 +121,20 @@ def _require(hf: dict, key: str, allowed, default=None):
   return value
 
 
-def read_rope(hf: dict) -> dict:
+ROPE_KINDS = ("none", "linear", "llama3", "longrope")
+
+
+def read_rope(hf: dict, kinds: tuple[str, ...] = ROPE_KINDS) -> dict:
   """Our RoPE keys from either schema: transformers 5's `rope_parameters`, or the older
   top-level `rope_theta` / `rope_scaling` (and Phi-3's `original_max_position_embeddings`,
-  `partial_rotary_factor`)."""
+  `partial_rotary_factor`). `kinds`: the scalings the architecture computes as fourfold does
+  (yarn: DeepSeek's, with MLA's softmax mscale)."""
   params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   kind = params.get("rope_type", params.get("type", "default"))
   kind = {"su": "longrope", "default": "none"}.get(kind, kind)
-  if kind not in ("none", "linear", "llama3", "longrope"):
-    raise Unsupported(
-      f"config.json rope type {kind!r}: fourfold supports default, linear, llama3, longrope"
-    )
+  if kind not in kinds:
+    names = ", ".join("default" if k == "none" else k for k in kinds)
+    raise Unsupported(f"config.json rope type {kind!r}: fourfold supports {names}")
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   max_len = hf.get("max_position_embeddings", 0)
@@ -158,7 +161,29 @@ def read_rope(hf: dict) -> dict:
       long_factor=tuple(float(x) for x in params["long_factor"]),
       attention_factor=float(attention),
     )
+  if kind == "yarn":
+    scaling.update(_read_yarn(params, max_len, original))
   return {"rope_theta": float(theta), "rope_fraction": float(fraction), "rope_scaling": scaling}
+
+
+def _read_yarn(params: dict, max_len: int, original: int) -> dict:
+  """YaRN as transformers' `_compute_yarn_parameters` reads it: factor defaults to
+  max_position_embeddings / original, beta_fast / beta_slow to 32 / 1; cos and sin's factor
+  comes from mscale / mscale_all_dim (an explicit attention_factor is refused)."""
+  if params.get("attention_factor") is not None:
+    raise Unsupported(
+      f"config.json rope attention_factor={params['attention_factor']}: fourfold derives "
+      "YaRN's cos / sin factor from mscale and mscale_all_dim"
+    )
+  _require(params, "truncate", (True,), True)
+  return dict(
+    factor=float(params.get("factor") or max_len / original),
+    original_max_len=int(original),
+    beta_fast=float(params.get("beta_fast") or 32.0),
+    beta_slow=float(params.get("beta_slow") or 1.0),
+    mscale=float(params.get("mscale") or 0.0),
+    mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+  )
 
 
 def write_rope(m) -> dict:
@@ -183,6 +208,14 @@ def write_rope(m) -> dict:
       attention_factor=r.attention_factor,
       original_max_position_embeddings=r.original_max_len,
     )
+  if r.type == "yarn":
+    params.update(
+      factor=r.factor,
+      original_max_position_embeddings=r.original_max_len,
+      beta_fast=r.beta_fast,
+      beta_slow=r.beta_slow,
+    )
+    params.update({k: r[k] for k in ("mscale", "mscale_all_dim") if r[k]})  # 0: unset
   if m.rope_fraction != 1.0:
     params["partial_rotary_factor"] = m.rope_fraction
   legacy = {k: v for k, v in params.items() if k != "rope_theta"}
@@ -217,6 +250,16 @@ class Arch:
   # tensors of heads this architecture does not have (the NSP head of BERT checkpoints):
   # read past, and named in the import's log
   unused: tuple[str, ...] = ()
+  # layers past num_layers (`model.layers.{i}.`, DeepSeek's multi-token-prediction module)
+  # are read past too, and named in the log
+  unused_layers: bool = False
+
+  def reads_past(self, name: str, c: TransformerConfig) -> bool:
+    """Whether the checkpoint tensor `name` is one the model of config `c` does not use."""
+    if any(name.startswith(u) for u in self.unused):
+      return True
+    layer = name.split(".")[2] if name.startswith("model.layers.") else ""
+    return self.unused_layers and layer.isdigit() and int(layer) >= c.num_layers
 
 
 def _gpt2_config(hf: dict) -> dict:
@@ -618,6 +661,187 @@ def _deberta_links(c: TransformerConfig) -> list[Link]:
   return out + [_same(f"{t}.bias", "mlm_bias")]
 
 
+def _deepseek_config(hf: dict) -> dict:
+  """DeepseekV3ForCausalLM (DeepSeek-V3, Kimi K2, Moonlight): MLA, the first
+  first_k_dense_replace layers dense, the rest fine-grained MoE with sigmoid routing."""
+  _require(hf, "hidden_act", ("silu",), "silu")
+  _require(hf, "attention_bias", (False,), False)
+  _require(hf, "scoring_func", ("sigmoid",), "sigmoid")  # the remote code's config keys
+  _require(hf, "topk_method", ("noaux_tc",), "noaux_tc")
+  _require(hf, "moe_layer_freq", (1,), 1)
+  if hf.get("quantization_config"):
+    method = hf["quantization_config"].get("quant_method")
+    raise Unsupported(
+      f"config.json quantization_config (quant_method={method!r}): import a bfloat16 / "
+      "float32 checkpoint (the published FP8 weights need dequantizing first)"
+    )
+  if not hf.get("norm_topk_prob", True):
+    raise Unsupported(
+      "config.json norm_topk_prob=False: fourfold's router always normalizes the chosen "
+      "experts' weights (modeling/moe.py route)"
+    )
+  if not hf.get("rope_interleave", True):
+    raise Unsupported(
+      "config.json rope_interleave=False: fourfold imports DeepSeek's interleaved rotary "
+      "layout (the published checkpoints', transformers' default)"
+    )
+  eps = hf.get("rms_norm_eps", 1e-6)
+  if eps != 1e-6:
+    raise Unsupported(
+      f"config.json rms_norm_eps={eps}: transformers normalizes MLA's latents with 1e-6 "
+      "whatever rms_norm_eps says, fourfold with model.norm_eps everywhere; 1e-6 only"
+    )
+  heads = hf["num_attention_heads"]
+  _require(hf, "num_key_value_heads", (heads, None), heads)
+  rope = read_rope(hf, (*ROPE_KINDS, "yarn"))
+  if rope["rope_scaling"]["type"] != "yarn":
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _require(params, "mscale_all_dim", (0, 0.0, None), None)
+  return dict(
+    vocab_size=hf["vocab_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=heads,
+    d_model=hf["hidden_size"],
+    d_ff=hf["intermediate_size"],
+    max_len=hf["max_position_embeddings"],
+    position="rope",
+    **rope,
+    norm="rmsnorm",
+    norm_eps=eps,
+    mlp="swiglu",
+    use_bias=False,
+    tie_embeddings=hf.get("tie_word_embeddings", False),
+    attention="mla",
+    mla=dict(
+      q_lora_rank=hf.get("q_lora_rank") or 0,
+      kv_lora_rank=hf["kv_lora_rank"],
+      qk_nope_head_dim=hf["qk_nope_head_dim"],
+      qk_rope_head_dim=hf["qk_rope_head_dim"],
+      v_head_dim=hf["v_head_dim"],
+    ),
+    moe=dict(
+      num_experts=hf["n_routed_experts"],
+      top_k=hf["num_experts_per_tok"],
+      num_shared_experts=hf.get("n_shared_experts") or 0,
+      expert_d_ff=hf["moe_intermediate_size"],
+      first_dense_layers=hf.get("first_k_dense_replace") or 0,
+      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      n_group=hf.get("n_group") or 1,
+      topk_group=hf.get("topk_group") or 1,
+    ),
+  )
+
+
+def _deepseek_write(m) -> dict:
+  a, e = m.mla, m.moe
+  if m.attention != "mla" or not e.num_experts:
+    raise Unsupported("DeepseekV3ForCausalLM: model.attention='mla' with model.moe.num_experts > 0")
+  if e.num_experts // e.n_group < 2:
+    raise Unsupported(
+      f"model.moe.n_group={e.n_group}: transformers scores a group by its 2 best experts, so "
+      "each group needs >= 2"
+    )
+  return dict(
+    vocab_size=m.vocab_size,
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    num_key_value_heads=m.num_heads,
+    hidden_size=m.d_model,
+    intermediate_size=m.d_ff,
+    max_position_embeddings=m.max_len,
+    rms_norm_eps=m.norm_eps,
+    hidden_act="silu",
+    attention_bias=False,
+    tie_word_embeddings=m.tie_embeddings,
+    q_lora_rank=a.q_lora_rank or None,
+    kv_lora_rank=a.kv_lora_rank,
+    qk_nope_head_dim=a.qk_nope_head_dim,
+    qk_rope_head_dim=a.qk_rope_head_dim,
+    v_head_dim=a.v_head_dim,
+    rope_interleave=True,
+    n_routed_experts=e.num_experts,
+    num_experts_per_tok=e.top_k,
+    n_shared_experts=e.num_shared_experts,
+    moe_intermediate_size=e.expert_d_ff or m.d_ff,
+    first_k_dense_replace=e.first_dense_layers,
+    routed_scaling_factor=e.routed_scaling_factor,
+    n_group=e.n_group,
+    topk_group=e.topk_group,
+    norm_topk_prob=True,
+    num_nextn_predict_layers=0,
+    **write_rope(m),
+  )
+
+
+def _rope_rows(link: Link, block: int, rope: int) -> Link:
+  """DeepSeek's checkpoints lay each rotary block out interleaved (features 2i, 2i + 1 turn
+  together), fourfold's RoPE rotates halves (i, i + rope / 2): the last `rope` of every
+  `block` output rows of the HF tensor are reordered evens-then-odds on import, back on
+  export. (transformers' interleaved RoPE returns the rotated features in the half layout,
+  so the scores are the same.)"""
+  evens_odds = np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)])
+  back = np.argsort(evens_odds)
+
+  def permute(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+    rows = x.reshape(-1, block, *x.shape[1:])
+    rows = np.concatenate([rows[:, : block - rope], rows[:, block - rope :][:, order]], axis=1)
+    return rows.reshape(x.shape)
+
+  return Link(
+    link.hf,
+    link.ours,
+    lambda a, shapes: link.to_ours([permute(a[0], evens_odds)], shapes),
+    lambda a: [permute(x, back) for x in link.to_hf(a)],
+  )
+
+
+def _experts(hf: list[str], ours: str) -> Link:
+  """One Linear weight [out, in] per expert <-> the stacked expert kernel [E, in, out]."""
+  return Link(
+    tuple(hf),
+    (ours,),
+    lambda a, shapes: [np.stack([w.T for w in a]).reshape(shapes[0])],
+    lambda a: [np.ascontiguousarray(w.T) for w in a[0]],
+  )
+
+
+def _deepseek_links(c: TransformerConfig) -> list[Link]:
+  m, e = c.mla, c.moe
+  qk, rope = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_rope_head_dim
+  out = [_same("model.embed_tokens.weight", "embed/embedding")]
+  for i in range(c.num_layers):
+    h, b = f"model.layers.{i}", f"block_{i}"
+    s, a = f"{h}.self_attn", f"{b}/attn"
+    out += _norm(f"{h}.input_layernorm", f"{b}/attn_norm", False)
+    if m.q_lora_rank:
+      out += [_linear(f"{s}.q_a_proj.weight", f"{a}/q_a/kernel")]
+      out += _norm(f"{s}.q_a_layernorm", f"{a}/q_norm", False)
+      out += [_rope_rows(_linear(f"{s}.q_b_proj.weight", f"{a}/q_b/kernel"), qk, rope)]
+    else:
+      out += [_rope_rows(_linear(f"{s}.q_proj.weight", f"{a}/query/kernel"), qk, rope)]
+    kv_a = _linear(f"{s}.kv_a_proj_with_mqa.weight", f"{a}/kv_a/kernel")
+    out += [_rope_rows(kv_a, m.kv_lora_rank + rope, rope)]
+    out += _norm(f"{s}.kv_a_layernorm", f"{a}/kv_norm", False)
+    out += [_linear(f"{s}.kv_b_proj.weight", f"{a}/kv_b/kernel")]
+    out += [_linear(f"{s}.o_proj.weight", f"{a}/out/kernel", 2)]
+    out += _norm(f"{h}.post_attention_layernorm", f"{b}/mlp_norm", False)
+    mlp = ("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")
+    if not e.is_moe(i):
+      out += [_linear(f"{h}.mlp.{hf}.weight", f"{b}/mlp/{ours}/kernel") for hf, ours in mlp]
+      continue
+    g, moe = f"{h}.mlp", f"{b}/moe"
+    out += [_linear(f"{g}.gate.weight", f"{moe}/router")]
+    out += [_same(f"{g}.gate.e_score_correction_bias", f"{moe}/expert_bias")]
+    for hf, ours in mlp:
+      names = [f"{g}.experts.{j}.{hf}.weight" for j in range(e.num_experts)]
+      out += [_experts(names, f"{moe}/expert_{ours}")]
+    if e.num_shared_experts:
+      shared = f"{g}.shared_experts"
+      out += [_linear(f"{shared}.{hf}.weight", f"{moe}/shared/{ours}/kernel") for hf, ours in mlp]
+  return out + _decoder_tail(c, "model.norm")
+
+
 T5_MLPS = {
   "relu": ("relu", "erf"),
   "gated-gelu": ("geglu", "tanh"),
@@ -763,6 +987,17 @@ ARCHITECTURES = {
       _bloom_links,
       prefix="transformer.",
       ignored=("lm_head.weight",),
+    ),
+    Arch(
+      "DeepseekV3ForCausalLM",
+      "deepseek_v3",
+      "decoder",
+      PRETRAIN,
+      _deepseek_config,
+      _deepseek_write,
+      _deepseek_links,
+      ignored=("rotary_emb.inv_freq",),
+      unused_layers=True,
     ),
     Arch(
       "BertForMaskedLM",

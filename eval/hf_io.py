@@ -49,6 +49,8 @@ TOKENIZER_FILES = (
 )
 # fields of the model config that do not change what the model computes
 RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "attention_impl", "dropout", "quant_deployed")
+# and of `model.moe`: the dropless path taken, and what only training reads
+MOE_RUNTIME_FIELDS = {"impl": "ragged", "bias_update_rate": 0.0, "balance_loss": 0.0}
 
 
 # ---- reading a model folder
@@ -149,7 +151,12 @@ def _place(x: np.ndarray, target) -> jax.Array:
 
 
 def convert_tensors(
-  folder: SafetensorsFolder, arch: Arch, links: list[Link], abstract: dict, write: Callable
+  folder: SafetensorsFolder,
+  arch: Arch,
+  links: list[Link],
+  abstract: dict,
+  write: Callable,
+  reads_past: Callable[[str], bool] | None = None,
 ):
   """Converts every link's tensors, placed in their shardings, handing them to `write` a
   layer at a time; returns (parameters, tensors read past). Errors name the missing or extra
@@ -162,14 +169,15 @@ def convert_tensors(
       f"{arch.name}: the checkpoint lacks {len(missing)} tensors the config needs: {missing[:8]}"
     )
   leftover = sorted(set(available) - set(wanted))
-  unused = [n for n in leftover if any(n.startswith(u) for u in arch.unused)]
+  reads_past = reads_past or (lambda n: any(n.startswith(u) for u in arch.unused))
+  unused = [n for n in leftover if reads_past(n)]
   extra = [n for n in leftover if n not in unused and not any(n.endswith(s) for s in arch.ignored)]
   if extra:
     raise ValueError(
       f"{arch.name}: the checkpoint has {len(extra)} tensors the model does not use: {extra[:8]}"
     )
   if unused:
-    logging.info("%s: not used (heads %s lacks): %s", arch.name, arch.name, unused)
+    logging.info("%s: not used (heads or layers %s lacks): %s", arch.name, arch.name, unused)
   written: set[str] = set()
   group, group_name = {}, None
   for link in links:
@@ -238,7 +246,9 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh: dict | N
   )
   try:
     writer = ParamsWriter(staging)
-    n, unused = convert_tensors(folder, arch, arch.links(model.cfg), abstract, writer.add)
+    links, cfg = arch.links(model.cfg), model.cfg
+    reads_past = lambda name: arch.reads_past(name, cfg)  # noqa: E731
+    n, unused = convert_tensors(folder, arch, links, abstract, writer.add, reads_past)
     writer.finish()
     tok_dir = os.path.join(staging, "tokenizer")
     os.makedirs(tok_dir)
@@ -272,6 +282,7 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh: dict | N
 def _model_fields(config, vocab_size: int) -> dict:
   cfg = families.resolve(config).transformer_config(config, vocab_size)
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+  fields["moe"].update(MOE_RUNTIME_FIELDS)
   if cfg.mlp in ("relu", "swiglu") and cfg.head != "mlm":
     del fields["gelu"]  # no GELU anywhere in the model
   return fields

@@ -34,13 +34,17 @@ NAMES = (
   "t5_v1_1",
   "bloom",
   "deberta_v2",
+  "deepseek_v3",
+  "deepseek_v3_lite",
 )
 
 
 def forward(model, params, ref) -> np.ndarray:
-  """The output transformers recorded: logits, or BertModel's pooler output."""
+  """The output transformers recorded: logits, or BertModel's pooler output (one compiled
+  program: faster than the op-by-op call for the larger models)."""
   ids = jnp.asarray(ref["input_ids"])
   pos, seg = jnp.arange(ids.shape[1])[None], jnp.ones_like(ids)
+  kw = {}
   if "decoder_input_ids" in ref:
     dec = jnp.asarray(ref["decoder_input_ids"])
     kw = dict(
@@ -48,8 +52,8 @@ def forward(model, params, ref) -> np.ndarray:
       targets_positions_BL=jnp.arange(dec.shape[1])[None],
       targets_segment_ids_BL=jnp.ones_like(dec),
     )
-    return np.asarray(model.apply({"params": params}, ids, pos, seg, **kw)[0])
-  return np.asarray(model.apply({"params": params}, ids, pos, seg)[0])
+  apply = jax.jit(lambda p, kw: model.apply({"params": p}, ids, pos, seg, **kw)[0])
+  return np.asarray(apply(params, kw))
 
 
 def reference(ref) -> np.ndarray:
@@ -251,6 +255,78 @@ def test_export_refuses_a_model_no_architecture_represents():
   with pytest.raises(ValueError, match="model.quant='bitnet158'"):
     choose_arch(bitnet, 264)
   assert choose_arch(tiny_config("gpt"), 264).name == "GPT2LMHeadModel"
+  from configs import deepseek
+
+  ds = deepseek.get_config("size=tiny")  # the training-only MoE keys (bias updates) aside
+  with pytest.raises(ValueError, match="rms_norm_eps=1e-05"):
+    choose_arch(ds, 264)
+  ds.model.norm_eps = 1e-6
+  assert choose_arch(ds, 264).name == "DeepseekV3ForCausalLM"
+
+
+def _published(preset: str, legacy: bool) -> dict:
+  """The config.json of a published DeepseekV3ForCausalLM (param_counts.json holds its
+  transformers config); `legacy`: RoPE in the hub files' older schema (top-level rope_theta,
+  rope_scaling with "type")."""
+  counts = json.loads((FIXTURES / "param_counts.json").read_text())
+  hf = dict(counts["presets"][f"deepseek.py:size={preset}"]["config"])
+  if legacy:
+    rope = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = rope.pop("rope_theta")
+    hf["rope_scaling"] = {**rope, "type": rope.pop("rope_type")}
+  return {**hf, "architectures": ["DeepseekV3ForCausalLM"]}
+
+
+@pytest.mark.parametrize("preset,legacy", [("deepseek_v3", True), ("kimi_k2", False)])
+def test_published_deepseek_configs_read_as_the_presets(preset, legacy):
+  """DeepSeek-V3's and Kimi K2's config.json give configs/deepseek.py's published shapes:
+  MLA ranks, expert layout, YaRN (the model fields import sets, runtime ones aside)."""
+  from configs import base, deepseek
+  from eval.hf_arch import ARCHITECTURES
+
+  read = ARCHITECTURES["DeepseekV3ForCausalLM"].read_config(_published(preset, legacy))
+  got, want = base.get_config().model, deepseek.get_config(f"size={preset}").model
+  got.update(read)
+  for key, value in read.items():
+    if isinstance(value, dict):
+      assert {k: got[key][k] for k in value} == {k: want[key][k] for k in value}, key
+    else:
+      assert got[key] == want[key], key
+  assert got.rope_scaling.to_dict() == want.rope_scaling.to_dict()
+
+
+@pytest.mark.parametrize(
+  "edit,message",
+  [
+    ({"norm_topk_prob": False}, "norm_topk_prob=False: fourfold's router always normalizes"),
+    ({"rope_interleave": False}, "rope_interleave=False"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quant_method='fp8'"),
+    ({"rms_norm_eps": 1e-5}, "rms_norm_eps=1e-05: transformers normalizes MLA's latents"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 40, "attention_factor": 1.2}}, "attention_factor"),
+  ],
+)
+def test_deepseek_configs_fourfold_cannot_compute_are_refused(edit, message):
+  from eval.hf_arch import ARCHITECTURES, Unsupported
+
+  hf = {**_published("deepseek_v3", True), **edit}
+  with pytest.raises(Unsupported, match=message):
+    ARCHITECTURES["DeepseekV3ForCausalLM"].read_config(hf)
+
+
+def test_deepseek_layers_past_the_model_are_read_past():
+  """The multi-token-prediction module's tensors (model.layers.{num_layers}.*) are not part
+  of the model: read past (deepseek_v3_lite's checkpoint carries some), not an error."""
+  import types
+
+  from eval.hf_arch import ARCHITECTURES
+
+  arch, c = ARCHITECTURES["DeepseekV3ForCausalLM"], types.SimpleNamespace(num_layers=2)
+  assert arch.reads_past("model.layers.2.eh_proj.weight", c)
+  assert arch.reads_past("model.layers.12.self_attn.q_a_proj.weight", c)
+  assert not arch.reads_past("model.layers.1.mlp.gate.weight", c)
+  assert not arch.reads_past("model.norm.weight", c)
+  assert not ARCHITECTURES["LlamaForCausalLM"].reads_past("model.layers.2.mlp.gate.weight", c)
 
 
 def test_a_bfloat16_checkpoint_is_cast_to_float32_exactly(tmp_path, caplog):

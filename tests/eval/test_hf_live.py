@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from configs import deepseek  # noqa: E402
 from eval.hf_io import export_hf  # noqa: E402
 from eval.lora_export import export_peft  # noqa: E402
 from tests.eval import test_hf_import, test_lora_export  # noqa: E402
@@ -27,6 +28,9 @@ AUTO = {
   "GPT2LMHeadModel": transformers.AutoModelForCausalLM,
   "LlamaForCausalLM": transformers.AutoModelForCausalLM,
   "Phi3ForCausalLM": transformers.AutoModelForCausalLM,
+  "BloomForCausalLM": transformers.AutoModelForCausalLM,
+  "DeepseekV3ForCausalLM": transformers.AutoModelForCausalLM,
+  "DebertaV2ForMaskedLM": transformers.AutoModelForMaskedLM,
   "BertForMaskedLM": transformers.AutoModelForMaskedLM,
   "RobertaForMaskedLM": transformers.AutoModelForMaskedLM,
   "BertModel": transformers.AutoModel,
@@ -67,6 +71,7 @@ def test_export_of_an_import_loads_in_transformers(name, workdirs, tmp_path):
     ("bert", "arch=bert"),
     ("t5", "variant=v1_1"),
     ("t5", "variant=original"),
+    (deepseek, ""),
   ],
 )
 def test_trained_here_then_exported_gives_the_same_logits_in_transformers(
@@ -74,6 +79,13 @@ def test_trained_here_then_exported_gives_the_same_logits_in_transformers(
 ):
   config = short_run(tiny_config(preset, options, seq_len=32, shuffle_window=16), 20)
   config.model.dropout = 0.0
+  if preset is deepseek:  # transformers' MLA latents use eps 1e-6; a query latent, groups, YaRN
+    config.model.norm_eps = 1e-6
+    config.model.mla.q_lora_rank = 16
+    config.model.moe.update(n_group=2, topk_group=1, routed_scaling_factor=2.5)
+    config.model.rope_scaling.update(
+      type="yarn", factor=4.0, original_max_len=8, mscale=1.0, mscale_all_dim=0.8
+    )
   if preset == "t5":  # transformers' T5 does not scale its attention logits
     config.model.scale_attention = False
   run(config, str(tmp_path / "wd"))
