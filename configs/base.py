@@ -224,7 +224,7 @@ def get_config() -> ml_collections.ConfigDict:
     ("factor", None),
     ("labels", None),
     ("lora_rank", None),
-    ("latent", None),  # MLA's query and key/value latents (small; replicated)
+    ("latent", "fsdp"),  # MLA latents: q_b and kv_b split their input rank over fsdp
     ("quant_blocks", "fsdp"),
     ("expert", "expert"),
   )
