@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.moe.n_group = 1  # expert groups for group-limited routing; 1: no groups
   c.model.moe.topk_group = 1  # groups kept per token (by the sum of each group's 2 best scores)
   c.model.moe.capacity_factor = 0.0  # > 0: capacity factor (overflow dropped); <= 0: dropless
-  c.model.moe.impl = "ragged"  # ragged_dot (all-to-all if mesh.expert > 1) | dense (reference)
+  c.model.moe.impl = "ragged"  # ragged (all-to-all when mesh.expert > 1) | dense (reference)
   c.model.moe.bias_update_rate = 0.0  # bias += rate * sign(mean load - load) each step; 0: off
   c.model.moe.balance_loss = 0.0  # weight of the sequence-wise balance loss L_Bal; 0: off
 

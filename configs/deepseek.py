@@ -19,7 +19,7 @@ active per token (the balancing biases, buffers in transformers, left out):
 The sizes balance experts with a bias update of 1e-3 per step and no sequence-wise loss.
 
 As published (the tokenizer stays `data.tokenizer`; the model has the published
-vocabulary's rows), scanned layers, bfloat16 compute, data.seq_len 4096, for ahead-of-time
+vocabulary's rows), scanned layers, remat full, bfloat16 compute, seq_len 4096, for ahead-of-time
 compiles (`launch.aot`, docs/results/moe.md). The multi-token-prediction module is not
 built, so the counts are those of the main model, equal to transformers'
 DeepseekV3ForCausalLM's (tests/test_presets.py):
@@ -77,7 +77,7 @@ SIZES = {
     (64, 384, 6, 2, 1, 8, 4, 1.0),
   ),
 }
-PUBLISHED_BODY = dict(norm_eps=1e-6, scan_layers=True, dtype="bfloat16")
+PUBLISHED_BODY = dict(norm_eps=1e-6, scan_layers=True, dtype="bfloat16", remat="full")
 PUBLISHED_MLA = (1536, 512, 128, 64, 128)
 YARN = dict(type="yarn", original_max_len=4096, mscale=1.0, mscale_all_dim=1.0)
 PUBLISHED = {
