@@ -2,6 +2,9 @@
 
 `load_documents` returns a random-access sequence of documents (`str` or `bytes`) that
 grain's `MapDataset.source` accepts. Shuffling and sharding happen in `pipeline.py`.
+Local text files are documents between `data.doc_separator` strings (or one per file), read
+on access in pieces of at most `data.span_bytes` (`Piece`: bytes that know whether their
+document starts / ends there), so a file of any size shards like many documents.
 Local sources hold out their last 10% for validation; split `"all"` (used for
 `data.eval_name`) is the whole local source, or a TFDS dataset's validation split.
 Evaluation reads `data.eval_split` of a TFDS dataset instead when it is set
