@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
   c.data.shards = 1  # training streams packed apart, each giving batch_size/shards rows of every batch; any process count
   c.data.doc_separator = ""  # text:<glob>: the string between documents (e.g. <|endoftext|>); empty: a document per file
-  c.data.span_bytes = 65536  # text:<glob>: longer documents are read in pieces of at most this many bytes
+  c.data.span_bytes = 1 << 20  # text:<glob>: longer documents are read in pieces of at most this many bytes
   c.data.target_len = 0  # encdec: decoder length; 0: what span corruption needs / data.seq_len
 
   c.model = ml_collections.ConfigDict()
