@@ -235,8 +235,7 @@ def _bounded(path: str, start_N, stop_N, opens_N, closes_N, span: int) -> list[n
 def _text_spans(files: list[str], split: str, separator: str = "", span: int = 0) -> _FileSpans:
   """Documents of local text files (split at `separator`, else one per file), cut into pieces
   of at most `span` bytes (0: uncut); validation is the last 10% of the concatenated bytes,
-  where a document straddling the cut is cut too (into a piece that does not close and one
-  that does not open)."""
+  where a document straddling the cut becomes two (each framed whole, as before pieces)."""
   size_N = np.array([os.path.getsize(f) for f in files], dtype=np.int64)
   end_N = np.cumsum(size_N)
   total = int(end_N[-1])
@@ -257,7 +256,8 @@ def _text_spans(files: list[str], split: str, separator: str = "", span: int = 0
     stop_N = np.clip(doc_stop_N, lo - begin, hi - begin)
     kept_N = stop_N > start_N
     start_N, stop_N = start_N[kept_N], stop_N[kept_N]
-    columns = [start_N, stop_N, start_N == doc_start_N[kept_N], stop_N == doc_stop_N[kept_N]]
+    whole_N = np.ones(len(start_N), bool)  # the split's cut makes two documents of one
+    columns = [start_N, stop_N, whole_N, whole_N]
     if span:
       columns = _bounded(path, *columns, span)
     parts.append([np.full(len(columns[0]), i), *columns])

@@ -236,13 +236,14 @@ def _joined(pieces) -> list[tuple[bytes, bool, bool]]:
 
 def _python_split(files: list[bytes], lo: int, hi: int) -> list[tuple[bytes, bool, bool]]:
   """The reference: each file's bytes.split(SEP), empty documents dropped, clipped to bytes
-  [lo, hi) of the files' concatenation: (bytes, starts the document, ends it)."""
+  [lo, hi) of the files' concatenation (a document the cut splits is two): (bytes, True,
+  True)."""
   out, at = [], 0
   for data in files:
     for doc in data.split(SEP):
       start, stop = max(at, lo), min(at + len(doc), hi)
       if stop > start:
-        out.append((doc[start - at : stop - at], start == at, stop == at + len(doc)))
+        out.append((doc[start - at : stop - at], True, True))
       at += len(doc) + len(SEP)
     at -= len(SEP)
   return out
