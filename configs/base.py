@@ -40,7 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # packed sequence length in tokens
   c.data.tfds_data_dir = ""  # TFDS data dir; empty: TFDS's default (~/tensorflow_datasets)
   c.data.shuffle_window = 4096  # packed sequences shuffled together (window shuffle after packing)
-  c.data.shards = 0  # training-document shards, read by their processes; 0: one per process
+  c.data.shards = 1  # training streams packed apart, each giving batch_size/shards rows of every batch; any process count
+  c.data.doc_separator = ""  # text:<glob>: the string between documents (e.g. <|endoftext|>); empty: a document per file
+  c.data.span_bytes = 1 << 20  # text:<glob>: longer documents are read in pieces of at most this many bytes
   c.data.target_len = 0  # encdec: decoder length; 0: what span corruption needs / data.seq_len
 
   c.model = ml_collections.ConfigDict()

@@ -33,6 +33,7 @@ from modeling.transformer import (
 from modeling.vocab import FOURFOLD
 from train import distill, families, objectives, preference, sharding
 from train.data import chat, make_tokenizer, seq2seq, validate_source
+from train.data.pipeline import check_shards
 from train.optim import SCHEDULES
 
 # Each key's allowed values, defined once beside their implementation; configs/base.py's
@@ -78,6 +79,8 @@ POSITIVE = (
   "model.d_model",
   "model.d_ff",
   "data.seq_len",
+  "data.shards",
+  "data.span_bytes",
   "train.steps",
   "train.batch_size",
   "train.grad_accum",
@@ -116,7 +119,6 @@ NON_NEGATIVE = (
   "train.grad_clip",
   "model.dropout",
   "data.shuffle_window",
-  "data.shards",
   "model.type_vocab_size",
   "model.embed_dim",
   "task.num_labels",
@@ -397,6 +399,7 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
     validate_source(config.data.name, "data.name")
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
+  _validate_data(config.data, t.batch_size)
   if t.num_samples and fam.sample and not fam.autoregressive:  # one window: no sliding
     context = m.max_len or config.data.seq_len
     prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
@@ -414,6 +417,20 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       "model.vocab_size", m.vocab_size, f"must be 0 or >= the tokenizer's {tokenizer.vocab_size}"
     )
   return wiring
+
+
+def _validate_data(d: ml_collections.ConfigDict, batch_size: int) -> None:
+  """Sharding against the global batch; text-file options only where a text file is read."""
+  check_shards(d.shards, batch_size)
+  texts = [n for n in (d.name, d.eval_name) if n.startswith("text:")]
+  for key in ("doc_separator", "span_bytes"):
+    if not texts and d[key] != base.get_config().data[key]:
+      fail(
+        f"data.{key}",
+        d[key],
+        f"applies to text:<glob> sources only; data.name={d.name!r} and "
+        f"data.eval_name={d.eval_name!r} are not; leave it at its default",
+      )
 
 
 def _validate_post_training(config: ml_collections.ConfigDict, wiring: families.Wiring) -> None:

@@ -27,8 +27,12 @@ def device_env(devices: int) -> dict[str, str]:
   return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
+SEPARATOR = "<|endoftext|>"  # between the corpus's documents, as TinyStories' text file
+
+
 def write_corpus(path: str) -> str:
-  """A JSONL corpus of the repository's own Python paragraphs: deterministic, no download."""
+  """One text file of the repository's own Python paragraphs, separated by `SEPARATOR`:
+  deterministic, no download."""
   docs = []
   for sub in ("modeling", "train"):
     for name in sorted(os.listdir(os.path.join(REPO, sub))):
@@ -36,8 +40,8 @@ def write_corpus(path: str) -> str:
         with open(os.path.join(REPO, sub, name)) as f:
           docs += [p for p in f.read().split("\n\n") if p.strip()]
   with open(path, "w") as f:
-    f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:400])
-  return f"jsonl:{path}"
+    f.write(SEPARATOR.join(docs[:400]))
+  return f"text:{path}"
 
 
 def tiny_config(corpus: str, overrides: dict | None = None):
@@ -46,7 +50,7 @@ def tiny_config(corpus: str, overrides: dict | None = None):
   c.data.name = corpus
   c.data.seq_len = 32
   c.data.shuffle_window = 16
-  c.data.shards = 2  # global batches independent of the process count (1 or 2 here)
+  c.data.doc_separator = SEPARATOR  # no data.shards: global batches never depend on processes
   c.train.update(
     dict(
       steps=4,

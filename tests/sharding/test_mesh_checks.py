@@ -117,9 +117,9 @@ def test_cluster_detection(environ, kind):
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
   """With data.shards=4: one process's batch is the concatenation of the batches that
-  two processes (2 shards each) or four processes (1 shard each) read."""
-  c = runner.tiny_config(runner.write_corpus(str(tmp_path / "docs.jsonl")))
-  c.data.shards = 4
+  two processes (2 shards each) or four processes (1 shard each) read; with data.shards=2,
+  four processes (two on each shard, each keeping its half of the shard's rows) too."""
+  c = runner.tiny_config(runner.write_corpus(str(tmp_path / "docs.txt")))
   tok = make_tokenizer("byte")
 
   def batches(count):
@@ -131,13 +131,15 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
     ]
     return [np.concatenate([next(it)["tokens"] for it in its]) for _ in range(5)]
 
-  one = batches(1)
-  for count in (2, 4):
-    for a, b in zip(one, batches(count), strict=True):
-      np.testing.assert_array_equal(a, b)
-  assert len({a.tobytes() for a in one}) == 5  # different batches each step
+  for shards, counts in ((4, (2, 4)), (2, (4,))):
+    c.data.shards = shards
+    one = batches(1)
+    for count in counts:
+      for a, b in zip(one, batches(count), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.tobytes() for a in one}) == 5  # different batches each step
   c.data.shards = 3
-  with pytest.raises(ValueError, match=r"data.shards=3: must be 0 .* or a multiple of the 2"):
+  with pytest.raises(ValueError, match=r"data.shards=3: allowed: a positive divisor of the global"):
     train_iterator(c.data, tok, batch_size=4, seed=0, process_index=0, process_count=2)
 
 

@@ -85,7 +85,7 @@ def steps(losses: dict) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  return runner.write_corpus(str(tmp_path_factory.mktemp("corpus") / "docs.jsonl"))
+  return runner.write_corpus(str(tmp_path_factory.mktemp("corpus") / "docs.txt"))
 
 
 @pytest.fixture(scope="module")

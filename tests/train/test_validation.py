@@ -95,6 +95,17 @@ def test_preset_sizes_grow_in_order(preset):
       r"train\.batch_size=6: must be divisible by train\.grad_accum=4",
     ),
     ({"train.steps": 0}, r"train\.steps=0: must be > 0"),
+    (
+      {"train.batch_size": 16, "data.shards": 3},
+      r"data\.shards=3: allowed: a positive divisor of the global batch of 16 rows",
+    ),
+    ({"data.shards": 0}, r"data\.shards=0: must be > 0"),
+    (
+      {"data.doc_separator": "<|endoftext|>"},
+      r"data\.doc_separator='<\|endoftext\|>': applies to text:<glob> sources only; "
+      r"data\.name='pystdlib'",
+    ),
+    ({"data.span_bytes": 0}, r"data\.span_bytes=0: must be > 0"),
     ({"train.ema_decay": 1.0}, r"train\.ema_decay=1\.0: must be in \[0, 1\)"),
     ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
     ({"task.estimator": "exact"}, r"task\.estimator='exact': allowed \['time', 'count'\]"),

@@ -64,12 +64,18 @@ def _tokenized_docs(
     frame = document_frame(tokenizer.specials)
   prefix, suffix = (np.asarray(ids, np.int32) for ids in frame)
 
-  def tokenize(doc: str | bytes) -> dict[str, np.ndarray]:
-    ids_N = tokenizer.encode(doc).astype(np.int32)
-    return {"tokens": np.concatenate([prefix, ids_N, suffix])}
+  none = np.zeros(0, np.int32)
 
-  framing = len(prefix) + len(suffix)
-  return docs.map(tokenize).filter(lambda example: len(example["tokens"]) > framing)
+  def tokenize(doc: str | bytes) -> dict[str, np.ndarray] | None:
+    ids_N = tokenizer.encode(doc).astype(np.int32)
+    if not len(ids_N):
+      return None
+    # A piece of a long document (sources.Piece) is framed only where the document starts/ends.
+    head = prefix if getattr(doc, "opens", True) else none
+    tail = suffix if getattr(doc, "closes", True) else none
+    return {"tokens": np.concatenate([head, ids_N, tail])}
+
+  return docs.map(tokenize).filter(lambda example: example is not None)
 
 
 def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -112,13 +118,19 @@ def _json_state_to_grain(state: Any) -> Any:
 
 
 class ShardedBatches(grain.DatasetIterator):
-  """This process's shards' batches, concatenated in shard order, restorable from JSON.
+  """This process's rows of its shards' batches (`rows[i]` of shard `i`'s, default all),
+  concatenated in shard order, restorable from JSON.
 
   The state is one grain state per shard, after a JSON round trip as well.
   """
 
+  def __init__(self, parents, rows: list[slice] | None = None):
+    super().__init__(parents)
+    self._rows = rows or [slice(None)] * len(self._parents)
+
   def __next__(self) -> dict[str, np.ndarray]:
     parts = [next(p) for p in self._parents]
+    parts = [{k: v[rows] for k, v in p.items()} for p, rows in zip(parts, self._rows, strict=True)]
     if len(parts) == 1:
       return parts[0]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -130,7 +142,8 @@ class ShardedBatches(grain.DatasetIterator):
     if len(state.get("shards", ())) != len(self._parents):
       raise ValueError(
         f"data iterator state holds {len(state.get('shards', ()))} shards, this process reads "
-        f"{len(self._parents)}: resume with the same data.shards and process count"
+        f"{len(self._parents)}: resume with the same data.shards, train.batch_size and process "
+        "count"
       )
     for p, s in zip(self._parents, state["shards"], strict=True):
       p.set_state(_json_state_to_grain(s))
@@ -151,7 +164,9 @@ def _shard_batches(
   mine = grain.MapDataset.source(docs)[shard::num_shards]
   if len(mine) == 0:
     raise ValueError(
-      f"data.name={data_cfg.name!r}: {len(docs)} documents cannot fill {num_shards} shards"
+      f"data.shards={num_shards}: data.name={data_cfg.name!r} has {len(docs)} documents (text"
+      f" files: pieces of at most data.span_bytes), too few to fill {num_shards} shards;"
+      " allowed: at most as many shards as documents (1: one stream every process reads)"
     )
   epochs = mine.shuffle(seed=seed).repeat()
   tokenized = _tokenized_docs(epochs, tokenizer, frame).to_iter_dataset()
@@ -184,38 +199,40 @@ def train_iterator(
   `rows_fn(documents, seed)`, if given, turns the stream of tokenized documents into the
   rows instead of packing them (T5's span corruption, `train/data/seq2seq.py`).
 
-  The documents are split into `data.shards` shards (0: one per process), document
-  k going to shard k % shards. Every global batch takes an equal number of rows from
-  each shard, in shard order, and each process reads only its own consecutive shards.
-  So with `data.shards` fixed the global batches do not depend on the process count.
-  Within a shard every document's tokens appear once per epoch, in a new order each epoch.
+  The documents are split into `data.shards` shards, document k going to shard k % shards,
+  each packed into its own stream. A global batch (`batch_size` x processes rows) is the
+  concatenation of every shard's next `global / shards` rows, in shard order; each process
+  takes its own consecutive `batch_size` rows of it, reading only the shards they come from.
+  So the global batches never depend on the process count: with one shard (the default) every
+  process packs the whole stream and keeps its rows; with a shard per process or more, each
+  reads only its own. Within a shard every document's tokens appear once per epoch, in a new
+  order each epoch.
   """
   _check_cfg(data_cfg, batch_size)
   check_process(process_index, process_count)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
-  num_shards = data_cfg.shards or process_count
-  if num_shards < 0 or num_shards % process_count:
-    raise ValueError(
-      f"data.shards={data_cfg.shards}: must be 0 (one per process) or a multiple of the "
-      f"{process_count} processes"
-    )
-  per_process = num_shards // process_count
-  if batch_size % per_process:
-    raise ValueError(
-      f"data.shards={num_shards}: each process's {batch_size} rows must split evenly over its "
-      f"{per_process} shards"
-    )
+  global_rows = batch_size * process_count
+  check_shards(data_cfg.shards, global_rows)
+  per_shard = global_rows // data_cfg.shards
+  lo, hi = process_index * batch_size, (process_index + 1) * batch_size  # this process's rows
   docs = load_documents(data_cfg.name, "train", data_cfg)
-  first = process_index * per_process
-  return ShardedBatches(
-    [
-      _shard_batches(
-        docs, k, num_shards, data_cfg, tokenizer, batch_size // per_process, seed, frame, rows_fn
-      )
-      for k in range(first, first + per_process)
-    ]
-  )
+  parents, rows = [], []
+  for k in range(lo // per_shard, (hi - 1) // per_shard + 1):
+    parents.append(
+      _shard_batches(docs, k, data_cfg.shards, data_cfg, tokenizer, per_shard, seed, frame, rows_fn)
+    )
+    rows.append(slice(max(lo - k * per_shard, 0), min(hi - k * per_shard, per_shard)))
+  return ShardedBatches(parents, rows)
+
+
+def check_shards(shards: int, global_rows: int) -> None:
+  """`data.shards` against the global batch (`train.batch_size`): a divisor of it."""
+  if shards < 1 or global_rows % shards:
+    raise ValueError(
+      f"data.shards={shards}: allowed: a positive divisor of the global batch of "
+      f"{global_rows} rows (train.batch_size); 1 packs one stream that every process reads"
+    )
 
 
 def _pad_rows(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

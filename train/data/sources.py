@@ -2,6 +2,9 @@
 
 `load_documents` returns a random-access sequence of documents (`str` or `bytes`) that
 grain's `MapDataset.source` accepts. Shuffling and sharding happen in `pipeline.py`.
+Local text files are documents between `data.doc_separator` strings (or one per file), read
+on access in pieces of at most `data.span_bytes` (`Piece`: bytes that know whether their
+document starts / ends there), so a file of any size shards like many documents.
 Local sources hold out their last 10% for validation; split `"all"` (used for
 `data.eval_name`) is the whole local source, or a TFDS dataset's validation split.
 Evaluation reads `data.eval_split` of a TFDS dataset instead when it is set
@@ -10,6 +13,7 @@ Evaluation reads `data.eval_split` of a TFDS dataset instead when it is set
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib
 import json
@@ -79,11 +83,31 @@ def validate_source(name: str, key: str = "data.name") -> None:
     raise ValueError(f"{key}={name!r}: {base!r} has no config {config!r}; allowed: {configs}")
 
 
-class _FileSpans(Sequence[bytes]):
-  """Documents that are byte ranges of files, read on access so corpora stay on disk."""
+class Piece(bytes):
+  """A document's bytes, or a piece of them: `opens` (the document starts here) and `closes`
+  (it ends here) say whether the piece gets the frame's prefix (BOS) and suffix (EOS)."""
 
-  def __init__(self, paths: list[str], file_N: np.ndarray, start_N: np.ndarray, stop_N: np.ndarray):
+  opens: bool = True
+  closes: bool = True
+
+
+class _FileSpans(Sequence[bytes]):
+  """Documents (or pieces of them) that are byte ranges of files, read on access (a seek and
+  a read of the range) so corpora stay on disk."""
+
+  def __init__(
+    self,
+    paths: list[str],
+    file_N: np.ndarray,
+    start_N: np.ndarray,
+    stop_N: np.ndarray,
+    opens_N: np.ndarray | None = None,
+    closes_N: np.ndarray | None = None,
+  ):
     self._paths, self._file_N, self._start_N, self._stop_N = paths, file_N, start_N, stop_N
+    whole_N = np.ones(len(file_N), bool)
+    self._opens_N = whole_N if opens_N is None else opens_N
+    self._closes_N = whole_N if closes_N is None else closes_N
 
   def __len__(self) -> int:
     return len(self._file_N)
@@ -92,11 +116,21 @@ class _FileSpans(Sequence[bytes]):
     start = int(self._start_N[index])
     with open(self._paths[self._file_N[index]], "rb") as f:
       f.seek(start)
-      return f.read(int(self._stop_N[index]) - start)
+      data = f.read(int(self._stop_N[index]) - start)
+    if self._opens_N[index] and self._closes_N[index]:
+      return data
+    piece = Piece(data)
+    piece.opens, piece.closes = bool(self._opens_N[index]), bool(self._closes_N[index])
+    return piece
 
   def select(self, mask_N: np.ndarray) -> _FileSpans:
     return _FileSpans(
-      self._paths, self._file_N[mask_N], self._start_N[mask_N], self._stop_N[mask_N]
+      self._paths,
+      self._file_N[mask_N],
+      self._start_N[mask_N],
+      self._stop_N[mask_N],
+      self._opens_N[mask_N],
+      self._closes_N[mask_N],
     )
 
 
@@ -128,22 +162,109 @@ class _TextField(Sequence):
     return self._source[index][self._field]
 
 
-def _text_spans(files: list[str], split: str) -> _FileSpans:
-  """Each file is a document; validation is the last 10% of the concatenated bytes."""
+_SCAN_BYTES = 1 << 24  # files are scanned for separators in chunks of 16 MiB
+_CUT_WINDOW = 1024  # a span cut moves back to just after a newline within this many bytes
+
+
+@functools.lru_cache(maxsize=64)
+def _separated(path: str, separator: bytes, size: int, mtime: int) -> tuple[np.ndarray, np.ndarray]:
+  """[start, stop) of each document of a file: the text between separators (which are
+  dropped), or the whole file when `separator` is empty. Streamed in chunks, never read whole;
+  cached per file version (`size`, `mtime`: the train and validation splits scan once)."""
+  if not separator:
+    return np.array([0], np.int64), np.array([size], np.int64)
+  hits, carry, base = [], b"", 0  # base: the file offset of buf[0]
+  with open(path, "rb") as f:
+    while chunk := f.read(_SCAN_BYTES):
+      buf = carry + chunk
+      found, at = [], buf.find(separator)
+      while at >= 0:
+        found.append(at)
+        at = buf.find(separator, at + len(separator))
+      hits.append(base + np.array(found, np.int64))
+      # The next chunk starts with the tail a separator could straddle (never a found one).
+      free = len(buf) - (found[-1] + len(separator) if found else 0)
+      keep = min(len(separator) - 1, free)
+      carry, base = buf[len(buf) - keep :], base + len(buf) - keep
+  at_N = np.concatenate(hits) if hits else np.zeros(0, np.int64)
+  return np.concatenate([[0], at_N + len(separator)]), np.concatenate([at_N, [size]])
+
+
+def _cut(f, start: int, stop: int, span: int) -> int:
+  """Where a piece starting at `start` of a document ending at `stop` ends: `span` bytes on,
+  moved back to just after the last newline of the `_CUT_WINDOW` bytes before that, else to
+  the start of a UTF-8 character (so no character is split across pieces)."""
+  end = start + span
+  if end >= stop:
+    return stop
+  window = min(_CUT_WINDOW, span // 2)
+  f.seek(end - window)
+  tail = f.read(window + 1)  # the window, then the byte at `end`
+  newline = tail.rfind(b"\n", 0, window)
+  if newline >= 0:
+    return end - window + newline + 1
+  for back in range(min(4, window + 1)):  # a UTF-8 character has at most 3 continuation bytes
+    if tail[window - back] & 0xC0 != 0x80:
+      return end - back
+  return end  # not UTF-8 here: cut anywhere
+
+
+def _bounded(path: str, start_N, stop_N, opens_N, closes_N, span: int) -> list[np.ndarray]:
+  """The documents cut into pieces of at most `span` bytes; only the long ones need reads."""
+  columns = [start_N, stop_N, opens_N, closes_N]
+  long_N = np.flatnonzero(stop_N - start_N > span)
+  if not len(long_N):
+    return columns
+  parts, done = [], 0  # runs of short documents as they are, long ones as their pieces
+  with open(path, "rb") as f:
+    for i in long_N:
+      parts.append([c[done:i] for c in columns])
+      starts, stops = [int(start_N[i])], []
+      while (end := _cut(f, starts[-1], int(stop_N[i]), span)) < stop_N[i]:
+        stops.append(end)
+        starts.append(end)
+      stops.append(int(stop_N[i]))
+      opens = [bool(opens_N[i])] + [False] * (len(starts) - 1)
+      closes = [False] * (len(starts) - 1) + [bool(closes_N[i])]
+      parts.append([np.array(starts), np.array(stops), np.array(opens), np.array(closes)])
+      done = i + 1
+  parts.append([c[done:] for c in columns])
+  return [np.concatenate([p[k] for p in parts]) for k in range(4)]
+
+
+def _text_spans(files: list[str], split: str, separator: str = "", span: int = 0) -> _FileSpans:
+  """Documents of local text files (split at `separator`, else one per file), cut into pieces
+  of at most `span` bytes (0: uncut); validation is the last 10% of the concatenated bytes,
+  where a document straddling the cut becomes two (each framed whole, as before pieces)."""
   size_N = np.array([os.path.getsize(f) for f in files], dtype=np.int64)
   end_N = np.cumsum(size_N)
-  begin_N = end_N - size_N
   total = int(end_N[-1])
   lo, hi = {
     "train": (0, total - total // _HELD_OUT_FRACTION),
     "validation": (total - total // _HELD_OUT_FRACTION, total),
     "all": (0, total),
   }[split]
-  # Clip each file's [begin, end) in the concatenation to [lo, hi), back to file offsets.
-  start_N = np.clip(begin_N, lo, hi) - begin_N
-  stop_N = np.clip(end_N, lo, hi) - begin_N
-  spans = _FileSpans(files, np.arange(len(files)), start_N, stop_N)
-  return spans.select(stop_N > start_N)
+  parts = []  # per file: (file index, start, stop, opens, closes) of its documents' pieces
+  for i, path in enumerate(files):
+    begin = int(end_N[i] - size_N[i])  # the file's offset in the concatenation
+    if begin >= hi or begin + size_N[i] <= lo:
+      continue
+    mtime = os.stat(path).st_mtime_ns
+    doc_start_N, doc_stop_N = _separated(path, separator.encode(), int(size_N[i]), mtime)
+    # Clip each document's [start, stop) to the split's [lo, hi), in file offsets.
+    start_N = np.clip(doc_start_N, lo - begin, hi - begin)
+    stop_N = np.clip(doc_stop_N, lo - begin, hi - begin)
+    kept_N = stop_N > start_N
+    start_N, stop_N = start_N[kept_N], stop_N[kept_N]
+    whole_N = np.ones(len(start_N), bool)  # the split's cut makes two documents of one
+    columns = [start_N, stop_N, whole_N, whole_N]
+    if span:
+      columns = _bounded(path, *columns, span)
+    parts.append([np.full(len(columns[0]), i), *columns])
+  if not parts:
+    return _FileSpans(files, *(np.zeros(0, np.int64) for _ in range(3)))
+  file_N, start_N, stop_N, opens_N, closes_N = (np.concatenate(c) for c in zip(*parts, strict=True))
+  return _FileSpans(files, file_N, start_N, stop_N, opens_N.astype(bool), closes_N.astype(bool))
 
 
 def jsonl_lines(path: str, key: str, name: str):
@@ -251,7 +372,8 @@ def load_documents(name: str, split: str, data_cfg: ml_collections.ConfigDict) -
     raise ValueError(f"split={split!r} for {key}={name!r}: allowed {list(SPLITS)}")
   validate_source(name, key)
   if name.startswith("text:"):
-    docs: Sequence = _text_spans(_local_files(name, key), split)
+    files = _local_files(name, key)
+    docs: Sequence = _text_spans(files, split, data_cfg.doc_separator, data_cfg.span_bytes)
   elif name.startswith("jsonl:"):
     files = _local_files(name, key)
     docs = _JsonlTexts(

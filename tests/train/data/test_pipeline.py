@@ -160,11 +160,75 @@ def test_seeds_change_the_order(tmp_path):
 
 def test_processes_read_disjoint_shards(tmp_path):
   corpus = _docs(60)
-  cfg = _cfg(name=_jsonl(tmp_path, corpus), seq_len=16, shuffle_window=1)
+  cfg = _cfg(name=_jsonl(tmp_path, corpus), seq_len=16, shuffle_window=1, shards=2)
   (p0,) = _epochs(cfg, 27, 1, process_index=0, process_count=2)
   (p1,) = _epochs(cfg, 27, 1, process_index=1, process_count=2)
   assert not set(p0) & set(p1)
   assert sorted(p0 + p1) == sorted(corpus[:54])
+
+
+def _global_batches(cfg, count: int, steps: int, *, seed=0, states=None):
+  """`steps` global batches of 8 rows from `count` simulated processes (each process's rows in
+  order), and every process's JSON state after them; `states` resumes each process first."""
+  its = [
+    _train(cfg, batch_size=8 // count, seed=seed, process_index=i, process_count=count)
+    for i in range(count)
+  ]
+  for it, state in zip(its, states or [], strict=False):
+    it.set_state(state)
+  batches = [
+    {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    for parts in ([next(it) for it in its] for _ in range(steps))
+  ]
+  return batches, [json.loads(json.dumps(it.get_state())) for it in its]
+
+
+def _text_corpus(tmp_path, separator: str) -> str:
+  """One text file of `_docs` joined by `separator` (or by newlines), 10 KB."""
+  (tmp_path / "corpus.txt").write_text((separator or "\n").join(_docs(400, seed=2)))
+  return f"text:{tmp_path}/corpus.txt"
+
+
+@pytest.mark.parametrize(("separator", "shards"), [("", 1), ("<|endoftext|>", 2)])
+def test_global_batches_and_resume_do_not_depend_on_the_process_count(tmp_path, separator, shards):
+  """One text file, without and with data.doc_separator, in pieces of data.span_bytes: one
+  and two processes (simulated: their process_index / process_count) read the same global
+  batches, with the default data.shards=1 (every process packs the one stream and keeps its
+  rows) and with a shard per process; two processes resumed from their JSON states continue
+  exactly."""
+  cfg = _cfg(name=_text_corpus(tmp_path, separator), seq_len=16, shuffle_window=4)
+  cfg.update(doc_separator=separator, span_bytes=256, shards=shards)
+  one, _ = _global_batches(cfg, 1, 4)
+  assert len({b["tokens"].tobytes() for b in one}) == 4
+  two, _ = _global_batches(cfg, 2, 4)
+  assert _same(two, one)
+  _, states = _global_batches(cfg, 2, 2)
+  assert _same(_global_batches(cfg, 2, 2, states=states)[0], one[2:])
+
+
+def test_pystdlib_global_batches_do_not_depend_on_the_process_count(pystdlib_cfg):
+  """The embedded corpus, no data flags: one process's global batches are two processes'."""
+  cfg = _cfg(tfds_data_dir=pystdlib_cfg.tfds_data_dir, seq_len=32, shuffle_window=8)
+  assert _same(_global_batches(cfg, 2, 3)[0], _global_batches(cfg, 1, 3)[0])
+
+
+def test_pieces_are_framed_where_their_document_starts_and_ends(tmp_path):
+  """A document read in pieces gets BOS (when the frame has one) before its first piece and
+  EOS after its last, nothing between: the in-order stream is each document, framed once;
+  every piece is its own segment (positions restart), as a document cut across rows is."""
+  corpus = _text_corpus(tmp_path, "<|endoftext|>")
+  cfg = _cfg(eval_name=corpus, seq_len=64, doc_separator="<|endoftext|>", span_bytes=12)
+  frame = ((2,), (EOS_ID,))  # BOS ... EOS
+  batches = list(pipeline.eval_batches(cfg, BYTES, batch_size=4, frame=frame))
+  tokens = _rows(batches)
+  stream = tokens[tokens != 0]
+  expected = np.concatenate(
+    [np.concatenate([[2], BYTES.encode(d), [EOS_ID]]) for d in _docs(400, seed=2) if d]
+  )
+  np.testing.assert_array_equal(stream, expected)
+  segment_ids = np.concatenate([b["segment_ids"] for b in batches])
+  starts = (np.diff(segment_ids, axis=1) == 1).sum() + (segment_ids[:, 0] > 0).sum()
+  assert starts > len(_docs(400)) + 100  # pieces of 12 bytes: far more segments than documents
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:

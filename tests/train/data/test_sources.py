@@ -214,3 +214,92 @@ def test_tfds_validation_falls_back_to_test(tmp_path):
   assert len(sources.load_documents("pystdlib_train_test", "train", cfg)) == 4
   assert len(sources.load_documents("pystdlib_train_test", "validation", cfg)) == 2
   assert len(sources.load_documents("pystdlib_train_test", "all", cfg)) == 2
+
+
+SEP = b"<|endoftext|>"  # 13 bytes
+
+
+def _joined(pieces) -> list[tuple[bytes, bool, bool]]:
+  """(bytes, opens, closes) of each run of pieces: a piece that does not open continues the
+  one before (the first may not open), which must not have closed."""
+  runs = []
+  for p in pieces:
+    opens, closes = getattr(p, "opens", True), getattr(p, "closes", True)
+    if opens or not runs:  # a split may start inside a document
+      runs.append([bytes(p), opens, closes])
+    else:
+      assert runs and not runs[-1][2], "a piece continues a document that closed"
+      runs[-1][0] += p
+      runs[-1][2] = closes
+  return [tuple(r) for r in runs]
+
+
+def _python_split(files: list[bytes], lo: int, hi: int) -> list[tuple[bytes, bool, bool]]:
+  """The reference: each file's bytes.split(SEP), empty documents dropped, clipped to bytes
+  [lo, hi) of the files' concatenation (a document the cut splits is two): (bytes, True,
+  True)."""
+  out, at = [], 0
+  for data in files:
+    for doc in data.split(SEP):
+      start, stop = max(at, lo), min(at + len(doc), hi)
+      if stop > start:
+        out.append((doc[start - at : stop - at], True, True))
+      at += len(doc) + len(SEP)
+    at -= len(SEP)
+  return out
+
+
+def _separated_corpus(tmp_path: pathlib.Path) -> tuple[str, list[bytes]]:
+  """Two files: a separator first and two in a row (empty documents), documents of exactly
+  16 and 64 bytes (a piece ends where the separator starts) and of 17 and 65 (one byte
+  over), multi-byte characters, lines, 300 bytes of 2-byte characters without a newline."""
+  a = SEP.join(
+    [
+      b"",
+      b"x" * 16,
+      b"y" * 17,
+      "é\n".join(["ab", "ç" * 7, "d"]).encode() + b"z" * 41,
+      b"w" * 65,
+      b"\n".join(b"line %d" % i for i in range(40)),
+      b"",
+      "ü".encode() * 150,
+      b"",
+    ]
+  )
+  b = SEP.join([b"tail document\n" * 12, b"last"])
+  assert {16, 17, 64, 65, 300} <= set(map(len, a.split(SEP)))
+  return _write_texts(tmp_path, {"a.txt": a, "b.txt": b}), [a, b]
+
+
+@pytest.mark.parametrize("scan", [5, 13, 1 << 24])
+@pytest.mark.parametrize("span", [16, 64, 1 << 16])
+def test_doc_separator_and_spans_match_a_python_split(tmp_path, monkeypatch, scan, span):
+  """Documents between separators (Python's bytes.split, empty ones dropped), read in pieces
+  of at most `span` bytes that join back into them; train and validation cut at 90% of the
+  bytes. Files are scanned in `scan`-byte chunks: separators straddle chunk boundaries (5)
+  or start on them (13)."""
+  monkeypatch.setattr(sources, "_SCAN_BYTES", scan)
+  sources._separated.cache_clear()
+  name, files = _separated_corpus(tmp_path)
+  cfg = _cfg(doc_separator=SEP.decode(), span_bytes=span)
+  total = sum(map(len, files))
+  cut = total - total // 10
+  for split, (lo, hi) in {"all": (0, total), "train": (0, cut), "validation": (cut, total)}.items():
+    pieces = list(sources.load_documents(name, split, cfg))
+    assert _joined(pieces) == _python_split(files, lo, hi), split
+    assert all(0 < len(p) <= span for p in pieces)
+    for p in pieces[:-1]:  # cut after a newline when one is near, never inside a character
+      if not getattr(p, "closes", True) and b"\n" in p[-min(1024, span // 2) :]:
+        assert p.endswith(b"\n"), p
+    assert all(p.decode("utf-8") for p in pieces[1:-1])
+  pieces = list(sources.load_documents(name, "all", cfg))
+  assert len(pieces) > len(_python_split(files, 0, total)) or span == 1 << 16
+
+
+def test_no_separator_is_a_document_per_file_in_pieces(tmp_path):
+  """Without data.doc_separator a file is one document (the separator string is plain text),
+  read in pieces of data.span_bytes."""
+  name, files = _separated_corpus(tmp_path)
+  pieces = list(sources.load_documents(name, "all", _cfg(span_bytes=100)))
+  assert _joined(pieces) == [(f, True, True) for f in files]
+  assert max(map(len, pieces)) <= 100 and len(pieces) >= sum(map(len, files)) // 100
