@@ -11,7 +11,10 @@ Every `python -m` command calls `setup(workdir)` first thing in its `main`. Then
 absl's flags keep their meaning: `--verbosity=1` (or `--alsologtostderr`) also prints every
 record on the console, `--logtostderr` prints every record there and writes no file.
 Commands without a workdir write `<temp dir>/fourfold/<command>.log.txt`. Uncaught
-exceptions print their traceback as always.
+exceptions print their traceback as always. A failed checkpoint save is one line on the
+console: orbax's error records (a traceback per background thread) and the "Event loop is
+closed" errors TensorStore's callbacks raise after it go to the log file, and a log file that
+cannot be written (its disk is full) drops records quietly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
 
 from absl import flags
 from absl import logging as absl_logging
@@ -32,6 +36,7 @@ _OWN = tuple(os.path.join(_ROOT, d) + os.sep for d in ("train", "eval", "bench",
 def setup(workdir: str | None) -> str | None:
   """Routes logging for a command from absl's parsed flags; returns the log file's path."""
   f = {name: flags.FLAGS[name].value for name in ("logtostderr", "alsologtostderr", "verbosity")}
+  sys.unraisablehook = _unraisable
   if f["logtostderr"]:
     return configure(None, verbose=True)
   if workdir:
@@ -40,6 +45,19 @@ def setup(workdir: str | None) -> str | None:
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     path = os.path.join(tempfile.gettempdir(), "fourfold", f"{program}.{LOG_NAME}")
   return configure(path, verbose=f["verbosity"] >= 1 or f["alsologtostderr"])
+
+
+def _unraisable(info) -> None:
+  """After a failed background save, TensorStore's callbacks land on orbax's closed event
+  loop, in threads nobody can catch them in: those go to the log file; others as always."""
+  if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+    frames = traceback.extract_tb(info.exc_traceback) or [None]
+    path, line = (frames[-1].filename, frames[-1].lineno) if frames[-1] else ("?", 0)
+    exc_info = (info.exc_type, info.exc_value, info.exc_traceback)
+    root = logging.getLogger()  # a record from where it was raised (asyncio), not from here
+    root.handle(root.makeRecord("asyncio", logging.INFO, path, line, "ignored", (), exc_info))
+    return
+  sys.__unraisablehook__(info)
 
 
 def configure(path: str | None, verbose: bool, stream=None) -> str | None:
@@ -65,6 +83,11 @@ def configure(path: str | None, verbose: bool, stream=None) -> str | None:
   return path
 
 
+# orbax logs each failure of a background save with its traceback, in several threads; the
+# failure then comes back as an exception, which the trainer reports in one line
+# (checkpoint.CheckpointSaveError): orbax's errors go to the log file only.
+_ORBAX = os.sep + os.path.join("orbax", "checkpoint") + os.sep
+
 # Library warnings that are not news to the reader: they go to the log file only.
 HARMLESS_WARNINGS = (
   "Metadata file does not exist",  # orbax, reading a checkpoint's state item on its own
@@ -80,11 +103,19 @@ class _LazyFile(logging.FileHandler):
     os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
     return super()._open()
 
+  def handleError(self, record):
+    """A log file that cannot be written (its disk is full) drops the record quietly: the
+    console still shows what matters, without a traceback per record."""
+    if not isinstance(sys.exc_info()[1], OSError):
+      super().handleError(record)
+
 
 def shown_on_console(record: logging.LogRecord) -> bool:
   """Warnings and errors from anywhere (but HARMLESS_WARNINGS); fourfold's own records."""
   if os.path.abspath(record.pathname).startswith(_OWN):
     return True
+  if record.levelno >= logging.ERROR and _ORBAX in record.pathname:
+    return False
   if record.levelno == logging.WARNING:
     return not str(record.msg).startswith(HARMLESS_WARNINGS)
   return record.levelno > logging.WARNING
