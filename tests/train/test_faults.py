@@ -1,5 +1,5 @@
 """Storage faults (a checkpoint that cannot be read, a save on a full disk) and profiles, on
-one shared tiny run: 8 steps, checkpoints at 4 and 8, a profile of steps 2-6."""
+one shared tiny run: 6 steps, checkpoints at 3 and 6, a profile of steps 2-6."""
 
 import glob
 import hashlib
@@ -15,11 +15,15 @@ from orbax.checkpoint._src.serialization import serialization
 
 from configs import gpt
 from tests.train.test_trainer import losses, tiny
-from train import console, trainer
-from train.checkpoint import CheckpointSaveError
+from train import console, families, sharding, trainer
+from train.checkpoint import Checkpointer, CheckpointSaveError
+from train.data import make_tokenizer
+from train.optim import make_optimizer
 from train.profiling import STEP_EVENT, traced_steps
+from train.step import saved_part
 
 PROFILED = [2, 3, 4, 5, 6]
+SAVED = tiny(gpt, steps=6, checkpoint_every=3, profile_start=2, profile_steps=5)
 
 
 def run(config, workdir, stream=None) -> str:
@@ -45,8 +49,8 @@ def run(config, workdir, stream=None) -> str:
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("saved") / "run"
-  run(tiny(gpt, steps=8, profile_start=PROFILED[0], profile_steps=len(PROFILED)), workdir)
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  run(SAVED, workdir)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
   return workdir
 
 
@@ -64,43 +68,31 @@ def file_digests(folder) -> dict[str, str]:
   }
 
 
-@pytest.mark.parametrize(
-  "broken",
-  ["state/_sharding", "state/ocdbt.process_0/d/*"],
-  ids=["sharding_json", "array_data"],
-)
-def test_unreadable_checkpoint_is_named_kept_and_the_previous_one_resumes(
-  broken, saved_run, tmp_path
-):
-  """The newest checkpoint truncated (the issue's `_sharding: Invalid JSON`, or the largest
-  array-data file): a warning names the step and the file, the run resumes from step 4 with
-  the losses of the run that saved it, and the broken step is kept, set aside, when the run
-  saves step 8 again."""
-  workdir = copy_of(saved_run, tmp_path)
-  path = max(glob.glob(str(workdir / "checkpoints/8" / broken)), key=os.path.getsize)
+def truncate(path) -> None:
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
-  broken_files = file_digests(workdir / "checkpoints/8")
-  shown = run(tiny(gpt, steps=8), workdir)
-  named = path if broken.endswith("_sharding") else str(workdir / "checkpoints/8/state")  # OCDBT
-  assert f"checkpoint step 8 cannot be restored: {named}" in shown, shown
-  assert "resuming from step 4" in shown, shown
-  saved, resumed = losses(saved_run), losses(workdir)
-  assert [resumed[s] for s in range(5, 9)] == [saved[s] for s in range(5, 9)]
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8", "8.unrestorable"]
-  assert file_digests(workdir / "checkpoints/8.unrestorable") == broken_files
-  assert file_digests(workdir / "checkpoints/4") == file_digests(saved_run / "checkpoints/4")
 
 
-def test_no_restorable_checkpoint_is_refused_untouched(saved_run, tmp_path):
-  workdir = copy_of(saved_run, tmp_path)
-  for step in ("4", "8"):
-    path = workdir / "checkpoints" / step / "state" / "_sharding"
-    path.write_bytes(path.read_bytes()[:100])
-  before = file_digests(workdir / "checkpoints")
-  with pytest.raises(ValueError, match="no checkpoint in .* can be restored: checkpoint step 8"):
-    run(tiny(gpt, steps=8), workdir)
-  assert file_digests(workdir / "checkpoints") == before
+@pytest.fixture(scope="module")
+def abstract():
+  """The saved part of the tiny run's abstract state (shapes and shardings, no compile)."""
+  model, _ = families.resolve(SAVED).build(SAVED, make_tokenizer(SAVED.data.tokenizer))
+  mesh, rules = sharding.make_mesh(SAVED.mesh), sharding.rules(SAVED)
+  tx = make_optimizer(SAVED.train)
+  return saved_part(trainer.abstract_state(SAVED, model, tx, mesh, rules)[0])
+
+
+def restored(workdir, step: int, abstract):
+  ckpt = Checkpointer(str(workdir))
+  try:
+    return jax.device_get(ckpt.restore(step, abstract, None))
+  finally:
+    ckpt.close()
+
+
+def assert_same_arrays(a, b) -> None:
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype and (x == y).all()
 
 
 def no_space_at_step(step: int):
@@ -123,52 +115,94 @@ def no_space_at_step(step: int):
   return maybe_full
 
 
-def test_save_on_a_full_disk_stops_in_one_line_and_the_rerun_resumes(
-  saved_run, tmp_path, monkeypatch
+def test_broken_checkpoint_then_a_full_disk_lose_nothing(
+  saved_run, abstract, tmp_path, monkeypatch
 ):
-  """From step 8, the save of step 12 fails in the background; it surfaces at the next save
-  (16) as one line naming step 12's path, the cause and the last good step, 8, whose files
-  are untouched; the rerun resumes from 8 with the same losses."""
+  """One run through both faults. The newest checkpoint (6) has a truncated `_sharding` (the
+  issue's `Invalid JSON`): a warning names the step and the file, the run resumes from step 3
+  with the losses of the run that saved it, and keeps the broken step (set aside as
+  6.unrestorable when it saves step 6 again, bit for bit the state the first run saved).
+  Then the save of step 8 hits a full disk in the background; it surfaces at the next save
+  (10) as one line naming step 8's path, the cause and the last good step, 6, with nothing
+  else on the console; step 6 is what a rerun restores."""
   workdir = copy_of(saved_run, tmp_path)
-  good = file_digests(workdir / "checkpoints/8")
-  monkeypatch.setattr(serialization, "async_serialize_from_host", no_space_at_step(12))
+  broken = workdir / "checkpoints/6/state/_sharding"
+  truncate(broken)
+  broken_files = file_digests(workdir / "checkpoints/6")
+  monkeypatch.setattr(serialization, "async_serialize_from_host", no_space_at_step(8))
   shown = io.StringIO()
   with pytest.raises(CheckpointSaveError) as failure:
-    run(tiny(gpt, steps=16), workdir, shown)
+    run(tiny(gpt, steps=10, checkpoint_every=2), workdir, shown)
+  monkeypatch.undo()
+  shown = shown.getvalue()
+  warning = f"checkpoint step 6 cannot be restored: {broken}: FAILED_PRECONDITION: Invalid JSON"
+  assert warning in shown and "resuming from step 3" in shown, shown
+  saved, resumed = losses(saved_run), losses(workdir)
+  assert [resumed[s] for s in (4, 5, 6)] == [saved[s] for s in (4, 5, 6)]
+  assert file_digests(workdir / "checkpoints/6.unrestorable") == broken_files
+  assert_same_arrays(restored(workdir, 6, abstract), restored(saved_run, 6, abstract))
+  # the full disk: one line; orbax's records (a traceback per thread) in the log file only
   message = str(failure.value)
   assert "\n" not in message
   assert message.startswith(
-    f"checkpoint step 12 could not be saved to {workdir}/checkpoints/12: RESOURCE_EXHAUSTED: "
+    f"checkpoint step 8 could not be saved to {workdir}/checkpoints/8: RESOURCE_EXHAUSTED: "
     "No space left on device [os_error_code='28']"
   ), message
-  assert f"the last good checkpoint is step 8 ({workdir}/checkpoints/8)" in message, message
-  shown = shown.getvalue()  # orbax's records (a traceback per thread) went to the log file
+  assert f"the last good checkpoint is step 6 ({workdir}/checkpoints/6)" in message, message
   assert "RESOURCE_EXHAUSTED" not in shown and "Traceback" not in shown, shown
   assert "RESOURCE_EXHAUSTED" in open(workdir / "log.txt").read()
-  assert sorted(s for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == ["4", "8"]
-  assert file_digests(workdir / "checkpoints/8") == good
-  failed = losses(workdir)
-  monkeypatch.undo()  # the space is free again
-  run(tiny(gpt, steps=16), workdir)
-  resumed = losses(workdir)
-  assert sorted(resumed) == list(range(1, 17))
-  assert [resumed[s] for s in range(9, 17)] == [failed[s] for s in range(9, 17)]
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "16", "8"]
+  assert max(losses(workdir)) == 10
+  kept = sorted(s for s in os.listdir(workdir / "checkpoints") if "tmp" not in s)
+  assert kept == ["3", "4", "6", "6.unrestorable"], kept
+  ckpt = Checkpointer(str(workdir))  # what the rerun (the space free again) resumes from
+  assert ckpt.restore_newest(abstract, None)[0] == 6
+  ckpt.close()
+
+
+def test_truncated_array_data_is_named_and_the_previous_step_restored(
+  saved_run, abstract, tmp_path, caplog
+):
+  """A truncated array-data file of step 6: the warning names the step, its OCDBT database and
+  the array whose bytes are missing; step 3 restores, as the run saved it."""
+  workdir = copy_of(saved_run, tmp_path)
+  data = glob.glob(str(workdir / "checkpoints/6/state/ocdbt.process_0/d/*"))
+  truncate(max(data, key=os.path.getsize))
+  ckpt = Checkpointer(str(workdir))
+  step, state = ckpt.restore_newest(abstract, None)
+  ckpt.close()
+  assert step == 3
+  assert_same_arrays(jax.device_get(state), restored(saved_run, 3, abstract))
+  warning = caplog.records[0].getMessage()
+  assert warning.startswith(
+    f"checkpoint step 6 cannot be restored: {workdir}/checkpoints/6/state: OUT_OF_RANGE: "
+  ), warning
+  assert '(reading "' in warning, warning
+
+
+def test_no_restorable_checkpoint_is_refused_untouched(saved_run, tmp_path):
+  workdir = copy_of(saved_run, tmp_path)
+  for step in ("3", "6"):
+    path = workdir / "checkpoints" / step / "state" / "_sharding"
+    path.write_bytes(path.read_bytes()[:100])
+  before = file_digests(workdir / "checkpoints")
+  with pytest.raises(ValueError, match="no checkpoint in .* can be restored: checkpoint step 6"):
+    run(tiny(gpt, steps=8), workdir)
+  assert file_digests(workdir / "checkpoints") == before
 
 
 def test_profile_holds_the_train_steps_of_its_window(saved_run):
   """The trace sits where TensorBoard's profile plugin reads it, and its XSpace holds a step
-  marker for each profiled step, each around one dispatch of the jitted train step."""
+  marker for each profiled step, each around a dispatch of the jitted train step."""
   (pb,) = glob.glob(str(saved_run / "tensorboard/plugins/profile/*/*.xplane.pb"))
   steps = traced_steps(pb)
   assert sorted(steps) == PROFILED and all(ms > 0 for ms in steps.values()), steps
-  markers, dispatches = [], []
+  markers, dispatches = [], set()
   for plane in jax.profiler.ProfileData.from_file(pb).planes:
     for line in plane.lines:
       for e in line.events:
         if e.name == STEP_EVENT:
           markers.append((e.start_ns, e.end_ns))
         elif e.name == "PjitFunction(train_step)":
-          dispatches.append(e.start_ns)
-  inside = [sum(a <= t <= b for t in set(dispatches)) for a, b in sorted(markers)]
+          dispatches.add(e.start_ns)
+  inside = [sum(a <= t <= b for t in dispatches) for a, b in sorted(markers)]
   assert len(markers) == len(PROFILED) and all(n >= 1 for n in inside), (markers, dispatches)
