@@ -159,24 +159,35 @@ def test_broken_checkpoint_then_a_full_disk_lose_nothing(
   ckpt.close()
 
 
-def test_truncated_array_data_is_named_and_the_previous_step_restored(
-  saved_run, abstract, tmp_path, caplog
+@pytest.mark.parametrize(
+  "broken, named, cause",
+  [
+    ("state/_METADATA", "state/_METADATA", "invalid JSON ("),
+    ("state/ocdbt.process_0/d/*", "state", "OUT_OF_RANGE: Requested byte range"),
+  ],
+  ids=["metadata_json", "array_data"],
+)
+def test_truncated_file_is_named_and_the_previous_step_restored(
+  broken, named, cause, saved_run, abstract, tmp_path, caplog
 ):
-  """A truncated array-data file of step 6: the warning names the step, its OCDBT database and
-  the array whose bytes are missing; step 3 restores, as the run saved it."""
+  """A truncated file of step 6 (JSON metadata, the largest array-data file): the warning
+  names the step and the file (for array data, its OCDBT database and the array whose bytes
+  are missing); step 3 restores, as the run saved it."""
   workdir = copy_of(saved_run, tmp_path)
-  data = glob.glob(str(workdir / "checkpoints/6/state/ocdbt.process_0/d/*"))
-  truncate(max(data, key=os.path.getsize))
+  truncate(max(glob.glob(str(workdir / "checkpoints/6" / broken)), key=os.path.getsize))
   ckpt = Checkpointer(str(workdir))
   step, state = ckpt.restore_newest(abstract, None)
   ckpt.close()
   assert step == 3
   assert_same_arrays(jax.device_get(state), restored(saved_run, 3, abstract))
   warning = caplog.records[0].getMessage()
-  assert warning.startswith(
-    f"checkpoint step 6 cannot be restored: {workdir}/checkpoints/6/state: OUT_OF_RANGE: "
-  ), warning
-  assert '(reading "' in warning, warning
+  prefix = f"checkpoint step 6 cannot be restored: {workdir}/checkpoints/6/{named}: {cause}"
+  assert warning.startswith(prefix), warning
+  assert (
+    broken.startswith("state/_")
+    or '(reading "opt_state.' in warning
+    or '(reading "params.' in warning
+  )
 
 
 def test_no_restorable_checkpoint_is_refused_untouched(saved_run, tmp_path):
