@@ -12,9 +12,10 @@ absl's flags keep their meaning: `--verbosity=1` (or `--alsologtostderr`) also p
 record on the console, `--logtostderr` prints every record there and writes no file.
 Commands without a workdir write `<temp dir>/fourfold/<command>.log.txt`. Uncaught
 exceptions print their traceback as always. A failed checkpoint save is one line on the
-console: orbax's error records (a traceback per background thread) and the "Event loop is
-closed" errors TensorStore's callbacks raise after it go to the log file, and a log file that
-cannot be written (its disk is full) drops records quietly.
+console: orbax's error records (a traceback per background thread) and what its abandoned
+async work raises after a failure (unraisable errors in orbax's coroutines, "Event loop is
+closed" from TensorStore's callbacks) go to the log file, and a log file that cannot be
+written (its disk is full) drops records quietly.
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def setup(workdir: str | None) -> str | None:
 
 
 def _unraisable(info) -> None:
-  """After a failed background save, TensorStore's callbacks land on orbax's closed event
-  loop, in threads nobody can catch them in: those go to the log file; others as always."""
-  if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
-    frames = traceback.extract_tb(info.exc_traceback) or [None]
-    path, line = (frames[-1].filename, frames[-1].lineno) if frames[-1] else ("?", 0)
+  """After a failed save or restore, orbax's abandoned coroutines and TensorStore's callbacks
+  onto orbax's closed event loop raise where nobody can catch them (the failure itself is
+  reported): those go to the log file; others print as always."""
+  frames = traceback.extract_tb(info.exc_traceback)
+  closed_loop = str(info.exc_value) == "Event loop is closed"
+  if closed_loop or any(_ORBAX in f.filename for f in frames):
+    path, line = (frames[-1].filename, frames[-1].lineno) if frames else ("?", 0)
     exc_info = (info.exc_type, info.exc_value, info.exc_traceback)
     root = logging.getLogger()  # a record from where it was raised (asyncio), not from here
     root.handle(root.makeRecord("asyncio", logging.INFO, path, line, "ignored", (), exc_info))
