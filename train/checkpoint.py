@@ -115,19 +115,32 @@ class Checkpointer:
 
   def restore_newest(self, abstract_state, data_iter) -> tuple[int, object]:
     """(step, state) of the newest checkpoint that restores. A step whose files cannot be read
-    (on any process) is named in a warning, left in place, and the next older one tried; a
-    checkpoint of another model is refused at once (ValueError), as by `restore`."""
-    failures = []
+    is named in a warning, left in place, and the next older one tried; a checkpoint of
+    another model is refused at once (ValueError), as by `restore`.
+
+    On several processes, orbax's restore is a collective: a process must not leave it
+    alone. They agree first on the newest step whose metadata and JSON files every process
+    can read (`_precheck`, no collectives) and restore that one; if its array data then
+    fails to read, the run stops, naming the step, for it to be moved aside by hand."""
+    failures, multi = [], jax.process_count() > 1
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        state, error = self.restore(step, abstract_state, data_iter), None
-      except UnreadableCheckpointError as e:
-        state, error = None, str(e)
-      if jax.process_count() > 1:  # every process resumes from the same step
+      state, error = None, self._precheck(step) if multi else None
+      if multi:
         readable = multihost_utils.process_allgather(np.int32(error is None))
         if error is None and not readable.all():
           bad = [int(i) for i in np.flatnonzero(readable == 0)]
           error = f"checkpoint step {step} cannot be restored on processes {bad}"
+      if error is None:
+        try:
+          state = self.restore(step, abstract_state, data_iter)
+        except UnreadableCheckpointError as e:
+          if multi:
+            raise UnreadableCheckpointError(
+              f"{e}. The processes cannot skip a step together once its arrays are being "
+              f"read: move {self.directory}/{step} aside (e.g. to {step}{UNRESTORABLE}) and "
+              "rerun to resume from the step before it"
+            ) from e
+          error = str(e)
       if error is None:
         if failures:
           logging.warning(
@@ -147,6 +160,16 @@ class Checkpointer:
       + ". They are left in place: move them aside to start again from step 0 (or "
       "--config.init_from), or use a new --workdir."
     )
+
+  def _precheck(self, step: int) -> str | None:
+    """Why `step` cannot be restored, from what this process can read alone: the state's
+    metadata and the step's JSON files (every process's iterator state); None if they read."""
+    try:
+      self._read(step, lambda: self.manager.item_metadata(step)["state"])
+    except UnreadableCheckpointError as e:
+      return str(e)
+    bad = _bad_json(os.path.join(self.directory, str(step)))
+    return f"checkpoint step {step} cannot be restored: {bad[0]}: {bad[1]}" if bad else None
 
   def _read(self, step: int, read):
     """`read()`, its failure (an orbax or TensorStore error) as UnreadableCheckpointError."""
@@ -267,24 +290,31 @@ def _describe(error: BaseException, step_dir: str) -> tuple[str | None, str]:
       return (quoted[-1].rstrip("/") if quoted else None), cause
   for e in chain:
     if isinstance(e, json.JSONDecodeError):
-      return _bad_json(step_dir), f"invalid JSON ({e.msg})"
+      return (_bad_json(step_dir) or (None,))[0], f"invalid JSON ({e.msg})"
   e = chain[-1]
   return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _bad_json(step_dir: str) -> str | None:
-  """The first metadata file under `step_dir` that does not parse as JSON."""
-  for root, dirs, files in sorted(os.walk(step_dir)):
+def _bad_json(step_dir: str) -> tuple[str, str] | None:
+  """(path, why) of the first metadata file under `step_dir` that does not parse as JSON:
+  array data (`d/`, `ocdbt.*/`, manifests) and text markers are skipped, and so is any file
+  that does not start as JSON does (a JSON file cut short still starts with `{`)."""
+  for root, dirs, files in os.walk(step_dir):
     dirs[:] = sorted(d for d in dirs if d != "d" and not d.startswith("ocdbt."))
     for name in sorted(files):
       path = os.path.join(root, name)
       if name.startswith("manifest") or name.endswith(".txt") or os.path.getsize(path) > 2**26:
         continue
+      with open(path, "rb") as f:
+        text = f.read()
+      if text[:1] not in (b"", b"{", b"["):
+        continue
       try:
-        with open(path, "rb") as f:
-          json.loads(f.read())
-      except (ValueError, UnicodeDecodeError):
-        return path
+        json.loads(text)
+      except json.JSONDecodeError as e:
+        return path, f"invalid JSON ({e.msg})"
+      except (ValueError, UnicodeDecodeError) as e:
+        return path, f"invalid JSON ({e})"
   return None
 
 
