@@ -113,11 +113,18 @@ class _LazyFile(logging.FileHandler):
       super().handleError(record)
 
 
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """Logged by orbax, or about an error raised in orbax's code (asyncio's "Task exception was
+  never retrieved" for orbax's abandoned writes)."""
+  tb = record.exc_info[2] if record.exc_info else None
+  return _ORBAX in record.pathname or any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
+
+
 def shown_on_console(record: logging.LogRecord) -> bool:
   """Warnings and errors from anywhere (but HARMLESS_WARNINGS); fourfold's own records."""
   if os.path.abspath(record.pathname).startswith(_OWN):
     return True
-  if record.levelno >= logging.ERROR and _ORBAX in record.pathname:
+  if record.levelno >= logging.ERROR and _from_orbax(record):
     return False
   if record.levelno == logging.WARNING:
     return not str(record.msg).startswith(HARMLESS_WARNINGS)
