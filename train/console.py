@@ -14,8 +14,9 @@ Commands without a workdir write `<temp dir>/fourfold/<command>.log.txt`. Uncaug
 exceptions print their traceback as always. A failed checkpoint save is one line on the
 console: orbax's error records (a traceback per background thread) and what its abandoned
 async work raises after a failure (unraisable errors in orbax's coroutines, "Event loop is
-closed" from TensorStore's callbacks) go to the log file, and a log file that cannot be
-written (its disk is full) drops records quietly.
+closed" from TensorStore's callbacks) go to the log file, its never-awaited writes' warnings
+at exit are dropped, and a log file that cannot be written (its disk is full) drops records
+quietly.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 
 from absl import flags
 from absl import logging as absl_logging
@@ -38,6 +40,9 @@ def setup(workdir: str | None) -> str | None:
   """Routes logging for a command from absl's parsed flags; returns the log file's path."""
   f = {name: flags.FLAGS[name].value for name in ("logtostderr", "alsologtostderr", "verbosity")}
   sys.unraisablehook = _unraisable
+  warnings.filterwarnings(  # at exit, after a failed save: orbax's abandoned array writes
+    "ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning
+  )
   if f["logtostderr"]:
     return configure(None, verbose=True)
   if workdir:

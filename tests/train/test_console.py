@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import sys
+import warnings
 
 import pytest
 from absl import logging as absl_logging
@@ -135,6 +136,10 @@ def test_a_failed_save_leaves_the_console_to_its_one_line(tmp_path, capsys):
       logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
     RaisesWhenCollected("Event loop is closed")
     RaisesWhenCollected("a bug in a destructor")
+    with warnings.catch_warnings(record=True) as caught:
+      for name in ("async_serialize_from_host.<locals>.write_fragment", "mine"):
+        warnings.warn(f"coroutine '{name}' was never awaited", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
   err = capsys.readouterr().err
   assert "Save Finalize" not in err and "Event loop is closed" not in err
   assert "never retrieved" not in err and "RESOURCE_EXHAUSTED" not in err
