@@ -119,10 +119,16 @@ class _LazyFile(logging.FileHandler):
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
-  """Logged by orbax, or about an error raised in orbax's code (asyncio's "Task exception was
-  never retrieved" for orbax's abandoned writes)."""
+  """Logged by orbax, or about an error raised in orbax's code, or asyncio's "Task / Future
+  exception was never retrieved" (fourfold runs no asyncio of its own: these are orbax's and
+  TensorStore's abandoned writes after a failed save, whose failure is reported)."""
   tb = record.exc_info[2] if record.exc_info else None
-  return _ORBAX in record.pathname or any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
+  unretrieved = record.name == "asyncio" and "exception was never retrieved" in str(record.msg)
+  return (
+    unretrieved
+    or _ORBAX in record.pathname
+    or any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
+  )
 
 
 def shown_on_console(record: logging.LogRecord) -> bool:

@@ -134,6 +134,10 @@ def test_a_failed_save_leaves_the_console_to_its_one_line(tmp_path, capsys):
       exec(compile("raise ValueError('RESOURCE_EXHAUSTED')", f"/sp{LIBRARY}", "exec"))
     except ValueError:
       logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    error = ValueError("DATA_LOSS")  # a TensorStore future's error, with no Python frames
+    logging.getLogger("asyncio").error(
+      "Future exception was never retrieved", exc_info=(ValueError, error, None)
+    )
     RaisesWhenCollected("Event loop is closed")
     RaisesWhenCollected("a bug in a destructor")
     with warnings.catch_warnings(record=True) as caught:
@@ -142,7 +146,7 @@ def test_a_failed_save_leaves_the_console_to_its_one_line(tmp_path, capsys):
     assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
   err = capsys.readouterr().err
   assert "Save Finalize" not in err and "Event loop is closed" not in err
-  assert "never retrieved" not in err and "RESOURCE_EXHAUSTED" not in err
+  assert "never retrieved" not in err and "RESOURCE_EXHAUSTED" not in err and "DATA_LOSS" not in err
   assert "a tensorstore error" in err and "a bug in a destructor" in err
   log = lines(path)
   assert "Save Finalize" in log and "Event loop is closed" in log and "never retrieved" in log
