@@ -15,6 +15,9 @@ LoRA against full fine-tuning is one command:
 
 python -m bench.throughput --config=configs/gpt.py:size=S,task=sft \
     --config.data.name=jsonl:any.jsonl --compare=model.lora.rank=8
+
+With --profile=DIR the timed steps are traced with the JAX profiler into
+DIR/plugins/profile/<date_time>/ (`tensorboard --logdir DIR`, the Profile tab; or XProf).
 """
 
 import copy
@@ -32,6 +35,7 @@ from train import console, sharding
 from train.data import make_tokenizer
 from train.metrics import measure_matmul_peak
 from train.optim import make_optimizer
+from train.profiling import StepProfiler
 from train.trainer import abstract_state, config_train_step
 from train.validation import validate_config
 
@@ -48,10 +52,11 @@ flags.DEFINE_list(
   "(e.g. model.quant=bitnet158); prints the variant's step time over the config's",
 )
 flags.DEFINE_integer("rounds", 3, "--compare: alternating timings of each side")
+flags.DEFINE_string("profile", "", "a folder: trace the timed steps with the JAX profiler there")
 FLAGS = flags.FLAGS
 
 
-def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
+def benchmark(config, steps: int, warmup: int, peak_n: int, profile: str = "") -> dict[str, float]:
   wiring = validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
@@ -83,11 +88,16 @@ def benchmark(config, steps: int, warmup: int, peak_n: int) -> dict[str, float]:
       state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(steps):
+    profiler = StepProfiler(profile, 1, steps if profile else 0)
+    for i in range(1, steps + 1):
+      profiler.begin(i, state)
       t0 = time.perf_counter()
       state, metrics = step(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
+      profiler.end(i, state)
+  if profiler.path:
+    print(f"profile of the {steps} timed steps: {profiler.path}")
   peak = measure_matmul_peak(peak_n, DTYPES[config.model.dtype]) * jax.device_count()
   step_s = float(np.median(times))
   tps = b * length / step_s
@@ -140,7 +150,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   console.setup(None)
   if not FLAGS.compare:
-    report(benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n))
+    report(benchmark(FLAGS.config, FLAGS.steps, FLAGS.warmup, FLAGS.peak_n, FLAGS.profile))
     return
   variant = variant_of(FLAGS.config, FLAGS.compare)
   times = {"config": [], "variant": []}

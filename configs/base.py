@@ -195,6 +195,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 0  # 0: train.batch_size
   c.train.checkpoint_every = 250  # steps between checkpoints (and at the end)
   c.train.keep_checkpoints = 3  # checkpoints kept in the workdir
+  c.train.profile_steps = 0  # steps traced by the JAX profiler into <workdir>/tensorboard; 0: none
+  c.train.profile_start = 3  # the first traced step (step 1 compiles)
   c.train.peak_tflops = 0.0  # per-device peak for perf/mfu; 0: measure a float32 matmul
   c.train.num_samples = 3  # samples printed at the end of a run; 0: none
   c.train.sample_tokens = 200  # tokens per end-of-run sample

@@ -3,17 +3,36 @@
 Resume order: the latest checkpoint in the workdir, else `config.init_from`,
 else a fresh init. A checkpoint whose shapes differ from the model is refused
 before anything is restored or written.
+
+Storage faults: a checkpoint whose files cannot be read (truncated, corrupted) is named in a
+warning (its step and the file), left in place, and the next older one restored; a save
+that fails (a full disk) raises `CheckpointSaveError`, one line naming the step's path, the
+cause and the last good step, whether the save failed at once or in the background.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental.v1 import partial
+
+UNRESTORABLE = ".unrestorable"  # suffix of a broken step's folder once a run saves its step again
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message is one line for the user."""
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint's files cannot be read; the message names the step and the file."""
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -56,12 +75,15 @@ class Checkpointer:
         "data": grain.checkpoint.CheckpointHandler(),
       },
     )
+    self.unrestorable: set[int] = set()  # steps found broken by `restore_newest`
+    self.pending: int | None = None  # the step of a save that may still be writing
+    self.failed = False  # a save failed (and was reported)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def check_compatible(self, step: int, abstract_state) -> None:
-    meta = self.manager.item_metadata(step)["state"]
+    meta = self._read(step, lambda: self.manager.item_metadata(step)["state"])
     where = f"{self.directory}/{step}"
     if "opt_state" not in meta:
       raise ValueError(
@@ -79,14 +101,86 @@ class Checkpointer:
       )
 
   def restore(self, step: int, abstract_state, data_iter: grain.DatasetIterator | None):
-    """Restores state (into the shardings carried by `abstract_state`) and the iterator."""
+    """Restores state (into the shardings carried by `abstract_state`) and the iterator.
+    Raises UnreadableCheckpointError when the step's files cannot be read."""
     self.check_compatible(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       self.check_data_state(step)
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._read(
+      step, lambda: self.manager.restore(step, args=ocp.args.Composite(**items))
+    )
     return restored["state"]
+
+  def restore_newest(self, abstract_state, data_iter) -> tuple[int, object]:
+    """(step, state) of the newest checkpoint that restores. A step whose files cannot be read
+    is named in a warning, left in place, and the next older one tried; a checkpoint of
+    another model is refused at once (ValueError), as by `restore`.
+
+    On several processes, orbax's restore is a collective: a process must not leave it
+    alone. They agree first on the newest step whose metadata and JSON files every process
+    can read (`_precheck`, no collectives) and restore that one; if its array data then
+    fails to read, the run stops, naming the step, for it to be moved aside by hand."""
+    failures, multi = [], jax.process_count() > 1
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      state, error = None, self._precheck(step) if multi else None
+      if multi:
+        readable = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not readable.all():
+          bad = [int(i) for i in np.flatnonzero(readable == 0)]
+          error = f"checkpoint step {step} cannot be restored on processes {bad}"
+      if error is None:
+        try:
+          state = self.restore(step, abstract_state, data_iter)
+        except UnreadableCheckpointError as e:
+          if multi:
+            raise UnreadableCheckpointError(
+              f"{e}. The processes cannot skip a step together once its arrays are being "
+              f"read: move {self.directory}/{step} aside (e.g. to {step}{UNRESTORABLE}) and "
+              "rerun to resume from the step before it"
+            ) from e
+          error = str(e)
+      if error is None:
+        if failures:
+          logging.warning(
+            "resuming from step %d, the newest checkpoint that restores; the broken ones "
+            "(%s) are left in place, and set aside as <step>%s when this run saves their step",
+            step,
+            ", ".join(str(s) for s, _ in failures),
+            UNRESTORABLE,
+          )
+        return step, state
+      logging.warning("%s", error)
+      failures.append((step, error))
+      self.unrestorable.add(step)
+    raise ValueError(
+      f"no checkpoint in {self.directory} can be restored: "
+      + "; ".join(e for _, e in failures)
+      + ". They are left in place: move them aside to start again from step 0 (or "
+      "--config.init_from), or use a new --workdir."
+    )
+
+  def _precheck(self, step: int) -> str | None:
+    """Why `step` cannot be restored, from what this process can read alone: the state's
+    metadata and the step's JSON files (every process's iterator state); None if they read."""
+    try:
+      self._read(step, lambda: self.manager.item_metadata(step)["state"])
+    except UnreadableCheckpointError as e:
+      return str(e)
+    bad = _bad_json(os.path.join(self.directory, str(step)))
+    return f"checkpoint step {step} cannot be restored: {bad[0]}: {bad[1]}" if bad else None
+
+  def _read(self, step: int, read):
+    """`read()`, its failure (an orbax or TensorStore error) as UnreadableCheckpointError."""
+    try:
+      return read()
+    except Exception as e:
+      step_dir = os.path.join(self.directory, str(step))
+      path, cause = _describe(e, step_dir)
+      raise UnreadableCheckpointError(
+        f"checkpoint step {step} cannot be restored: {path or step_dir}: {cause}"
+      ) from e
 
   def check_data_state(self, step: int) -> None:
     """The iterator state is saved per process: the same process count must resume it."""
@@ -103,17 +197,125 @@ class Checkpointer:
   def save(
     self, step: int, state, data_iter: grain.DatasetIterator | None, force: bool = False
   ) -> bool:
+    """Starts saving `step` in the background, after the previous save has finished. Raises
+    CheckpointSaveError if this save, or the previous one, failed."""
+    self.wait()
+    if step in self.unrestorable:
+      self._set_aside(step)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.pending = step
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:
+      raise self._save_error(e) from e
+    if not saved:
+      self.pending = None
+    return saved
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a broken step's folder to `<step>.unrestorable`, so this run can save the step."""
+    src = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0 and os.path.isdir(src):
+      os.rename(src, src + UNRESTORABLE)
+      logging.warning("the unrestorable checkpoint %s is kept as %s", src, src + UNRESTORABLE)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+    self.manager.reload()
+    self.unrestorable.discard(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in progress; raises CheckpointSaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(e) from e
+    self.pending = None
+
+  def _save_error(self, error: Exception) -> CheckpointSaveError:
+    self.failed = True
+    step, step_dir = self.pending, os.path.join(self.directory, str(self.pending))
+    _, cause = _describe(error, step_dir)
+    self.manager.reload()  # the steps on disk: a failed save has none
+    good = [s for s in self.manager.all_steps() if s != step]
+    good = [s for s in good if s not in self.unrestorable]
+    last = (
+      f"the last good checkpoint is step {max(good)} ({self.directory}/{max(good)}); "
+      if good
+      else "no checkpoint was saved before it; "
+    )
+    return CheckpointSaveError(
+      f"checkpoint step {step} could not be saved to {step_dir}: {cause}; {last}free the space "
+      f"(or fix the storage) and rerun the same command to resume from step {max(good or [0])}"
+    )
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last save and closes; after a reported failure, closes quietly."""
+    try:
+      if not self.failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:
+        if not self.failed:
+          raise
+        logging.info("closing the checkpoint manager after a failed save", exc_info=True)
+
+
+_STATUS = re.compile(r"^([A-Z_]{4,}): (.*)$")  # an absl / TensorStore status message
+
+
+def _describe(error: BaseException, step_dir: str) -> tuple[str | None, str]:
+  """(the file at fault if known, the cause in one line) of an orbax or TensorStore error.
+
+  The most specific message in the exception's chain wins: a status message (`DATA_LOSS:
+  ...`) gives its code, the last file under `step_dir` it quotes, and its last clause; a
+  JSON decoding error is traced to the file that does not parse."""
+  chain, e = [], error
+  while e is not None and len(chain) < 16:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in chain:
+    m = _STATUS.match(str(e).splitlines()[0] if str(e) else "")
+    if m:
+      code, text = m.groups()
+      text = text.split(" [tensorstore_spec=")[0]
+      quoted = [q for q in re.findall(r'"([^"]+)"', text) if q.startswith(step_dir)]
+      cause = f"{code}: {re.split(r': ', text)[-1]}"
+      key = re.search(r'Error (reading|writing) "([^"/][^"]*)"', text)
+      if key:
+        cause += f' ({key.group(1)} "{key.group(2)}")'
+      return (quoted[-1].rstrip("/") if quoted else None), cause
+  for e in chain:
+    if isinstance(e, json.JSONDecodeError):
+      return (_bad_json(step_dir) or (None,))[0], f"invalid JSON ({e.msg})"
+  e = chain[-1]
+  return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def _bad_json(step_dir: str) -> tuple[str, str] | None:
+  """(path, why) of the first metadata file under `step_dir` that does not parse as JSON:
+  array data (`d/`, `ocdbt.*/`, manifests) and text markers are skipped, and so is any file
+  that does not start as JSON does (a JSON file cut short still starts with `{`)."""
+  for root, dirs, files in os.walk(step_dir):
+    dirs[:] = sorted(d for d in dirs if d != "d" and not d.startswith("ocdbt."))
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      if name.startswith("manifest") or name.endswith(".txt") or os.path.getsize(path) > 2**26:
+        continue
+      with open(path, "rb") as f:
+        text = f.read()
+      if text[:1] not in (b"", b"{", b"["):
+        continue
+      try:
+        json.loads(text)
+      except json.JSONDecodeError as e:
+        return path, f"invalid JSON ({e.msg})"
+      except (ValueError, UnicodeDecodeError) as e:
+        return path, f"invalid JSON ({e})"
+  return None
 
 
 class ParamsWriter:

@@ -11,7 +11,12 @@ Every `python -m` command calls `setup(workdir)` first thing in its `main`. Then
 absl's flags keep their meaning: `--verbosity=1` (or `--alsologtostderr`) also prints every
 record on the console, `--logtostderr` prints every record there and writes no file.
 Commands without a workdir write `<temp dir>/fourfold/<command>.log.txt`. Uncaught
-exceptions print their traceback as always.
+exceptions print their traceback as always. A failed checkpoint save is one line on the
+console: orbax's error records (a traceback per background thread) and what its abandoned
+async work raises after a failure (unraisable errors in orbax's coroutines, "Event loop is
+closed" from TensorStore's callbacks) go to the log file, its never-awaited writes' warnings
+at exit are dropped, and a log file that cannot be written (its disk is full) drops records
+quietly.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
+import warnings
 
 from absl import flags
 from absl import logging as absl_logging
@@ -32,6 +39,10 @@ _OWN = tuple(os.path.join(_ROOT, d) + os.sep for d in ("train", "eval", "bench",
 def setup(workdir: str | None) -> str | None:
   """Routes logging for a command from absl's parsed flags; returns the log file's path."""
   f = {name: flags.FLAGS[name].value for name in ("logtostderr", "alsologtostderr", "verbosity")}
+  sys.unraisablehook = _unraisable
+  warnings.filterwarnings(  # at exit, after a failed save: orbax's abandoned array writes
+    "ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning
+  )
   if f["logtostderr"]:
     return configure(None, verbose=True)
   if workdir:
@@ -40,6 +51,21 @@ def setup(workdir: str | None) -> str | None:
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     path = os.path.join(tempfile.gettempdir(), "fourfold", f"{program}.{LOG_NAME}")
   return configure(path, verbose=f["verbosity"] >= 1 or f["alsologtostderr"])
+
+
+def _unraisable(info) -> None:
+  """After a failed save or restore, orbax's abandoned coroutines and TensorStore's callbacks
+  onto orbax's closed event loop raise where nobody can catch them (the failure itself is
+  reported): those go to the log file; others print as always."""
+  frames = traceback.extract_tb(info.exc_traceback)
+  closed_loop = str(info.exc_value) == "Event loop is closed"
+  if closed_loop or any(_ORBAX in f.filename for f in frames):
+    path, line = (frames[-1].filename, frames[-1].lineno) if frames else ("?", 0)
+    exc_info = (info.exc_type, info.exc_value, info.exc_traceback)
+    root = logging.getLogger()  # a record from where it was raised (asyncio), not from here
+    root.handle(root.makeRecord("asyncio", logging.INFO, path, line, "ignored", (), exc_info))
+    return
+  sys.__unraisablehook__(info)
 
 
 def configure(path: str | None, verbose: bool, stream=None) -> str | None:
@@ -65,6 +91,11 @@ def configure(path: str | None, verbose: bool, stream=None) -> str | None:
   return path
 
 
+# orbax logs each failure of a background save with its traceback, in several threads; the
+# failure then comes back as an exception, which the trainer reports in one line
+# (checkpoint.CheckpointSaveError): orbax's errors go to the log file only.
+_ORBAX = os.sep + os.path.join("orbax", "checkpoint") + os.sep
+
 # Library warnings that are not news to the reader: they go to the log file only.
 HARMLESS_WARNINGS = (
   "Metadata file does not exist",  # orbax, reading a checkpoint's state item on its own
@@ -80,11 +111,32 @@ class _LazyFile(logging.FileHandler):
     os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
     return super()._open()
 
+  def handleError(self, record):
+    """A log file that cannot be written (its disk is full) drops the record quietly: the
+    console still shows what matters, without a traceback per record."""
+    if not isinstance(sys.exc_info()[1], OSError):
+      super().handleError(record)
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """Logged by orbax, or about an error raised in orbax's code, or asyncio's "Task / Future
+  exception was never retrieved" (fourfold runs no asyncio of its own: these are orbax's and
+  TensorStore's abandoned writes after a failed save, whose failure is reported)."""
+  tb = record.exc_info[2] if record.exc_info else None
+  unretrieved = record.name == "asyncio" and "exception was never retrieved" in str(record.msg)
+  return (
+    unretrieved
+    or _ORBAX in record.pathname
+    or any(_ORBAX in f.filename for f in traceback.extract_tb(tb))
+  )
+
 
 def shown_on_console(record: logging.LogRecord) -> bool:
   """Warnings and errors from anywhere (but HARMLESS_WARNINGS); fourfold's own records."""
   if os.path.abspath(record.pathname).startswith(_OWN):
     return True
+  if record.levelno >= logging.ERROR and _from_orbax(record):
+    return False
   if record.levelno == logging.WARNING:
     return not str(record.msg).startswith(HARMLESS_WARNINGS)
   return record.levelno > logging.WARNING

@@ -29,6 +29,7 @@ from train.data import make_tokenizer
 from train.distributed import init_distributed
 from train.metrics import MetricsWriter, Progress, measure_matmul_peak, plot_loss
 from train.optim import learning_rate_schedule, make_optimizer
+from train.profiling import StepProfiler
 from train.step import (
   eval_params,
   make_eval_step,
@@ -237,9 +238,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       **train_kw,
     )
     # ---- state, second part: the latest checkpoint's saved part, else step 0
-    if start is not None:
+    if start is not None:  # the newest step that restores (a broken one: warned, kept)
+      start, restored = ckpt.restore_newest(saved_part(abstract), train_iter)
       logging.info("resuming from %s/%d", ckpt.directory, start)
-      restored = ckpt.restore(start, saved_part(abstract), train_iter)
       if state is not None:
         restored = restored.replace(frozen=state.frozen, reference=state.reference)
       state = restored
@@ -288,11 +289,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   preempted = []
   previous = None if multi else signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   last: dict[str, float] = {}
+  profiler = StepProfiler(os.path.join(workdir, "tensorboard"), t.profile_start, t.profile_steps)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       t_log, step_log = time.perf_counter(), start
       for step in range(start + 1, t.steps + 1):
+        profiler.begin(step, state)
         state, metrics = train_step(state, to_global(next(train_iter)))
+        profiler.end(step, state)
+        if profiler.path and step == profiler.last:
+          print_main(f"profile of steps {t.profile_start}-{step}: {profiler.path}")
         is_last = step == t.steps
         if multi:
           stop = multihost_utils.reached_preemption_sync_point(step)
@@ -328,6 +334,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           return last
     ckpt.wait()
   finally:
+    profiler.stop()
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
     ckpt.close()

@@ -283,6 +283,14 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       fail(key, get(config, key), "must be a probability in [0, 1]")
   if not 0 <= config.train.ema_decay < 1:
     fail("train.ema_decay", config.train.ema_decay, "must be in [0, 1); 0 turns the EMA off")
+  if config.train.profile_steps < 0:
+    fail("train.profile_steps", config.train.profile_steps, "must be >= 0; 0: no profile")
+  if config.train.profile_steps and not 1 <= config.train.profile_start <= config.train.steps:
+    fail(
+      "train.profile_start",
+      config.train.profile_start,
+      f"must be a step of the run, 1 to train.steps={config.train.steps}",
+    )
   task = config.task
   if task.mask_token_prob + task.random_token_prob > 1:
     fail(

@@ -1,5 +1,6 @@
 """bench.throughput: its FLOP count and its last line, on the tiny preset."""
 
+import glob
 import math
 import os
 import re
@@ -13,6 +14,7 @@ from bench.throughput import benchmark, variant_of
 from configs import gpt
 from modeling.flops import flops_per_token, matmul_params
 from train import families
+from train.profiling import traced_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,7 +41,9 @@ def test_benchmark_reports_consistent_figures():
   assert r["loss"] == pytest.approx(math.log(vocab), abs=0.05), r["loss"]
 
 
-def test_cli_last_line():
+def test_cli_last_line(tmp_path):
+  """Its last line; with --profile, a trace of the timed steps (bench and trainer share
+  train/profiling.py, tested on a trainer run in tests/train/test_faults.py)."""
   out = subprocess.run(
     [
       sys.executable,
@@ -50,6 +54,7 @@ def test_cli_last_line():
       "--config.train.batch_size=4",
       "--steps=2",
       "--peak_n=256",
+      f"--profile={tmp_path}",
     ],
     cwd=REPO,
     capture_output=True,
@@ -59,6 +64,8 @@ def test_cli_last_line():
   last = out.strip().splitlines()[-1]
   m = re.fullmatch(r"tokens_per_sec=(\d+) mfu=([\d.]+) peak_gflops=([\d.]+)", last)
   assert m and float(m.group(1)) > 0 and float(m.group(3)) > 0, last
+  (trace,) = glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
+  assert sorted(traced_steps(trace)) == [1, 2]
 
 
 def test_encdec_flops_match_xla_and_the_benchmark_batch():

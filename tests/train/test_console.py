@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
+import warnings
 
 import pytest
 from absl import logging as absl_logging
@@ -18,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(autouse=True)
 def restore_root_logger():
   root = logging.getLogger()
-  handlers, level = list(root.handlers), root.level
+  handlers, level, hook = list(root.handlers), root.level, sys.unraisablehook
   yield
+  sys.unraisablehook = hook
   for handler in list(root.handlers):
     root.removeHandler(handler)
     if handler not in handlers:
@@ -96,3 +100,59 @@ def test_setup_twice_keeps_one_console_handler(tmp_path, capsys):
   emit(logging.WARNING, "once", LIBRARY)
   assert capsys.readouterr().err.count("once") == 1
   assert lines(tmp_path / "log.txt").count("once") == 1
+
+
+class RaisesWhenCollected:
+  """Its deletion raises `message`: Python reports it through sys.unraisablehook, as it does
+  for TensorStore's callbacks onto orbax's closed event loop after a failed save."""
+
+  def __init__(self, message: str):
+    self.message = message
+
+  def __del__(self):
+    raise RuntimeError(self.message)
+
+
+class FullDisk:
+  def write(self, _):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def flush(self):
+    pass
+
+
+def test_a_failed_save_leaves_the_console_to_its_one_line(tmp_path, capsys):
+  """orbax's error records (a traceback per background thread) and the closed-event-loop
+  errors after them go to the log file only; other libraries' errors and other unraisable
+  errors still show; a log file on the full disk drops records without a traceback."""
+  logging.getLogger().setLevel(logging.INFO)
+  with flagsaver.flagsaver(verbosity=0, alsologtostderr=False, logtostderr=False):
+    path = console.setup(str(tmp_path))
+    emit(logging.ERROR, "Save Finalize thread failed", LIBRARY)
+    emit(logging.ERROR, "a tensorstore error", "/site-packages/tensorstore/x.py")
+    try:  # an error raised in orbax's code, logged by asyncio (an abandoned write's task)
+      exec(compile("raise ValueError('RESOURCE_EXHAUSTED')", f"/sp{LIBRARY}", "exec"))
+    except ValueError:
+      logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    error = ValueError("DATA_LOSS")  # a TensorStore future's error, with no Python frames
+    logging.getLogger("asyncio").error(
+      "Future exception was never retrieved", exc_info=(ValueError, error, None)
+    )
+    RaisesWhenCollected("Event loop is closed")
+    RaisesWhenCollected("a bug in a destructor")
+    with warnings.catch_warnings(record=True) as caught:
+      for name in ("async_serialize_from_host.<locals>.write_fragment", "mine"):
+        warnings.warn(f"coroutine '{name}' was never awaited", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["coroutine 'mine' was never awaited"]
+  err = capsys.readouterr().err
+  assert "Save Finalize" not in err and "Event loop is closed" not in err
+  assert "never retrieved" not in err and "RESOURCE_EXHAUSTED" not in err and "DATA_LOSS" not in err
+  assert "a tensorstore error" in err and "a bug in a destructor" in err
+  log = lines(path)
+  assert "Save Finalize" in log and "Event loop is closed" in log and "never retrieved" in log
+  handlers = logging.getLogger().handlers
+  (log_file,) = [h for h in handlers if getattr(h, "fourfold", 0) and hasattr(h, "baseFilename")]
+  log_file.stream = FullDisk()
+  emit(logging.WARNING, "after the disk filled", LIBRARY)
+  err = capsys.readouterr().err
+  assert "after the disk filled" in err and "Traceback" not in err and "Logging error" not in err

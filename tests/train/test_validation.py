@@ -107,6 +107,11 @@ def test_preset_sizes_grow_in_order(preset):
     ),
     ({"data.span_bytes": 0}, r"data\.span_bytes=0: must be > 0"),
     ({"train.ema_decay": 1.0}, r"train\.ema_decay=1\.0: must be in \[0, 1\)"),
+    ({"train.profile_steps": -1}, r"train\.profile_steps=-1: must be >= 0"),
+    (
+      {"train.profile_steps": 5, "train.profile_start": 0},
+      r"train\.profile_start=0: must be a step of the run, 1 to train\.steps=",
+    ),
     ({"model.max_len": 8}, r"model\.max_len=8: must be 0 or >= data\.seq_len"),
     ({"task.estimator": "exact"}, r"task\.estimator='exact': allowed \['time', 'count'\]"),
     (
