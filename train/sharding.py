@@ -125,7 +125,7 @@ def fitted_specs(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = T
   flat, treedef = jax.tree_util.tree_flatten_with_path(
     logical, is_leaf=lambda x: isinstance(x, PartitionSpec)
   )
-  shapes = jax.tree.leaves(nn.unbox(abstract_boxed))
+  shapes = jax.tree.leaves(abstract_boxed)  # the boxes' values; unbox would add constraints
   lookup = dict(axis_rules)
   specs, whole = [], []
   for (path, spec), leaf in zip(flat, shapes, strict=True):
