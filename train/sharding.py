@@ -117,9 +117,9 @@ def fitted_specs(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = T
   """(logical PartitionSpecs of a boxed tree, the arrays kept whole), each dimension checked
   against its mesh axes.
 
-  A dimension that does not split evenly raises, naming the array (`strict`: a mesh set by
-  hand), or else is kept whole on every device (the default mesh spans however many devices
-  there are, whose count a small model's width need not divide).
+  A dimension that does not split evenly raises, naming the array (`strict`: a mesh other
+  than the default), or else is kept whole on every device (the default mesh spans however
+  many devices there are, whose count a small model's width need not divide).
   """
   logical = nn.get_partition_spec(abstract_boxed)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
@@ -148,11 +148,6 @@ def fitted_specs(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = T
       whole.append(f"{where} ({name!r} {dim} over {parts})")
     specs.append(PartitionSpec(*names))
   return jax.tree_util.tree_unflatten(treedef, specs), whole
-
-
-def check_divisible(abstract_boxed, mesh: Mesh, axis_rules: tuple) -> None:
-  """Names the first array whose dimension does not split evenly over its mesh axes."""
-  fitted_specs(abstract_boxed, mesh, axis_rules, strict=True)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
