@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from configs import base
+
 MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
 
@@ -107,8 +109,6 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
 
 def is_default_mesh(mesh_cfg: ml_collections.ConfigDict) -> bool:
   """Whether the mesh is configs/base.py's default (FSDP over all devices), set by no flag."""
-  from configs import base
-
   default = base.get_config().mesh
   return all(mesh_cfg.get(a, 1) == default[a] for a in MESH_AXES)
 
