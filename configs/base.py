@@ -203,9 +203,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sample_prompts = "def |import |class "  # '|'-separated prompts for end-of-run samples
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # data-parallel size; -1: the devices left over
+  c.mesh.data = 1  # data-parallel size (replicas); -1: the devices left over
   c.mesh.expert = 1  # expert-parallel size: MoE experts split over it; data-parallel elsewhere
-  c.mesh.fsdp = 1  # fully sharded data-parallel size
+  c.mesh.fsdp = -1  # FSDP size: params and optimizer state split over it; -1: the devices left over
   c.mesh.tensor = 1  # tensor-parallel size
 
   # logical axis name -> mesh axis (or axes); the whole sharding strategy.

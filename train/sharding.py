@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from configs import base
+
 MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
 
@@ -105,26 +107,47 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
   return shape
 
 
-def check_divisible(abstract_boxed, mesh: Mesh, axis_rules: tuple) -> None:
-  """Names the first array whose dimension does not split evenly over its mesh axes."""
+def is_default_mesh(mesh_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the mesh is configs/base.py's default (FSDP over all devices), set by no flag."""
+  default = base.get_config().mesh
+  return all(mesh_cfg.get(a, 1) == default[a] for a in MESH_AXES)
+
+
+def fitted_specs(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = True):
+  """(logical PartitionSpecs of a boxed tree, the arrays kept whole), each dimension checked
+  against its mesh axes.
+
+  A dimension that does not split evenly raises, naming the array (`strict`: a mesh other
+  than the default), or else is kept whole on every device (the default mesh spans however
+  many devices there are, whose count a small model's width need not divide).
+  """
   logical = nn.get_partition_spec(abstract_boxed)
-  flat_specs = jax.tree_util.tree_flatten_with_path(
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
     logical, is_leaf=lambda x: isinstance(x, PartitionSpec)
-  )[0]
-  shapes = jax.tree.leaves(nn.unbox(abstract_boxed))
+  )
+  shapes = jax.tree.leaves(abstract_boxed)  # the boxes' values; unbox would add constraints
   lookup = dict(axis_rules)
-  for (path, spec), leaf in zip(flat_specs, shapes, strict=True):
-    for dim, name in zip(leaf.shape, spec, strict=False):
+  specs, whole = [], []
+  for (path, spec), leaf in zip(flat, shapes, strict=True):
+    names = list(spec)
+    for i, (dim, name) in enumerate(zip(leaf.shape, spec, strict=False)):
       if name is None:
         continue
       axes = _axes_of(lookup.get(name))
       parts = int(np.prod([mesh.shape[a] for a in axes]))
-      if dim % parts:
+      if dim % parts == 0:
+        continue
+      where = f"{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}"
+      if strict:
         raise ValueError(
-          f"{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}: its {name!r} dimension "
-          f"({dim}) does not split over mesh axes {axes} of total size {parts}. Change the mesh "
-          f"(mesh.*) or the size, or map {name!r} elsewhere in logical_axis_rules."
+          f"{where}: its {name!r} dimension ({dim}) does not split over mesh axes {axes} of "
+          f"total size {parts}. Change the mesh (mesh.*) or the size, or map {name!r} "
+          "elsewhere in logical_axis_rules."
         )
+      names[i] = None
+      whole.append(f"{where} ({name!r} {dim} over {parts})")
+    specs.append(PartitionSpec(*names))
+  return jax.tree_util.tree_unflatten(treedef, specs), whole
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -157,11 +180,17 @@ def jit_train_step(train_step: Callable, shardings, batch_sharding: NamedShardin
   )
 
 
-def state_shardings(abstract_boxed, mesh: Mesh, axis_rules: tuple):
-  """Mesh shardings of a (boxed, abstract) state from its logical axis names."""
-  check_divisible(abstract_boxed, mesh, axis_rules)
-  logical = nn.get_partition_spec(abstract_boxed)
-  return nn.logical_to_mesh_sharding(logical, mesh, axis_rules)
+def state_shardings(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = True):
+  """Mesh shardings of a (boxed, abstract) state from its logical axis names; with `strict`
+  off, a dimension that does not split is kept whole, said in one printed line."""
+  specs, whole = fitted_specs(abstract_boxed, mesh, axis_rules, strict)
+  if whole and jax.process_index() == 0:
+    print(
+      f"mesh {dict(mesh.shape)} (the default): {len(whole)} arrays keep a dimension whole "
+      f"because it does not split over the devices, e.g. {whole[0]}; set mesh.* to choose",
+      flush=True,
+    )
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 
 
 def bytes_per_device(tree) -> dict:

@@ -76,7 +76,8 @@ def abstract_state(config, model, tx, mesh, rules):
       f"model.lora.targets={config.model.lora.targets!r} matches no layer; the linear layers "
       f"are: {', '.join(lora.dense_paths(nn.unbox(boxed.frozen)))}"
     )
-  shardings = sharding.state_shardings(boxed, mesh, rules)
+  strict = not sharding.is_default_mesh(config.mesh)  # the default keeps unsplittable dims whole
+  shardings = sharding.state_shardings(boxed, mesh, rules, strict)
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
   )
@@ -89,7 +90,8 @@ def initial_state(config, model, tx, shardings, mesh, rules):
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))  # as make_init
   init_params = make_init_params(model, _example(config))
   boxed = jax.eval_shape(init_params, init_rng)
-  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  specs, _ = sharding.fitted_specs(boxed, mesh, rules, strict=False)  # checked in abstract_state
+  param_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   params = sharding.sharded_init(init_params, init_rng, param_shardings)
   if config.init_from:
     params, fresh, unused = restore_matching_params(config.init_from, params)

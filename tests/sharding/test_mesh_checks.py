@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import gpt, llama
+from configs import deepseek, gpt, llama
 from modeling.vocab import FOURFOLD
 from tests.sharding import runner
 from train import families, sharding
@@ -88,8 +88,9 @@ def test_rules_must_name_mesh_axes():
 
 
 def test_uneven_parameter_split_names_the_parameter():
-  """A vocabulary of 97 cannot split over tensor=2: the error names the embedding."""
-  c = config()
+  """A vocabulary of 97 cannot split over tensor=2 (a mesh set by hand): the error names the
+  embedding."""
+  c = config(data=1, tensor=2)
   vocab = types.SimpleNamespace(vocab_size=97, specials=FOURFOLD)  # a tokenizer's size and ids
   model, _ = families.resolve(c).build(c, vocab)
   devices = np.array(jax.devices() * 2)  # shape checks only: nothing runs on the mesh
@@ -155,3 +156,37 @@ def test_resume_with_another_process_count_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"saved by other processes \(process_0-of-2.json"):
     ckpt.check_data_state(3)
   ckpt.close()
+
+
+def test_default_mesh_keeps_whole_what_does_not_split(capsys):
+  """On the default mesh (FSDP over all devices; here 64, a v5e-64) the tiny DeepSeek's MLA
+  latent of 40 (kv 32 + rope 8) does not split: those dimensions stay whole, said in one line,
+  while every width of 64 still splits over fsdp. The same mesh set by hand raises, naming the
+  parameter, its shape and the way out."""
+  c = deepseek.get_config("size=tiny")
+  assert sharding.is_default_mesh(c.mesh)
+  model, _ = families.resolve(c).build(c, make_tokenizer(c.data.tokenizer))
+  mesh = sharding.make_mesh(c.mesh, jax.devices() * 64)  # shapes only: nothing runs on it
+  assert dict(mesh.shape) == {"data": 1, "expert": 1, "fsdp": 64, "tensor": 1}
+  tx = make_optimizer(c.train)
+  _, shardings, _ = abstract_state(c, model, tx, mesh, sharding.rules(c))
+  note = capsys.readouterr().out
+  assert "12 arrays keep a dimension whole" in note  # kv_a, kv_b x 2 layers x (params, mu, nu)
+  assert "['kv_a']['kernel'] has shape (64, 40) ('latent' 40 over 64)" in note
+  specs = {
+    jax.tree_util.keystr(k): tuple(s.spec)
+    for k, s in jax.tree_util.tree_leaves_with_path(shardings.params)
+  }
+  assert specs["['block_0']['attn']['kv_a']['kernel']"] == ("fsdp", None)
+  assert specs["['block_1']['attn']['kv_b']['kernel']"] == (None, "tensor", None)
+  assert specs["['block_1']['attn']['query']['kernel']"] == ("fsdp", "tensor", None)
+  assert specs["['embed']['embedding']"] == ("tensor", "fsdp")
+  opt = jax.tree_util.tree_leaves_with_path(shardings.opt_state)  # the moments: as the params
+  kv_a = [tuple(s.spec) for k, s in opt if "['kv_a']" in jax.tree_util.keystr(k)]
+  assert kv_a == [("fsdp", None)] * 4, kv_a
+  c.mesh.update(dict(data=1, fsdp=64))  # the same sizes, set by hand
+  assert not sharding.is_default_mesh(c.mesh)
+  with pytest.raises(
+    ValueError, match=r"\['kv_a'\]\['kernel'\] has shape \(64, 40\): its 'latent'"
+  ):
+    abstract_state(c, model, tx, mesh, sharding.rules(c))

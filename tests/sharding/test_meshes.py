@@ -25,7 +25,7 @@ from train import trainer
 RTOL = 1e-4
 MESHES = {
   "data8": {"mesh.data": 8},
-  "fsdp8": {"mesh.data": 1, "mesh.fsdp": 8},
+  "fsdp8": {},  # the default mesh: FSDP over all 8 devices (configs/base.py)
   "tensor8": {"mesh.data": 1, "mesh.tensor": 8},
   "2x2x2": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2},
 }
