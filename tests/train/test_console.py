@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -18,19 +19,28 @@ from train import console
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True)
-def restore_root_logger():
+@contextlib.contextmanager
+def root_logger_kept():
+  """Puts the root logger's handlers and level, and sys.unraisablehook, back afterwards."""
   root = logging.getLogger()
   handlers, level, hook = list(root.handlers), root.level, sys.unraisablehook
-  yield
-  sys.unraisablehook = hook
-  for handler in list(root.handlers):
-    root.removeHandler(handler)
-    if handler not in handlers:
-      handler.close()
-  for handler in handlers:
-    root.addHandler(handler)
-  root.setLevel(level)
+  try:
+    yield
+  finally:
+    sys.unraisablehook = hook
+    for handler in list(root.handlers):
+      root.removeHandler(handler)
+      if handler not in handlers:
+        handler.close()
+    for handler in handlers:
+      root.addHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+  with root_logger_kept():
+    yield
 
 
 def emit(level: int, message: str, pathname: str) -> None:

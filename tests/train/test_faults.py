@@ -4,7 +4,6 @@ one shared tiny run: 6 steps, checkpoints at 3 and 6, a profile of steps 2-6."""
 import glob
 import hashlib
 import io
-import logging
 import os
 import shutil
 
@@ -14,6 +13,7 @@ import tensorflow_datasets as tfds
 from orbax.checkpoint._src.serialization import serialization
 
 from configs import gpt
+from tests.train.test_console import root_logger_kept
 from tests.train.test_trainer import losses, tiny
 from train import console, families, sharding, trainer
 from train.checkpoint import Checkpointer, CheckpointSaveError
@@ -29,20 +29,10 @@ SAVED = tiny(gpt, steps=6, checkpoint_every=3, profile_start=2, profile_steps=5)
 def run(config, workdir, stream=None) -> str:
   """Trains with the commands' console routing; returns what the console showed."""
   stream = stream or io.StringIO()
-  root = logging.getLogger()
-  handlers, level = list(root.handlers), root.level
-  console.configure(os.path.join(workdir, "log.txt"), verbose=False, stream=stream)
-  try:
+  with root_logger_kept():
+    console.configure(os.path.join(workdir, "log.txt"), verbose=False, stream=stream)
     with tfds.testing.mock_data(num_examples=8):
       trainer.run(config, str(workdir))
-  finally:
-    for handler in list(root.handlers):
-      root.removeHandler(handler)
-      if handler not in handlers:
-        handler.close()
-    for handler in handlers:
-      root.addHandler(handler)
-    root.setLevel(level)
   return stream.getvalue()
 
 
