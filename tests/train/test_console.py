@@ -20,14 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @contextlib.contextmanager
-def root_logger_kept():
-  """Puts the root logger's handlers and level, and sys.unraisablehook, back afterwards."""
+def root_logger_kept(unraisablehook: bool = True):
+  """Puts the root logger's handlers and level back afterwards, and sys.unraisablehook unless
+  told not to."""
   root = logging.getLogger()
   handlers, level, hook = list(root.handlers), root.level, sys.unraisablehook
   try:
     yield
   finally:
-    sys.unraisablehook = hook
+    if unraisablehook:
+      sys.unraisablehook = hook
     for handler in list(root.handlers):
       root.removeHandler(handler)
       if handler not in handlers:
