@@ -26,14 +26,11 @@ def test_layer_by_layer_flops_equal_an_unscanned_compile():
   """XLA counts a scanned layer once; the 1-and-2-layer difference recovers every layer."""
   devices = aot.topology_devices("v5e:2x2")
   c = tiny(data=2, fsdp=2)
-  c.model.num_layers, c.model.scan_layers = 5, True
-  estimate = aot.xla_flops(c, devices)
-  compiled_scanned, _, _ = aot._compile(c, devices)
+  c.model.num_layers, c.model.scan_layers = 3, True
+  estimate = aot.xla_flops(c, devices)  # compiles 1 and 2 unscanned layers
   c.model.scan_layers = False
   compiled_unscanned, _, _ = aot._compile(c, devices)
-  unscanned = compiled_unscanned.cost_analysis()["flops"]
-  assert estimate == pytest.approx(unscanned, rel=1e-3)
-  assert compiled_scanned.cost_analysis()["flops"] < 0.5 * unscanned  # why the estimate exists
+  assert estimate == pytest.approx(compiled_unscanned.cost_analysis()["flops"], rel=1e-3)
 
 
 def test_cli_reports_memory_flops_and_ends_with_hbm_line():
