@@ -523,24 +523,39 @@ def test_slurm_script_asks_for_sigterm_to_the_job_steps_before_the_time_limit():
   assert "--time=24:00:00" in header
 
 
-def test_slurm_script_starts_one_process_per_node_with_all_its_gpus(tmp_path):
-  header = sbatch_header()
-  for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8"):
-    assert option in header, option
+def slurm_train_args(tmp_path, **env: str) -> list[str]:
+  """train.main's argv as the SLURM script passes it to srun (4 GPUs per node)."""
+  (tmp_path / "calls").unlink(missing_ok=True)  # the fakes' record of an earlier run
   result, calls = run_script(
-    tmp_path, SLURM, SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, WORKDIR="/shared/run"
+    tmp_path, SLURM, SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, WORKDIR="/shared/run", **env
   )
   assert result.returncode == 0, result.stderr
   (call,) = calls
   assert call[0] == "JAX_LOCAL_DEVICE_IDS=0,1,2,3"
   args = call[1:]
-  start = args.index("python")
-  assert args[start : start + 7] == [
+  return args[args.index("python") :]
+
+
+def test_slurm_script_starts_one_process_per_node_with_all_its_gpus_and_the_config_mesh(tmp_path):
+  """No MESH_* set: no mesh flag, so the preset's default mesh (FSDP over every GPU)."""
+  header = sbatch_header()
+  for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8"):
+    assert option in header, option
+  assert slurm_train_args(tmp_path) == [
     "python",
     "-m",
     "train.main",
     "--config=configs/llama.py:size=1B",
     "--workdir=/shared/run",
-    "--config.mesh.data=-1",
-    "--config.mesh.fsdp=1",
+    "--config.model.dtype=bfloat16",
   ]
+
+
+def test_slurm_script_passes_the_mesh_sizes_that_are_set(tmp_path):
+  start = ["python", "-m", "train.main", "--config=configs/llama.py:size=1B"]
+  start.append("--workdir=/shared/run")
+  dtype = "--config.model.dtype=bfloat16"
+  both = slurm_train_args(tmp_path, MESH_DATA="-1", MESH_FSDP="1")
+  assert both == [*start, "--config.mesh.data=-1", "--config.mesh.fsdp=1", dtype]
+  fsdp = slurm_train_args(tmp_path, MESH_FSDP="8")
+  assert fsdp == [*start, "--config.mesh.fsdp=8", dtype]
