@@ -40,7 +40,9 @@ CONFIG_FLAG = re.compile(
   r"(\"?\$\{[^}]*\}\"?|\"[^\"$]*\"|'[^']*'|[^\s\"'`}]*)"
 )
 # --config=configs/<file>.py[:args], and the CONFIG defaults of the shell scripts.
-PRESET = re.compile(r"(?:--config=|CONFIG=|CONFIG:-)[\"']?(configs/[\w/]+\.py)(?::([\w=,.\-]+))?")
+PRESET = re.compile(
+  r"(?:--config=|CONFIG\s*=\s*|CONFIG:-)[\"']?(configs/[\w/]+\.py)(?::([\w=,.\-]+))?"
+)
 
 
 def load_notebook() -> dict:
@@ -112,30 +114,44 @@ def test_notebook_is_nbformat_4_with_empty_outputs():
   assert len(ids) == len(set(ids)), "cell ids must be unique"
 
 
-def test_notebook_code_cells_compile_without_shell_and_magic_lines():
+def test_notebook_code_cells_compile_as_ipython_reads_them():
+  """Shell (`!`) and magic (`%`) lines, indented ones too, become calls, as in the kernel."""
+  from IPython.core.inputtransformer2 import TransformerManager
+
   code = [c for c in load_notebook()["cells"] if c["cell_type"] == "code"]
   assert code
-  for i, cell in enumerate(code):
-    lines = cell_text(cell).splitlines()
-    python = "\n".join(line for line in lines if not line.lstrip().startswith(("!", "%")))
-    compile(python, f"<code cell {i}>", "exec")
+  for cell in code:
+    python = TransformerManager().transform_cell(cell_text(cell))
+    compile(python, f"<code cell {cell['id']}>", "exec")
 
 
 def test_notebook_installs_trains_watches_and_samples():
+  """The parameters' defaults are a Colab user's: the S preset for 2000 steps in
+  /content/runs/llama_s, installed with jax[tpu]; the cells use them."""
   text = launch_text(NOTEBOOK)
   for needle in (
-    "REPO_URL",
-    "pip install",
-    "jax[tpu]",
+    'REPO_URL = "https://github.com/<you>/fourfold.git"',
+    'REPO_DIR = "/content/fourfold"',
+    "INSTALL = True",
+    'CONFIG = "configs/llama.py:size=S"',
+    "STEPS = 2000",
+    'RUNS = "/content/runs"',
+    'RUN_NAME = "llama_s"',
+    'EXTRA_FLAGS = "--config.model.dtype=bfloat16"',
+    "git clone -q {REPO_URL} {REPO_DIR}",
+    "pip install -q -e . 'jax[tpu]'",
     "jax.devices()",
-    "python -m train.main --config=configs/llama.py:size=S --workdir=/content/runs/llama_s",
+    "python -m train.main --config={CONFIG} --workdir={WORKDIR} --config.train.steps={STEPS} "
+    "{EXTRA_FLAGS}",
     "%load_ext tensorboard",
-    "%tensorboard --logdir /content/runs",
-    "/content/runs/llama_s/metrics.jsonl",
-    "python -m eval.sample --workdir=/content/runs/llama_s",
+    "%tensorboard --logdir {RUNS}",
+    'f"{WORKDIR}/metrics.jsonl"',
+    "python -m eval.sample --workdir={WORKDIR}",
     "drive.mount",
   ):
     assert needle in text, needle
+  (params,) = [c for c in load_notebook()["cells"] if "parameters" in c["metadata"].get("tags", ())]
+  assert "REPO_URL" in cell_text(params)
 
 
 # ---- flags and presets named anywhere in the launch files
@@ -179,6 +195,9 @@ def test_flag_parsing_resolves_shell_defaults_and_catches_bad_values():
     check_type("train.steps", 1000, "lots")
   assert PRESET.findall('CONFIG="${CONFIG:-configs/llama.py:size=1B}"') == [
     ("configs/llama.py", "size=1B")
+  ]
+  assert PRESET.findall('CONFIG = "configs/llama.py:size=S"  # the preset') == [
+    ("configs/llama.py", "size=S")
   ]
 
 
