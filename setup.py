@@ -46,6 +46,9 @@ setup(
       "jax[tpu]>=0.10.2,<0.11",
       "lm_eval>=0.4.13,<0.5",  # the harness the adapter and the prompt formats are checked against
       "jsonschema>=4.0",  # validates JSON-schema-constrained samples
+      "nbclient>=0.10",  # runs launch/colab_tpu.ipynb top to bottom (tests/launch/test_colab_notebook.py)
+      "ipykernel>=6.29",  # the notebook's local kernel
+      "pandas>=2.0",  # the notebook's metrics plot (Colab has it)
     ],
   },
 )

@@ -178,7 +178,8 @@ def _labeled_task(head: str, objective, load: Callable, summarize: Callable) -> 
   (each row framed [CLS] ... [SEP] by the loader)."""
 
   def train_data(config, tokenizer, frame: Frame, **kw):
-    return labeled.labeled_train_iterator(load(config, tokenizer, "train"), **kw)
+    rows = load(config, tokenizer, "train")
+    return labeled.labeled_train_iterator(rows, shards=config.data.shards, **kw)
 
   def eval_data(config, tokenizer, frame: Frame, **kw):
     return labeled.labeled_eval_batches(load(config, tokenizer, sources.eval_split(config)), **kw)
@@ -280,7 +281,7 @@ def _dpo_rows(config, tokenizer, split: str, reference_logps=None) -> dict[str, 
 
 def _dpo_train(config, tokenizer, frame: Frame, reference_logps=None, **kw):
   rows = _dpo_rows(config, tokenizer, "train", reference_logps)
-  return labeled.labeled_train_iterator(rows, **kw)
+  return labeled.labeled_train_iterator(rows, shards=config.data.shards, **kw)
 
 
 def _dpo_eval(config, tokenizer, frame: Frame, reference_logps=None, **kw):

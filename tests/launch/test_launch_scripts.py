@@ -40,7 +40,9 @@ CONFIG_FLAG = re.compile(
   r"(\"?\$\{[^}]*\}\"?|\"[^\"$]*\"|'[^']*'|[^\s\"'`}]*)"
 )
 # --config=configs/<file>.py[:args], and the CONFIG defaults of the shell scripts.
-PRESET = re.compile(r"(?:--config=|CONFIG=|CONFIG:-)[\"']?(configs/[\w/]+\.py)(?::([\w=,.\-]+))?")
+PRESET = re.compile(
+  r"(?:--config=|CONFIG\s*=\s*|CONFIG:-)[\"']?(configs/[\w/]+\.py)(?::([\w=,.\-]+))?"
+)
 
 
 def load_notebook() -> dict:
@@ -112,30 +114,44 @@ def test_notebook_is_nbformat_4_with_empty_outputs():
   assert len(ids) == len(set(ids)), "cell ids must be unique"
 
 
-def test_notebook_code_cells_compile_without_shell_and_magic_lines():
+def test_notebook_code_cells_compile_as_ipython_reads_them():
+  """Shell (`!`) and magic (`%`) lines, indented ones too, become calls, as in the kernel."""
+  from IPython.core.inputtransformer2 import TransformerManager
+
   code = [c for c in load_notebook()["cells"] if c["cell_type"] == "code"]
   assert code
-  for i, cell in enumerate(code):
-    lines = cell_text(cell).splitlines()
-    python = "\n".join(line for line in lines if not line.lstrip().startswith(("!", "%")))
-    compile(python, f"<code cell {i}>", "exec")
+  for cell in code:
+    python = TransformerManager().transform_cell(cell_text(cell))
+    compile(python, f"<code cell {cell['id']}>", "exec")
 
 
 def test_notebook_installs_trains_watches_and_samples():
+  """The parameters' defaults are a Colab user's: the S preset for 2000 steps in
+  /content/runs/llama_s, installed with jax[tpu]; the cells use them."""
   text = launch_text(NOTEBOOK)
   for needle in (
-    "REPO_URL",
-    "pip install",
-    "jax[tpu]",
+    'REPO_URL = "https://github.com/<you>/fourfold.git"',
+    'REPO_DIR = "/content/fourfold"',
+    "INSTALL = True",
+    'CONFIG = "configs/llama.py:size=S"',
+    "STEPS = 2000",
+    'RUNS = "/content/runs"',
+    'RUN_NAME = "llama_s"',
+    'EXTRA_FLAGS = "--config.model.dtype=bfloat16"',
+    "git clone -q {REPO_URL} {REPO_DIR}",
+    "pip install -q -e . 'jax[tpu]'",
     "jax.devices()",
-    "python -m train.main --config=configs/llama.py:size=S --workdir=/content/runs/llama_s",
+    "python -m train.main --config={CONFIG} --workdir={WORKDIR} --config.train.steps={STEPS} "
+    "{EXTRA_FLAGS}",
     "%load_ext tensorboard",
-    "%tensorboard --logdir /content/runs",
-    "/content/runs/llama_s/metrics.jsonl",
-    "python -m eval.sample --workdir=/content/runs/llama_s",
+    "%tensorboard --logdir {RUNS}",
+    'f"{WORKDIR}/metrics.jsonl"',
+    "python -m eval.sample --workdir={WORKDIR}",
     "drive.mount",
   ):
     assert needle in text, needle
+  (params,) = [c for c in load_notebook()["cells"] if "parameters" in c["metadata"].get("tags", ())]
+  assert "REPO_URL" in cell_text(params)
 
 
 # ---- flags and presets named anywhere in the launch files
@@ -179,6 +195,9 @@ def test_flag_parsing_resolves_shell_defaults_and_catches_bad_values():
     check_type("train.steps", 1000, "lots")
   assert PRESET.findall('CONFIG="${CONFIG:-configs/llama.py:size=1B}"') == [
     ("configs/llama.py", "size=1B")
+  ]
+  assert PRESET.findall('CONFIG = "configs/llama.py:size=S"  # the preset') == [
+    ("configs/llama.py", "size=S")
   ]
 
 
@@ -523,24 +542,39 @@ def test_slurm_script_asks_for_sigterm_to_the_job_steps_before_the_time_limit():
   assert "--time=24:00:00" in header
 
 
-def test_slurm_script_starts_one_process_per_node_with_all_its_gpus(tmp_path):
-  header = sbatch_header()
-  for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8"):
-    assert option in header, option
+def slurm_train_args(tmp_path, **env: str) -> list[str]:
+  """train.main's argv as the SLURM script passes it to srun (4 GPUs per node)."""
+  (tmp_path / "calls").unlink(missing_ok=True)  # the fakes' record of an earlier run
   result, calls = run_script(
-    tmp_path, SLURM, SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, WORKDIR="/shared/run"
+    tmp_path, SLURM, SLURM_GPUS_ON_NODE="4", SLURM_SUBMIT_DIR=REPO, WORKDIR="/shared/run", **env
   )
   assert result.returncode == 0, result.stderr
   (call,) = calls
   assert call[0] == "JAX_LOCAL_DEVICE_IDS=0,1,2,3"
   args = call[1:]
-  start = args.index("python")
-  assert args[start : start + 7] == [
+  return args[args.index("python") :]
+
+
+def test_slurm_script_starts_one_process_per_node_with_all_its_gpus_and_the_config_mesh(tmp_path):
+  """No MESH_* set: no mesh flag, so the preset's default mesh (FSDP over every GPU)."""
+  header = sbatch_header()
+  for option in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8"):
+    assert option in header, option
+  assert slurm_train_args(tmp_path) == [
     "python",
     "-m",
     "train.main",
     "--config=configs/llama.py:size=1B",
     "--workdir=/shared/run",
-    "--config.mesh.data=-1",
-    "--config.mesh.fsdp=1",
+    "--config.model.dtype=bfloat16",
   ]
+
+
+def test_slurm_script_passes_the_mesh_sizes_that_are_set(tmp_path):
+  start = ["python", "-m", "train.main", "--config=configs/llama.py:size=1B"]
+  start.append("--workdir=/shared/run")
+  dtype = "--config.model.dtype=bfloat16"
+  both = slurm_train_args(tmp_path, MESH_DATA="-1", MESH_FSDP="1")
+  assert both == [*start, "--config.mesh.data=-1", "--config.mesh.fsdp=1", dtype]
+  fsdp = slurm_train_args(tmp_path, MESH_FSDP="8")
+  assert fsdp == [*start, "--config.mesh.fsdp=8", dtype]

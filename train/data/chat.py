@@ -351,18 +351,29 @@ def _pack(examples: grain.IterDataset, seq_len: int, bins: int, seed: int) -> gr
 def sft_train_iterator(
   config, tokenizer, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> grain.DatasetIterator:
-  """Infinite packed batches, reshuffled every epoch, checkpointable; each process packs its
-  own conversations (index % processes)."""
+  """Infinite packed batches, reshuffled every epoch, checkpointable. The conversations are
+  dealt as pretraining's documents are (`pipeline.process_batches`): conversation k goes to
+  shard k % data.shards, and each process keeps its rows of the global batch, so the batches
+  do not depend on the process count."""
   pipeline.check_process(process_index, process_count)
+  shards = config.data.shards
+  pipeline.check_shards(shards, batch_size * process_count)
   examples = sft_examples(config, tokenizer, "train")
-  mine = grain.MapDataset.source(examples)[process_index::process_count]
-  if len(mine) == 0:
-    raise ValueError(f"data.name: no training conversation for process {process_index}")
-  stream = mine.shuffle(seed=seed).repeat().map(_example).to_iter_dataset()
-  batches = _pack(stream, config.data.seq_len, batch_size, seed).batch(
-    batch_size, drop_remainder=True
-  )
-  return pipeline.ShardedBatches([iter(batches)])
+
+  def shard_batches(k: int, rows: int) -> grain.DatasetIterator:
+    mine = grain.MapDataset.source(examples)[k::shards]
+    if len(mine) == 0:
+      raise ValueError(
+        f"data.shards={shards}: data.name={config.data.name!r} has {len(examples)} training "
+        f"conversations, none for shard {k}; allowed: at most as many shards as conversations"
+      )
+    stream = mine.shuffle(seed=seed).repeat().map(_example)
+    # The conversations are tokenized already, in memory: no prefetch threads, no buffer.
+    stream = stream.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    batches = _pack(stream, config.data.seq_len, rows, seed + 7919 * k)
+    return iter(batches.batch(rows, drop_remainder=True))
+
+  return pipeline.process_batches(shard_batches, shards, batch_size, process_index, process_count)
 
 
 def sft_eval_batches(

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from train.data import sources
-from train.data.pipeline import ShardedBatches, check_process
+from train.data.pipeline import check_process, check_shards, process_batches
 from train.data.tokenizers import Tokenizer
 
 _HELD_OUT_FRACTION = 10
@@ -215,17 +215,28 @@ def labeled_train_iterator(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  shards: int = 1,
 ) -> grain.DatasetIterator:
-  """Infinite, reshuffled every epoch, checkpointable; each process reads its own examples."""
+  """Infinite, reshuffled every epoch, checkpointable. Examples are dealt as pretraining's
+  documents are (`process_batches`): example k goes to shard k % `shards` (data.shards), and
+  each process keeps its rows of the global batch, so the batches do not depend on the
+  process count."""
   check_process(process_index, process_count)
-  mine = grain.MapDataset.source(_Rows(rows))[process_index::process_count]
-  if len(mine) < batch_size:
-    raise ValueError(
-      f"train.batch_size: this process's {len(mine)} training examples cannot fill a batch "
-      f"of {batch_size}"
-    )
-  batches = mine.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
-  return ShardedBatches([iter(batches.to_iter_dataset())])
+  check_shards(shards, batch_size * process_count)
+  examples = grain.MapDataset.source(_Rows(rows))
+
+  def shard_batches(k: int, size: int) -> grain.DatasetIterator:
+    mine = examples[k::shards]
+    if len(mine) < size:
+      raise ValueError(
+        f"train.batch_size: {len(mine)} training examples (shard {k} of data.shards={shards}) "
+        f"cannot fill its {size} rows of each global batch"
+      )
+    batches = mine.shuffle(seed=seed).repeat().batch(size, drop_remainder=True)
+    # The rows are in memory and a batch is one gather: no prefetch threads, no buffer.
+    return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  return process_batches(shard_batches, shards, batch_size, process_index, process_count)
 
 
 def labeled_eval_batches(

@@ -210,18 +210,33 @@ def train_iterator(
   """
   _check_cfg(data_cfg, batch_size)
   check_process(process_index, process_count)
+  check_shards(data_cfg.shards, batch_size * process_count)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
-  global_rows = batch_size * process_count
-  check_shards(data_cfg.shards, global_rows)
-  per_shard = global_rows // data_cfg.shards
-  lo, hi = process_index * batch_size, (process_index + 1) * batch_size  # this process's rows
   docs = load_documents(data_cfg.name, "train", data_cfg)
+
+  def shard_batches(k: int, rows: int) -> grain.DatasetIterator:
+    return _shard_batches(docs, k, data_cfg.shards, data_cfg, tokenizer, rows, seed, frame, rows_fn)
+
+  return process_batches(shard_batches, data_cfg.shards, batch_size, process_index, process_count)
+
+
+def process_batches(
+  shard_batches, shards: int, batch_size: int, process_index: int, process_count: int
+) -> ShardedBatches:
+  """This process's `batch_size` consecutive rows of every global batch (`batch_size` x
+  processes rows): each of the `shards` streams gives `global / shards` rows of it, in shard
+  order, and only the shards this process's rows come from are built.
+  `shard_batches(k, rows)`: shard k's infinite batches of `rows` rows. The global batches do
+  not depend on the process count; pretraining and every fine-tuning iterator deal rows so."""
+  check_process(process_index, process_count)
+  global_rows = batch_size * process_count
+  check_shards(shards, global_rows)
+  per_shard = global_rows // shards
+  lo, hi = process_index * batch_size, (process_index + 1) * batch_size  # this process's rows
   parents, rows = [], []
   for k in range(lo // per_shard, (hi - 1) // per_shard + 1):
-    parents.append(
-      _shard_batches(docs, k, data_cfg.shards, data_cfg, tokenizer, per_shard, seed, frame, rows_fn)
-    )
+    parents.append(shard_batches(k, per_shard))
     rows.append(slice(max(lo - k * per_shard, 0), min(hi - k * per_shard, per_shard)))
   return ShardedBatches(parents, rows)
 

@@ -467,30 +467,39 @@ def seq2seq_train_iterator(
 ) -> grain.DatasetIterator:
   """Infinite packed batches of the mixture (one source: rate 1), checkpointable.
 
-  Each source is reshuffled every epoch and read by this process from its own examples
-  (index % processes); sources are interleaved by their rates. `sources`: [(text pairs,
-  rate)] in place of the config's (SFT's conversations).
+  Each source is reshuffled every epoch; sources are interleaved by their rates. Examples
+  are dealt as pretraining's documents are (`pipeline.process_batches`): example k of each
+  source goes to shard k % data.shards, and each process keeps its rows of the global batch,
+  so the batches do not depend on the process count. `pair_sources`: [(text pairs, rate)]
+  in place of the config's (SFT's conversations).
   """
   pipeline.check_process(process_index, process_count)
   d = config.data
+  pipeline.check_shards(d.shards, batch_size * process_count)
   tgt_len = target_len(config)
   counts = Counts("seq2seq training data", d.seq_len, tgt_len)
-  parts, rates = [], []
-  for k, (pairs, rate) in enumerate(pair_sources or _sources(config, "train")):
-    mine = grain.MapDataset.source(pairs)[process_index::process_count]
-    if len(mine) == 0:
-      raise ValueError(f"train data: source {k} has no examples for process {process_index}")
-    parts.append(mine.shuffle(seed=seed + k).repeat())
-    rates.append(rate)
-  mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=rates)
-  examples = mixed.map(lambda p: encode_pair(p, tokenizer, d.seq_len, tgt_len, counts))
-  examples = examples.filter(lambda e: e is not None).to_iter_dataset()
-  rows = _packed(examples, d.seq_len, tgt_len, bins=batch_size, seed=seed)
-  batches = rows.batch(batch_size, drop_remainder=True)
-  options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
-  return pipeline.ShardedBatches(
-    [iter(grain.experimental.WithOptionsIterDataset(batches, options))]
-  )
+  mixture = pair_sources or _sources(config, "train")
+
+  def shard_batches(shard: int, rows: int) -> grain.DatasetIterator:
+    parts, rates = [], []
+    for k, (pairs, rate) in enumerate(mixture):
+      mine = grain.MapDataset.source(pairs)[shard :: d.shards]
+      if len(mine) == 0:
+        raise ValueError(
+          f"data.shards={d.shards}: train data source {k} has {len(pairs)} examples, none for "
+          f"shard {shard}; allowed: at most as many shards as examples"
+        )
+      parts.append(mine.shuffle(seed=seed + k).repeat())
+      rates.append(rate)
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights=rates)
+    examples = mixed.map(lambda p: encode_pair(p, tokenizer, d.seq_len, tgt_len, counts))
+    examples = examples.filter(lambda e: e is not None).to_iter_dataset()
+    packed = _packed(examples, d.seq_len, tgt_len, bins=rows, seed=seed + 7919 * shard)
+    batches = packed.batch(rows, drop_remainder=True)
+    options = grain.experimental.DatasetOptions(filter_raise_threshold_ratio=1.0)
+    return iter(grain.experimental.WithOptionsIterDataset(batches, options))
+
+  return pipeline.process_batches(shard_batches, d.shards, batch_size, process_index, process_count)
 
 
 def eval_pairs(config: ml_collections.ConfigDict) -> list[TextPairs]:

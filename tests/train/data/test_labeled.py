@@ -306,11 +306,17 @@ def test_train_iterator_resumes_from_its_state():
   assert not np.array_equal(labels_of(fresh, 6), want)
 
 
-def test_train_iterator_splits_examples_across_processes():
+def test_train_iterator_with_a_shard_per_process_reads_disjoint_examples():
+  """data.shards = processes (the pod setting): example k is read by process k % 2 only.
+  (With the default one shard every process deals from the one global order:
+  tests/train/data/test_finetune_processes.py.)"""
   rows = rows_of(10)
   seen = [
     labels_of(
-      labeled_train_iterator(rows, batch_size=5, seed=0, process_index=p, process_count=2), 4
+      labeled_train_iterator(
+        rows, batch_size=5, seed=0, process_index=p, process_count=2, shards=2
+      ),
+      4,
     )
     for p in (0, 1)
   ]
@@ -318,11 +324,15 @@ def test_train_iterator_splits_examples_across_processes():
 
 
 def test_train_iterator_needs_a_full_batch():
-  with pytest.raises(ValueError, match="3 training examples cannot fill a batch of 4"):
+  with pytest.raises(ValueError, match="3 training examples .* cannot fill its 4 rows"):
     labeled_train_iterator(rows_of(3), batch_size=4, seed=0)
-  with pytest.raises(ValueError, match="3 training examples cannot fill a batch of 4"):
+  with pytest.raises(ValueError, match="7 training examples .* cannot fill its 8 rows"):
     labeled_train_iterator(rows_of(7), batch_size=4, seed=0, process_index=1, process_count=2)
-  labeled_train_iterator(rows_of(7), batch_size=4, seed=0, process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r"3 training examples \(shard 1 of data.shards=2\)"):
+    labeled_train_iterator(
+      rows_of(7), batch_size=4, seed=0, process_index=1, process_count=2, shards=2
+    )
+  labeled_train_iterator(rows_of(8), batch_size=4, seed=0, process_index=1, process_count=2)
 
 
 # --- TFDS (mocked) with the configs/bert.py task defaults -----------------------------------
