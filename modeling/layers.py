@@ -18,6 +18,13 @@ from modeling.lora import BASE_DOT_GENERAL, DEQUANTIZE, QUANT_LEAVES, Lora
 DotGeneral = Callable[..., jax.Array]
 
 
+def mesh_axes(rule_axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  """The mesh axes a logical-axis rule maps to, as a tuple: None -> (), "fsdp" -> ("fsdp",)."""
+  if rule_axes is None:
+    return ()
+  return (rule_axes,) if isinstance(rule_axes, str) else tuple(rule_axes)
+
+
 def param_with_axes(
   module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str | None]
 ) -> jax.Array:

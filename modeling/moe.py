@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from modeling.layers import DotGeneral, Mlp, param_with_axes
+from modeling.layers import DotGeneral, Mlp, mesh_axes, param_with_axes
 
 IMPLS = ("ragged", "dense")  # the dropless paths; capacity_factor > 0 selects the capacity path
 BIAS = "expert_bias"  # the balancing bias's param name: not trained (train/optim.py skips it)
@@ -251,9 +251,8 @@ def expert_mesh(rows: int) -> tuple | None:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)  # noqa: E731
   expert, batch, mlp = (
-    as_tuple(nn.logical_to_mesh_axes((n,))[0]) for n in ("expert", "act_batch", "mlp")
+    mesh_axes(nn.logical_to_mesh_axes((n,))[0]) for n in ("expert", "act_batch", "mlp")
   )
   if len(expert) != 1 or mesh.shape[expert[0]] == 1 or expert[0] not in batch:
     return None

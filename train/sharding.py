@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import base
+from modeling.layers import mesh_axes
 
 MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
@@ -48,19 +49,13 @@ def rules(config: ml_collections.ConfigDict) -> tuple:
   return tuple((name, axes) for name, axes in config.logical_axis_rules)
 
 
-def _axes_of(rule_axes) -> tuple[str, ...]:
-  if rule_axes is None:
-    return ()
-  return (rule_axes,) if isinstance(rule_axes, str) else tuple(rule_axes)
-
-
 def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Checks the mesh against the devices, the model and the batch; compiles nothing.
 
   Returns the resolved (data, expert, fsdp, tensor) sizes. Errors name the key and the value.
   """
   for name, axes in config.logical_axis_rules:
-    for axis in _axes_of(axes):
+    for axis in mesh_axes(axes):
       if axis not in MESH_AXES:
         raise ValueError(
           f"logical_axis_rules[{name!r}]={axes!r}: {axis!r} is not a mesh axis; allowed {MESH_AXES}"
@@ -87,8 +82,8 @@ def validate_mesh(config: ml_collections.ConfigDict, num_devices: int) -> tuple[
       "model.moe.impl='dense' on this mesh"
     )
   batch_axes = dict(config.logical_axis_rules).get("act_batch")
-  dp = int(np.prod([sizes[a] for a in _axes_of(batch_axes)]))
-  axes = _axes_of(batch_axes)
+  dp = int(np.prod([sizes[a] for a in mesh_axes(batch_axes)]))
+  axes = mesh_axes(batch_axes)
   eval_rows = t.eval_batch_size or t.batch_size
   for key, value, rows, per in (
     (
@@ -133,7 +128,7 @@ def fitted_specs(abstract_boxed, mesh: Mesh, axis_rules: tuple, strict: bool = T
     for i, (dim, name) in enumerate(zip(leaf.shape, spec, strict=False)):
       if name is None:
         continue
-      axes = _axes_of(lookup.get(name))
+      axes = mesh_axes(lookup.get(name))
       parts = int(np.prod([mesh.shape[a] for a in axes]))
       if dim % parts == 0:
         continue
