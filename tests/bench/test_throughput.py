@@ -79,7 +79,7 @@ def test_encdec_flops_match_xla_and_the_benchmark_batch():
   c = t5.get_config("size=S")
   c.data.seq_len, c.train.batch_size = 128, 4
   lowered, _, model = _lower(c, jax.devices()[:1])
-  xla = lowered.compile().cost_analysis()["flops"]
+  xla = lowered.cost_analysis()["flops"]  # XLA's count before optimization: 0.2% off, no compile
   target = families.resolve(c).target_len(c)
   assert target == 29 and families.resolve(c).batch_lengths(c)["targets"] == 29
   formula = flops_per_token(model.cfg, 128, target) * 4 * 128
