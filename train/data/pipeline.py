@@ -10,6 +10,8 @@ Documents are tokenized, framed (by default as the tokenizer's model frames a do
 
 The training iterator is infinite and checkpointable (`get_state` / `set_state`, JSON
 state): document order is reshuffled every epoch, rows are shuffled within a window.
+Prepared shards (`arrayrecord:DIR`, train/data/prepared.py) hold rows already packed: they
+are shuffled globally each epoch and dealt to the processes instead.
 """
 
 from __future__ import annotations

@@ -87,16 +87,15 @@ def _is_local(path: epath.Path) -> bool:
   return "://" not in os.fspath(path)
 
 
-def _write_shard(task: tuple[str, str, int, int]) -> tuple[str, int, int]:
-  """Packs documents [lo, hi) of the split into the shard; returns (shard, rows, tokens)."""
-  split, shard, lo, hi = task
+def _pack(task: tuple[str, str, int, int], path: str) -> tuple[int, int]:
+  """Packs documents [lo, hi) of the split into the ArrayRecord file `path`; (rows, tokens)."""
+  split, _, lo, hi = task
   job = _JOB
-  final = job["output"] / shard
-  scratch = final.parent if _is_local(final) else epath.Path(tempfile.mkdtemp())
-  partial = scratch / f"{shard}.partial"
   docs = _Counted(job["docs"][split], lo, hi, job["documents_read"])
+  writer = ArrayRecordWriter(path, prepared.WRITER_OPTIONS)
+  if not writer.ok():
+    raise OSError(f"array_record cannot write {path}")
   rows = tokens = pending = 0
-  writer = ArrayRecordWriter(os.fspath(partial), prepared.WRITER_OPTIONS)
   for row in pipeline.packed_documents(docs, job["tokenizer"], job["seq_len"], job["frame"]):
     writer.write(prepared.encode_row(row, job["dtype"]))
     rows, pending = rows + 1, pending + int((row["segment_ids"] > 0).sum())
@@ -108,27 +107,34 @@ def _write_shard(task: tuple[str, str, int, int]) -> tuple[str, int, int]:
   docs.flush()
   with job["tokens_written"].get_lock():
     job["tokens_written"].value += pending
+  return rows, tokens + pending
+
+
+def _write_shard(task: tuple[str, str, int, int]) -> tuple[str, int, int]:
+  """Writes one shard under a temporary name, then gives it its own; (shard, rows, tokens).
+  array_record writes local files only: a bucket's shard is written locally, then copied."""
+  shard = task[1]
+  final = _JOB["output"] / shard
   if _is_local(final):
-    partial.replace(final)  # whole or absent under its own name
-  else:
+    partial = final.parent / f"{shard}.partial"
+    rows, tokens = _pack(task, os.fspath(partial))
+    partial.replace(final)  # whole, or absent under its own name
+    return shard, rows, tokens
+  with tempfile.TemporaryDirectory() as scratch:
+    partial = epath.Path(scratch) / shard
+    rows, tokens = _pack(task, os.fspath(partial))
     partial.copy(final, overwrite=True)  # a bucket object appears whole when its upload ends
-    partial.unlink()
-  return shard, rows, tokens + pending
+  return shard, rows, tokens
 
 
 class Progress:
-  """A progress bar on stderr: documents read of all, shards, tokens and tokens per second;
-  redrawn in place on a terminal, else a line every `every_s` seconds."""
+  """A progress bar on stderr: documents read of all, shards, tokens and this run's tokens
+  per second; redrawn in place on a terminal, else a line every `every_s` seconds."""
 
-  def __init__(self, total_docs: int, total_shards: int, stream=sys.stderr, every_s: float = 5.0):
-    self.total_docs, self.total_shards, self.stream, self.every_s = (
-      total_docs,
-      total_shards,
-      stream,
-      every_s,
-    )
+  def __init__(self, total_docs: int, total_shards: int, base_tokens: int, stream, every_s=5.0):
+    self.total_docs, self.total_shards, self.base_tokens = total_docs, total_shards, base_tokens
+    self.stream, self.every_s, self.tty = stream, every_s, stream.isatty()
     self.start = self.last = time.monotonic()
-    self.tty = stream.isatty()
 
   def show(self, docs: int, shards: int, tokens: int, final: bool = False) -> None:
     now = time.monotonic()
@@ -137,7 +143,7 @@ class Progress:
     self.last = now
     frac = docs / max(self.total_docs, 1)
     bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-    rate = tokens / max(now - self.start, 1e-9)
+    rate = (tokens - self.base_tokens) / max(now - self.start, 1e-9)
     line = (
       f"prepare [{bar}] {docs:,}/{self.total_docs:,} documents, {shards}/{self.total_shards}"
       f" shards, {tokens:,} tokens, {rate:,.0f} tokens/s"
@@ -216,10 +222,11 @@ def prepare(
   _write_metadata(out, {**meta, "done": done, "complete": False})
 
   total_shards = sum(s["shards"] for s in meta["splits"].values())
-  progress = Progress(sum(len(d) for d in docs.values()), total_shards, stream)
   # the documents and tokens of the shards written before this run
-  base_docs = progress.total_docs - sum(hi - lo for _, _, lo, hi in tasks)
+  total_docs = sum(len(d) for d in docs.values())
+  base_docs = total_docs - sum(hi - lo for _, _, lo, hi in tasks)
   base_tokens = sum(v["tokens"] for v in done.values())
+  progress = Progress(total_docs, total_shards, base_tokens, stream)
 
   def show(final: bool = False) -> None:
     progress.show(
@@ -269,12 +276,13 @@ def main(argv: Sequence[str]) -> None:
       f"data.name={data_cfg.name!r}: already prepared; name a source of documents"
     )
   start = time.perf_counter()
-  meta = prepare(data_cfg, f.output, frame=f.frame, shards=f.shards, workers=f.workers)
-  seconds = time.perf_counter() - start
+  try:
+    meta = prepare(data_cfg, f.output, frame=f.frame, shards=f.shards, workers=f.workers)
+  except ValueError as e:  # a bad source or a directory prepared otherwise: one line
+    sys.exit(f"train.data.prepare: {e}")
   for split, total in meta["totals"].items():
     print(f"{split}: {total['rows']:,} rows of {meta['seq_len']}, {total['tokens']:,} tokens")
-  tokens = sum(total["tokens"] for total in meta["totals"].values())
-  print(f"{f.output}: {tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
+  print(f"{f.output}: complete ({time.perf_counter() - start:.1f} s)")
   print(f"train with: --config.data.name={prepared.PREFIX}{f.output}")
 
 
