@@ -163,6 +163,11 @@ def test_shards_of_another_tokenizer_length_or_frame_are_refused(shards, tmp_pat
     match=r"framed \[\] \.\.\. \[1\] .*--frame=document.*'encoder' frames them \[4\] \.\.\. \[5\]",
   ):
     validate_config(_config(name, "bert"))
+  encoder = tmp_path / "encoder"
+  prepare.prepare(_config(source, "bert").data, str(encoder), shards=1, workers=1, frame="cls_sep")
+  validate_config(_config(f"arrayrecord:{encoder}", "bert"))  # CLS ... SEP: an encoder's
+  with pytest.raises(ValueError, match=r"'encdec' task.name='pretrain' reads its own examples"):
+    validate_config(_config(name, "t5"))
   with pytest.raises(ValueError, match=r"^data.shards=2: "):
     validate_config(_config(name, shards=2))
   with pytest.raises(
