@@ -13,6 +13,7 @@ setup(
     "orbax-checkpoint>=0.12.8,<0.13",
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18,<0.3",
+    "array-record>=0.8",  # train.data.prepare writes ArrayRecord shards (grain reads them)
     "ml-collections>=1.1.0",
     "absl-py>=2.1",
     "sentencepiece>=0.2.0",

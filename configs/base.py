@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a run's workdir or step dir to start from when the workdir has none
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "pystdlib"  # TFDS name (lm1b, tiny_shakespeare, c4/en, ...), pystdlib, text:<glob>, jsonl:<glob>
+  c.data.name = "pystdlib"  # TFDS name (lm1b, tiny_shakespeare, c4/en, ...), pystdlib, text:<glob>, jsonl:<glob>, arrayrecord:<dir> (python -m train.data.prepare)
   c.data.eval_name = ""  # separate evaluation source; empty: local sources hold out their last 10%
   c.data.eval_split = ""  # TFDS split(s) evaluated, e.g. validation+test; empty: validation, else test; local sources: unused
   c.data.tokenizer = "byte"  # byte | spm:<SentencePiece .model> | hf:<Hugging Face model dir>

@@ -37,10 +37,7 @@ Frame = pipeline.Frame
 END_OF_DOCUMENT = pipeline.document_frame  # [BOS when the tokenizer adds one] ... EOS
 
 
-def cls_sep(specials: Specials) -> Frame:
-  """An encoder's text: [CLS] ... [SEP]."""
-  why = "an encoder's [CLS] ... [SEP] framing"
-  return ((specials.require("cls", why),), (specials.require("sep", why),))
+cls_sep = pipeline.cls_sep  # an encoder's text: [CLS] ... [SEP]
 
 
 # ---- packed documents, the data of every pretraining task

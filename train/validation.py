@@ -32,7 +32,7 @@ from modeling.transformer import (
 )
 from modeling.vocab import FOURFOLD
 from train import distill, families, objectives, preference, sharding
-from train.data import chat, make_tokenizer, seq2seq, validate_source
+from train.data import chat, make_tokenizer, prepared, seq2seq, validate_source
 from train.data.pipeline import check_shards
 from train.optim import SCHEDULES
 
@@ -408,6 +408,9 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
   if config.data.eval_name:
     validate_source(config.data.eval_name, "data.eval_name")
   _validate_data(config.data, t.batch_size)
+  for key in ("data.name", "data.eval_name"):
+    if prepared.is_prepared(get(config, key)):
+      _validate_prepared(config, wiring, tokenizer, key)
   if t.num_samples and fam.sample and not fam.autoregressive:  # one window: no sliding
     context = m.max_len or config.data.seq_len
     prompts = [p for p in t.sample_prompts.split("|") if p][: t.num_samples]
@@ -439,6 +442,54 @@ def _validate_data(d: ml_collections.ConfigDict, batch_size: int) -> None:
         f"applies to text:<glob> sources only; data.name={d.name!r} and "
         f"data.eval_name={d.eval_name!r} are not; leave it at its default",
       )
+
+
+def _validate_prepared(config, wiring: families.Wiring, tokenizer, key: str) -> None:
+  """`arrayrecord:DIR` (train/data/prepared.py): rows packed for this tokenizer, length and
+  frame, read by a task that trains on packed documents."""
+  d, name = config.data, get(config, key)
+  meta = prepared.read_metadata(name, key)
+  if wiring.task.train_data is not families.packed_train:
+    fail(
+      key,
+      name,
+      f"holds packed pretraining rows; model.family={config.model.family!r} task.name="
+      f"{config.task.name!r} reads its own examples: allowed with the tasks that pack documents "
+      "(decoder, encoder and diffusion pretraining, distill)",
+    )
+  mine = prepared.tokenizer_identity(d.tokenizer, tokenizer)
+  theirs = meta["tokenizer"]
+  if (mine["vocab_size"], mine["sha256"]) != (theirs["vocab_size"], theirs["sha256"]):
+    fail(
+      "data.tokenizer",
+      d.tokenizer,
+      f"{key}={name!r} holds the ids of tokenizer {prepared.describe_tokenizer(theirs)}, not of "
+      f"{prepared.describe_tokenizer(mine)}; allowed: that tokenizer, or shards prepared with this one",
+    )
+  if meta["seq_len"] != d.seq_len:
+    fail(
+      "data.seq_len",
+      d.seq_len,
+      f"{key}={name!r} holds rows of {meta['seq_len']} tokens; allowed: {meta['seq_len']}, or "
+      "shards prepared with this length",
+    )
+  prefix, suffix = (list(ids) for ids in wiring.task.frame(tokenizer.specials))
+  frame = meta["frame"]
+  if [frame["prefix"], frame["suffix"]] != [prefix, suffix]:
+    fail(
+      key,
+      name,
+      f"its documents are framed {frame['prefix']} ... {frame['suffix']} (prepared with "
+      f"--frame={frame['name']}); model.family={config.model.family!r} frames them {prefix} ... "
+      f"{suffix}: prepare them again with the frame of this family",
+    )
+  if key == "data.name" and d.shards != 1:
+    fail(
+      "data.shards",
+      d.shards,
+      f"prepared rows ({key}={name!r}) are dealt from one global order, each process reading "
+      "only its own: allowed 1",
+    )
 
 
 def _validate_post_training(config: ml_collections.ConfigDict, wiring: families.Wiring) -> None:

@@ -10,11 +10,13 @@ Documents are tokenized, framed (by default as the tokenizer's model frames a do
 
 The training iterator is infinite and checkpointable (`get_state` / `set_state`, JSON
 state): document order is reshuffled every epoch, rows are shuffled within a window.
+Prepared shards (`arrayrecord:DIR`, train/data/prepared.py) hold rows already packed: they
+are shuffled globally each epoch and dealt to the processes instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -22,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from modeling.vocab import Specials
+from train.data import prepared
 from train.data.sources import load_documents
 from train.data.tokenizers import Tokenizer
 
@@ -53,6 +56,12 @@ def document_frame(specials: Specials) -> Frame:
   EOS last."""
   eos = specials.require("eos", "ending each document")
   return ((specials.bos,) if specials.add_bos else (), (eos,))
+
+
+def cls_sep(specials: Specials) -> Frame:
+  """An encoder's text: [CLS] ... [SEP]."""
+  why = "an encoder's [CLS] ... [SEP] framing"
+  return ((specials.require("cls", why),), (specials.require("sep", why),))
 
 
 def _tokenized_docs(
@@ -88,6 +97,15 @@ def _packed_rows(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
       "positions": row["tokens_positions"],
     }
   )
+
+
+def packed_documents(
+  docs: Sequence, tokenizer: Tokenizer, seq_len: int, frame: Frame | None = None
+) -> grain.IterDataset:
+  """The documents in their order (no shuffling), tokenized, framed and packed into rows:
+  what evaluation reads, and what `train.data.prepare` writes for each range of documents."""
+  tokenized = _tokenized_docs(grain.MapDataset.source(docs), tokenizer, frame).to_iter_dataset()
+  return _packed_rows(tokenized, seq_len)
 
 
 def first_fit(
@@ -213,6 +231,12 @@ def train_iterator(
   check_shards(data_cfg.shards, batch_size * process_count)
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed}: allowed 0 <= seed < 2**32")
+  if prepared.is_prepared(data_cfg.name):
+    if rows_fn is not None:
+      raise ValueError(
+        f"data.name={data_cfg.name!r}: holds packed rows, not documents to make rows of"
+      )
+    return _prepared_batches(data_cfg, batch_size, seed, process_index, process_count)
   docs = load_documents(data_cfg.name, "train", data_cfg)
 
   def shard_batches(k: int, rows: int) -> grain.DatasetIterator:
@@ -239,6 +263,33 @@ def process_batches(
     parents.append(shard_batches(k, per_shard))
     rows.append(slice(max(lo - k * per_shard, 0), min(hi - k * per_shard, per_shard)))
   return ShardedBatches(parents, rows)
+
+
+_READ_THREADS, _READ_AHEAD = 4, 8  # prepared rows: batches read at once, and read ahead
+
+
+def _prepared_batches(
+  data_cfg, batch_size: int, seed: int, process_index: int, process_count: int
+) -> grain.DatasetIterator:
+  """Batches of prepared rows (`arrayrecord:DIR`): one global order of all rows, shuffled
+  anew each epoch (grain's index shuffle, seed + epoch), dealt into global batches of
+  `batch_size * process_count` consecutive rows; each process reads only its own
+  `batch_size` of each. The iterator's state is the number of batches taken."""
+  source, meta = prepared.rows_source(data_cfg.name, "train")
+  if meta["seq_len"] != data_cfg.seq_len:
+    raise ValueError(
+      f"data.seq_len={data_cfg.seq_len}: data.name={data_cfg.name!r} holds rows of "
+      f"{meta['seq_len']} tokens; allowed: {meta['seq_len']}"
+    )
+  dtype, seq_len = meta["dtype"], meta["seq_len"]
+  rows = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  rows = rows.map(lambda record: prepared.decode_row(record, dtype, seq_len))
+  mine = rows.batch(batch_size)[process_index::process_count]
+  return iter(
+    mine.to_iter_dataset(
+      grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD)
+    )
+  )
 
 
 def check_shards(shards: int, global_rows: int) -> None:
@@ -278,12 +329,22 @@ def eval_batches(
   check_process(process_index, process_count)
   if max_batches < 0:
     raise ValueError(f"max_batches={max_batches}: allowed 0 (whole split) or a positive count")
-  if data_cfg.eval_name:
-    docs = load_documents(data_cfg.eval_name, "all", data_cfg)
+  name, split = (data_cfg.eval_name, "all") if data_cfg.eval_name else (data_cfg.name, "validation")
+  key = "data.eval_name" if data_cfg.eval_name else "data.name"
+  if prepared.is_prepared(name) and rows_fn is None:  # already packed, in order
+    source, meta = prepared.rows_source(name, split, key)
+    dtype, seq_len = meta["dtype"], meta["seq_len"]
+    rows = grain.MapDataset.source(source).map(lambda r: prepared.decode_row(r, dtype, seq_len))
+    return batch_eval_rows(
+      rows.to_iter_dataset(), batch_size, max_batches, process_index, process_count
+    )
+  docs = load_documents(name, split, data_cfg)
+  if rows_fn is None:
+    rows = packed_documents(docs, tokenizer, data_cfg.seq_len, frame)
   else:
-    docs = load_documents(data_cfg.name, "validation", data_cfg)
-  rows = _tokenized_docs(grain.MapDataset.source(docs), tokenizer, frame).to_iter_dataset()
-  rows = _packed_rows(rows, data_cfg.seq_len) if rows_fn is None else rows_fn(rows, 0)
+    rows = rows_fn(
+      _tokenized_docs(grain.MapDataset.source(docs), tokenizer, frame).to_iter_dataset(), 0
+    )
   return batch_eval_rows(rows, batch_size, max_batches, process_index, process_count)
 
 

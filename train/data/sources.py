@@ -26,11 +26,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from train.data import pystdlib
+from train.data import prepared, pystdlib
 
 SPLITS = ("train", "validation", "all")
 ALLOWED_NAMES = (
-  "'pystdlib', 'text:<glob>', 'jsonl:<glob>' or a TFDS dataset name"
+  "'pystdlib', 'text:<glob>', 'jsonl:<glob>', 'arrayrecord:<dir>' or a TFDS dataset name"
   " ('lm1b', 'tiny_shakespeare', 'c4/en:3.1.0', ...)"
 )
 _HELD_OUT_FRACTION = 10  # local sources: the last 1/10 is validation
@@ -71,6 +71,9 @@ def _is_tfds_name(base: str) -> bool:
 def validate_source(name: str, key: str = "data.name") -> None:
   """Raises a ValueError naming `key` unless `name` is a usable source; never downloads."""
   if name == "pystdlib":
+    return
+  if prepared.is_prepared(name):
+    prepared.read_metadata(name, key)
     return
   if name.startswith(("text:", "jsonl:")):
     _local_files(name, key)
@@ -371,6 +374,11 @@ def load_documents(name: str, split: str, data_cfg: ml_collections.ConfigDict) -
   if split not in SPLITS:
     raise ValueError(f"split={split!r} for {key}={name!r}: allowed {list(SPLITS)}")
   validate_source(name, key)
+  if prepared.is_prepared(name):
+    raise ValueError(
+      f"{key}={name!r}: holds packed pretraining rows, not documents; allowed here: a source"
+      " of documents (pystdlib, text:<glob>, jsonl:<glob> or a TFDS dataset)"
+    )
   if name.startswith("text:"):
     files = _local_files(name, key)
     docs: Sequence = _text_spans(files, split, data_cfg.doc_separator, data_cfg.span_bytes)
