@@ -16,7 +16,9 @@ console: orbax's error records (a traceback per background thread) and what its 
 async work raises after a failure (unraisable errors in orbax's coroutines, "Event loop is
 closed" from TensorStore's callbacks) go to the log file, its never-awaited writes' warnings
 at exit are dropped, and a log file that cannot be written (its disk is full) drops records
-quietly.
+quietly. A workdir in a bucket (gs://...) gets its log.txt written whole when the command
+exits (objects cannot be appended to); until then the records are in a local copy under
+`<temp dir>/fourfold/bucket/`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import warnings
 
 from absl import flags
 from absl import logging as absl_logging
+from etils import epath
 
 LOG_NAME = "log.txt"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -46,7 +49,7 @@ def setup(workdir: str | None) -> str | None:
   if f["logtostderr"]:
     return configure(None, verbose=True)
   if workdir:
-    path = os.path.join(workdir, LOG_NAME)
+    path = str(epath.Path(workdir) / LOG_NAME)
   else:
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     path = os.path.join(tempfile.gettempdir(), "fourfold", f"{program}.{LOG_NAME}")
@@ -83,7 +86,8 @@ def configure(path: str | None, verbose: bool, stream=None) -> str | None:
     console.addFilter(shown_on_console)
   handlers = [console]
   if path:
-    handlers.append(_LazyFile(path, encoding="utf-8", delay=True))
+    file = _BucketLog(path) if "://" in path else _LazyFile(path, encoding="utf-8", delay=True)
+    handlers.append(file)
   for handler in handlers:
     handler.fourfold = True
     handler.setFormatter(formatter)
@@ -116,6 +120,34 @@ class _LazyFile(logging.FileHandler):
     console still shows what matters, without a traceback per record."""
     if not isinstance(sys.exc_info()[1], OSError):
       super().handleError(record)
+
+
+class _BucketLog(_LazyFile):
+  """A log file in a bucket, whose objects cannot be appended to: records go to a local copy,
+  which starts as the bucket's log (a resumed run's log continues it) and is written back
+  whole when the handler closes (logging's shutdown at exit)."""
+
+  def __init__(self, url: str):
+    self.url = epath.Path(url)
+    local = os.path.join(tempfile.gettempdir(), "fourfold", "bucket", url.replace("://", "/", 1))
+    super().__init__(local, encoding="utf-8", delay=True)
+
+  def _open(self):
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    with open(self.baseFilename, "wb") as f:
+      f.write(self.url.read_bytes() if self.url.exists() else b"")
+    return super()._open()
+
+  def close(self):
+    opened = self.stream is not None
+    super().close()
+    if opened:
+      try:
+        self.url.write_bytes(epath.Path(self.baseFilename).read_bytes())
+      except Exception as e:  # at exit: say so, keep the local copy
+        print(
+          f"log file {self.url} not written ({e}); it is in {self.baseFilename}", file=sys.stderr
+        )
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 
 class MetricsWriter:
@@ -18,20 +18,19 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
 
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    append_text(self.path, json.dumps(record) + "\n")
     for k, v in record.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
@@ -42,12 +41,21 @@ class MetricsWriter:
       self._tb.close()
 
 
+def append_text(path: epath.Path, text: str) -> None:
+  """Appends `text` to a file. An object in a bucket cannot be appended to: it is read and
+  written whole (one object write, so a run killed meanwhile leaves the old or the new one)."""
+  if "://" not in str(path):
+    with path.open("a") as f:
+      f.write(text)
+    return
+  path.write_text((path.read_text() if path.exists() else "") + text)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:
@@ -146,7 +154,8 @@ def plot_loss(workdir: str) -> str | None:
     ax.set_xlabel("step")
     ax.legend()
     ax.grid(alpha=0.3)
-  path = os.path.join(workdir, "loss.png")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  path = epath.Path(workdir) / "loss.png"
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
-  return path
+  return str(path)
