@@ -18,17 +18,19 @@ closed" from TensorStore's callbacks) go to the log file, its never-awaited writ
 at exit are dropped, and a log file that cannot be written (its disk is full) drops records
 quietly. A workdir in a bucket (gs://...) gets its log.txt written whole when the command
 exits (objects cannot be appended to); until then the records are in a local copy under
-`<temp dir>/fourfold/bucket/`.
+`<temp dir>/fourfold/bucket/` (where a killed command's records stay).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 import tempfile
 import traceback
 import warnings
+import weakref
 
 from absl import flags
 from absl import logging as absl_logging
@@ -123,31 +125,51 @@ class _LazyFile(logging.FileHandler):
 
 
 class _BucketLog(_LazyFile):
-  """A log file in a bucket, whose objects cannot be appended to: records go to a local copy,
-  which starts as the bucket's log (a resumed run's log continues it) and is written back
-  whole when the handler closes (logging's shutdown at exit)."""
+  """A log file in a bucket, whose objects cannot be appended to: this command's records go to
+  a local copy, added to the bucket's log at exit (before the storage client closes its
+  session, so from an atexit hook of its own) or when the handler is replaced. The storage
+  client logs from its own thread while it writes: those records are dropped, not waited for
+  (the handler's lock is held)."""
 
   def __init__(self, url: str):
-    self.url = epath.Path(url)
+    self.url, self._busy, self._earlier = epath.Path(url), False, None
     local = os.path.join(tempfile.gettempdir(), "fourfold", "bucket", url.replace("://", "/", 1))
-    super().__init__(local, encoding="utf-8", delay=True)
+    super().__init__(local, mode="w", encoding="utf-8", delay=True)
+    # gcsfs closes its session in a weakref.finalize; atexit runs the last registered first:
+    # the finalizers' exit hook is registered (by this first finalize), then the upload
+    weakref.finalize(self, lambda: None)
+    atexit.register(self._at_exit)
+    self._exited = False
 
-  def _open(self):
-    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
-    with open(self.baseFilename, "wb") as f:
-      f.write(self.url.read_bytes() if self.url.exists() else b"")
-    return super()._open()
+  def handle(self, record):
+    return False if self._busy else super().handle(record)
+
+  def upload(self) -> None:
+    """Writes the bucket's log as it was before this command, then this command's records."""
+    if self.stream is None:
+      return
+    self.acquire()
+    self._busy = True
+    try:
+      self.flush()
+      if self._earlier is None:
+        self._earlier = self.url.read_bytes() if self.url.exists() else b""
+      self.url.write_bytes(self._earlier + epath.Path(self.baseFilename).read_bytes())
+    except Exception as e:  # at exit: say so, keep the local copy
+      print(f"log file {self.url} not written ({e}); it is in {self.baseFilename}", file=sys.stderr)
+    finally:
+      self._busy = False
+      self.release()
+
+  def _at_exit(self) -> None:
+    self.upload()
+    self._exited = True  # logging's own shutdown comes after the storage client closed
 
   def close(self):
-    opened = self.stream is not None
+    if not self._exited:
+      self.upload()
+    atexit.unregister(self._at_exit)
     super().close()
-    if opened:
-      try:
-        self.url.write_bytes(epath.Path(self.baseFilename).read_bytes())
-      except Exception as e:  # at exit: say so, keep the local copy
-        print(
-          f"log file {self.url} not written ({e}); it is in {self.baseFilename}", file=sys.stderr
-        )
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
