@@ -19,6 +19,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._text = None  # in a bucket: the object's text, rewritten whole at each write
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
@@ -30,7 +31,15 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    append_text(self.path, json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if "://" not in str(self.path):
+      with self.path.open("a") as f:
+        f.write(line)
+    else:  # an object cannot be appended to; one write, so a kill leaves the old or the new
+      if self._text is None:
+        self._text = self.path.read_text() if self.path.exists() else ""
+      self._text += line
+      self.path.write_text(self._text)
     for k, v in record.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
@@ -39,16 +48,6 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
-
-
-def append_text(path: epath.Path, text: str) -> None:
-  """Appends `text` to a file. An object in a bucket cannot be appended to: it is read and
-  written whole (one object write, so a run killed meanwhile leaves the old or the new one)."""
-  if "://" not in str(path):
-    with path.open("a") as f:
-      f.write(text)
-    return
-  path.write_text((path.read_text() if path.exists() else "") + text)
 
 
 def read_metrics(workdir: str) -> list[dict]:
