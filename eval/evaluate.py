@@ -12,6 +12,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from eval import benchmarks
 from eval.loglik import Scorer
@@ -113,16 +114,11 @@ def evaluate_benchmarks(
 
 def write_results(workdir: str, results: dict[str, dict]) -> dict[str, dict]:
   """Merges `results` into <workdir>/eval_results.json, writes eval_results.md; returns all."""
-  path = os.path.join(workdir, "eval_results.json")
-  merged = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      merged = json.load(f)
+  path = epath.Path(workdir) / "eval_results.json"  # a local path or a bucket (gs://...)
+  merged = json.loads(path.read_text()) if path.is_file() else {}
   merged.update(results)
-  with open(path, "w") as f:
-    json.dump(merged, f, indent=2)
-  with open(os.path.join(workdir, "eval_results.md"), "w") as f:
-    f.write(benchmarks.markdown_table({workdir: merged}))
+  path.write_text(json.dumps(merged, indent=2))
+  (epath.Path(workdir) / "eval_results.md").write_text(benchmarks.markdown_table({workdir: merged}))
   return merged
 
 

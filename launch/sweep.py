@@ -17,6 +17,7 @@ import time
 
 import jax
 from absl import app, flags
+from etils import epath
 
 from train import console, trainer
 from train.metrics import read_metrics
@@ -65,16 +66,16 @@ def main(argv):
   del argv
   console.setup(FLAGS.workdir)
   ablation = load_ablation(FLAGS.config)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  path = os.path.join(FLAGS.workdir, "results.json")
-  results = json.load(open(path)) if os.path.exists(path) else {}
+  root = epath.Path(FLAGS.workdir)  # a local path or a bucket (gs://...)
+  root.mkdir(parents=True, exist_ok=True)
+  path = root / "results.json"
+  results = json.loads(path.read_text()) if path.exists() else {}
   grid = [a for a in ablation.GRID if not FLAGS.only or any(o in a for o in FLAGS.only)]
   for i, arg in enumerate(grid):
     start = time.perf_counter()
     print(f"==== [{i + 1}/{len(grid)}] {arg}", flush=True)
-    results[arg] = run_point(ablation, arg, os.path.join(FLAGS.workdir, arg.replace(",", "_")))
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
+    results[arg] = run_point(ablation, arg, str(root / arg.replace(",", "_")))
+    path.write_text(json.dumps(results, indent=2))
     loss = results[arg]["metrics"].get("eval/loss")
     print(f"==== {arg}: eval/loss {loss} ({time.perf_counter() - start:.0f} s)", flush=True)
   print(ablation.summarize(results, FLAGS.workdir), flush=True)

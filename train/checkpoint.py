@@ -21,10 +21,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental.v1 import partial
 
 UNRESTORABLE = ".unrestorable"  # suffix of a broken step's folder once a run saves its step again
+
+
+def is_url(path) -> bool:
+  """Whether `path` names a bucket (gs://...) rather than a local path."""
+  return "://" in str(path)
+
+
+def absolute(path) -> epath.Path:
+  """`path` as an `epath.Path`: a local one made absolute (os.path.abspath), a URL as given."""
+  return epath.Path(path) if is_url(path) else epath.Path(os.path.abspath(path))
 
 
 class CheckpointSaveError(RuntimeError):
@@ -64,7 +75,7 @@ class Checkpointer:
   """An async CheckpointManager under `<workdir>/checkpoints`, keeping the last N."""
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = str(absolute(workdir) / "checkpoints")
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -88,7 +99,7 @@ class Checkpointer:
     if "opt_state" not in meta:
       raise ValueError(
         f"checkpoint {where} holds weights only (an import, eval.import_hf): train from it in "
-        f"a new workdir, --config=configs/workdir.py:{os.path.dirname(self.directory)} "
+        f"a new workdir, --config=configs/workdir.py:{epath.Path(self.directory).parent} "
         "--workdir=<new dir> (it starts from these weights through config.init_from)"
       )
     check_same_shapes(meta["params"], abstract_state.params, where)
@@ -168,7 +179,7 @@ class Checkpointer:
       self._read(step, lambda: self.manager.item_metadata(step)["state"])
     except UnreadableCheckpointError as e:
       return str(e)
-    bad = _bad_json(os.path.join(self.directory, str(step)))
+    bad = _bad_json(epath.Path(self.directory) / str(step))
     return f"checkpoint step {step} cannot be restored: {bad[0]}: {bad[1]}" if bad else None
 
   def _read(self, step: int, read):
@@ -176,7 +187,7 @@ class Checkpointer:
     try:
       return read()
     except Exception as e:
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = f"{self.directory}/{step}"
       path, cause = _describe(e, step_dir)
       raise UnreadableCheckpointError(
         f"checkpoint step {step} cannot be restored: {path or step_dir}: {cause}"
@@ -184,10 +195,10 @@ class Checkpointer:
 
   def check_data_state(self, step: int) -> None:
     """The iterator state is saved per process: the same process count must resume it."""
-    data_dir = os.path.join(self.directory, str(step), "data")
+    data_dir = epath.Path(self.directory) / str(step) / "data"
     mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if os.path.isdir(data_dir) and not os.path.exists(os.path.join(data_dir, mine)):
-      saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_"))
+    if data_dir.is_dir() and not (data_dir / mine).exists():
+      saved = sorted(f.name for f in data_dir.iterdir() if f.name.startswith("process_"))
       raise ValueError(
         f"checkpoint {self.directory}/{step}: its data-iterator state was saved by other "
         f"processes ({', '.join(saved)}); this is {mine[:-5]}. Resume with the same number "
@@ -216,9 +227,9 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     """Renames a broken step's folder to `<step>.unrestorable`, so this run can save the step."""
-    src = os.path.join(self.directory, str(step))
-    if jax.process_index() == 0 and os.path.isdir(src):
-      os.rename(src, src + UNRESTORABLE)
+    src = f"{self.directory}/{step}"
+    if jax.process_index() == 0 and epath.Path(src).is_dir():
+      epath.Path(src).rename(src + UNRESTORABLE)
       logging.warning("the unrestorable checkpoint %s is kept as %s", src, src + UNRESTORABLE)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
@@ -235,7 +246,7 @@ class Checkpointer:
 
   def _save_error(self, error: Exception) -> CheckpointSaveError:
     self.failed = True
-    step, step_dir = self.pending, os.path.join(self.directory, str(self.pending))
+    step, step_dir = self.pending, f"{self.directory}/{self.pending}"
     _, cause = _describe(error, step_dir)
     self.manager.reload()  # the steps on disk: a failed save has none
     good = [s for s in self.manager.all_steps() if s != step]
@@ -295,26 +306,25 @@ def _describe(error: BaseException, step_dir: str) -> tuple[str | None, str]:
   return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
-def _bad_json(step_dir: str) -> tuple[str, str] | None:
+def _bad_json(step_dir: epath.Path) -> tuple[str, str] | None:
   """(path, why) of the first metadata file under `step_dir` that does not parse as JSON:
   array data (`d/`, `ocdbt.*/`, manifests) and text markers are skipped, and so is any file
   that does not start as JSON does (a JSON file cut short still starts with `{`)."""
-  for root, dirs, files in os.walk(step_dir):
+  for root, dirs, files in epath.Path(step_dir).walk():
     dirs[:] = sorted(d for d in dirs if d != "d" and not d.startswith("ocdbt."))
     for name in sorted(files):
-      path = os.path.join(root, name)
-      if name.startswith("manifest") or name.endswith(".txt") or os.path.getsize(path) > 2**26:
+      path = root / name
+      if name.startswith("manifest") or name.endswith(".txt") or path.stat().length > 2**26:
         continue
-      with open(path, "rb") as f:
-        text = f.read()
+      text = path.read_bytes()
       if text[:1] not in (b"", b"{", b"["):
         continue
       try:
         json.loads(text)
       except json.JSONDecodeError as e:
-        return path, f"invalid JSON ({e.msg})"
+        return str(path), f"invalid JSON ({e.msg})"
       except (ValueError, UnicodeDecodeError) as e:
-        return path, f"invalid JSON ({e})"
+        return str(path), f"invalid JSON ({e})"
   return None
 
 
@@ -325,7 +335,7 @@ class ParamsWriter:
   once; `finish` makes the checkpoint whole."""
 
   def __init__(self, workdir: str, step: int = 0):
-    self.path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+    self.path = str(absolute(workdir) / "checkpoints" / str(step))
 
   def add(self, params: dict) -> None:
     """Saves these params (a nested dict, disjoint from what was added before)."""
@@ -333,22 +343,22 @@ class ParamsWriter:
 
   def finish(self) -> str:
     partial.finalize(self.path)
-    return os.path.join(self.path, "state")
+    return f"{self.path}/state"
 
 
 def _step_dir(path: str) -> str:
   """The latest step dir under a workdir or checkpoints dir, or `path` itself."""
-  path = os.path.abspath(path)
-  for candidate in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(candidate):
+  path = absolute(path)
+  for candidate in (path / "checkpoints", path):
+    if candidate.is_dir():
       steps = ocp.utils.checkpoint_steps(candidate)
       if steps:
-        return os.path.join(candidate, str(max(steps)))
-  if not os.path.isdir(os.path.join(path, "state")):
+        return str(candidate / str(max(steps)))
+  if not (path / "state").is_dir():
     raise ValueError(
-      f"init_from={path!r}: no checkpoint found (expected <dir>/checkpoints/<step>/state)"
+      f"init_from={str(path)!r}: no checkpoint found (expected <dir>/checkpoints/<step>/state)"
     )
-  return path
+  return str(path)
 
 
 def _has_ema(saved_state) -> bool:
@@ -384,7 +394,7 @@ def restore_params(path: str, abstract_params):
   """Params from another run's checkpoint (a workdir, its checkpoints dir, or a step dir);
   the model must be the same."""
   step_dir = _step_dir(path)
-  state_dir = os.path.join(step_dir, "state")
+  state_dir = f"{step_dir}/state"
   key, saved = _saved_weights(state_dir)
   check_same_shapes(saved, abstract_params, step_dir)
   return _restore_subset(state_dir, key, abstract_params)
@@ -399,7 +409,7 @@ def restore_matching_params(path: str, fresh_params) -> tuple[dict, list[str], l
   checkpoint parameters this model lacks (the old head) are left unused.
   """
   step_dir = _step_dir(path)
-  state_dir = os.path.join(step_dir, "state")
+  state_dir = f"{step_dir}/state"
   key, saved_tree = _saved_weights(state_dir)
   saved = {
     jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved_tree)[0]

@@ -16,20 +16,25 @@ console: orbax's error records (a traceback per background thread) and what its 
 async work raises after a failure (unraisable errors in orbax's coroutines, "Event loop is
 closed" from TensorStore's callbacks) go to the log file, its never-awaited writes' warnings
 at exit are dropped, and a log file that cannot be written (its disk is full) drops records
-quietly.
+quietly. A workdir in a bucket (gs://...) gets its log.txt written whole when the command
+exits (objects cannot be appended to); until then the records are in a local copy under
+`<temp dir>/fourfold/bucket/` (where a killed command's records stay).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 import tempfile
 import traceback
 import warnings
+import weakref
 
 from absl import flags
 from absl import logging as absl_logging
+from etils import epath
 
 LOG_NAME = "log.txt"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -46,7 +51,7 @@ def setup(workdir: str | None) -> str | None:
   if f["logtostderr"]:
     return configure(None, verbose=True)
   if workdir:
-    path = os.path.join(workdir, LOG_NAME)
+    path = str(epath.Path(workdir) / LOG_NAME)
   else:
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     path = os.path.join(tempfile.gettempdir(), "fourfold", f"{program}.{LOG_NAME}")
@@ -83,7 +88,8 @@ def configure(path: str | None, verbose: bool, stream=None) -> str | None:
     console.addFilter(shown_on_console)
   handlers = [console]
   if path:
-    handlers.append(_LazyFile(path, encoding="utf-8", delay=True))
+    file = _BucketLog(path) if "://" in path else _LazyFile(path, encoding="utf-8", delay=True)
+    handlers.append(file)
   for handler in handlers:
     handler.fourfold = True
     handler.setFormatter(formatter)
@@ -116,6 +122,54 @@ class _LazyFile(logging.FileHandler):
     console still shows what matters, without a traceback per record."""
     if not isinstance(sys.exc_info()[1], OSError):
       super().handleError(record)
+
+
+class _BucketLog(_LazyFile):
+  """A log file in a bucket, whose objects cannot be appended to: this command's records go to
+  a local copy, added to the bucket's log at exit (before the storage client closes its
+  session, so from an atexit hook of its own) or when the handler is replaced. The storage
+  client logs from its own thread while it writes: those records are dropped, not waited for
+  (the handler's lock is held)."""
+
+  def __init__(self, url: str):
+    self.url, self._busy, self._earlier = epath.Path(url), False, None
+    local = os.path.join(tempfile.gettempdir(), "fourfold", "bucket", url.replace("://", "/", 1))
+    super().__init__(local, mode="w", encoding="utf-8", delay=True)
+    # gcsfs closes its session in a weakref.finalize; atexit runs the last registered first:
+    # the finalizers' exit hook is registered (by this first finalize), then the upload
+    weakref.finalize(self, lambda: None)
+    atexit.register(self._at_exit)
+    self._exited = False
+
+  def handle(self, record):
+    return False if self._busy else super().handle(record)
+
+  def upload(self) -> None:
+    """Writes the bucket's log as it was before this command, then this command's records."""
+    if self.stream is None:
+      return
+    self.acquire()
+    self._busy = True
+    try:
+      self.flush()
+      if self._earlier is None:
+        self._earlier = self.url.read_bytes() if self.url.exists() else b""
+      self.url.write_bytes(self._earlier + epath.Path(self.baseFilename).read_bytes())
+    except Exception as e:  # at exit: say so, keep the local copy
+      print(f"log file {self.url} not written ({e}); it is in {self.baseFilename}", file=sys.stderr)
+    finally:
+      self._busy = False
+      self.release()
+
+  def _at_exit(self) -> None:
+    self.upload()
+    self._exited = True  # logging's own shutdown comes after the storage client closed
+
+  def close(self):
+    if not self._exited:
+      self.upload()
+    atexit.unregister(self._at_exit)
+    super().close()
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:

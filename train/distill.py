@@ -19,15 +19,16 @@ s = teacher layers // student layers (DistilBERT's every other layer when s = 2)
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from configs import base
+from train.checkpoint import absolute
 
 INITS = ("none", "every_other")  # task.distill_init
 STACKS = ("", "encoder_", "decoder_")  # layer-name prefixes of a stack (run_stack's `prefix`)
@@ -35,13 +36,14 @@ STACKS = ("", "encoder_", "decoder_")  # layer-name prefixes of a stack (run_sta
 
 def run_config(path: str) -> ml_collections.ConfigDict:
   """The config of the run at `path` (its workdir, or a step dir under its checkpoints)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  for where in (path, os.path.dirname(os.path.dirname(path))):
-    file = os.path.join(where, "config.json")
-    if os.path.exists(file):
-      with open(file) as f:
-        return base.from_saved(json.load(f))
-  raise ValueError(f"task.teacher={path!r}: no config.json; is it a fourfold training workdir?")
+  path = absolute(epath.Path(path).expanduser())
+  for where in (path, path.parent.parent):
+    file = where / "config.json"
+    if file.exists():
+      return base.from_saved(json.loads(file.read_text()))
+  raise ValueError(
+    f"task.teacher={str(path)!r}: no config.json; is it a fourfold training workdir?"
+  )
 
 
 # ---- the terms, per position

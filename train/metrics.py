@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 
 class MetricsWriter:
@@ -18,20 +18,28 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._text = None  # in a bucket: the object's text, rewritten whole at each write
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
 
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if "://" not in str(self.path):
+      with self.path.open("a") as f:
+        f.write(line)
+    else:  # an object cannot be appended to; one write, so a kill leaves the old or the new
+      if self._text is None:
+        self._text = self.path.read_text() if self.path.exists() else ""
+      self._text += line
+      self.path.write_text(self._text)
     for k, v in record.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
@@ -43,11 +51,10 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, seconds: float = 1.0) -> float:
@@ -146,7 +153,8 @@ def plot_loss(workdir: str) -> str | None:
     ax.set_xlabel("step")
     ax.legend()
     ax.grid(alpha=0.3)
-  path = os.path.join(workdir, "loss.png")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  path = epath.Path(workdir) / "loss.png"
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
-  return path
+  return str(path)

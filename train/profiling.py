@@ -5,16 +5,17 @@
 step inside a `jax.profiler.StepTraceAnnotation("train", step_num=step)`, the marker the
 profile plugin's step views (overview, step-time graph) group device work by. The trace
 starts once the earlier steps' work is done and stops once the last traced step's outputs
-are ready, so it holds exactly the window's device work.
+are ready, so it holds exactly the window's device work. A logdir in a bucket (gs://...) gets
+the trace written locally first and then copied up whole.
 `traced_steps(path)` reads a trace back: the step numbers it holds, and the times.
 """
 
 from __future__ import annotations
 
-import glob
-import os
+import tempfile
 
 import jax
+from etils import epath
 
 STEP_EVENT = "train"  # the StepTraceAnnotation name around each traced step
 
@@ -27,12 +28,14 @@ class StepProfiler:
     self.logdir, self.first, self.last = logdir, first, first + count - 1
     self.active = False
     self.path: str | None = None  # the trace's folder, once written
+    # the profiler writes local files: a bucket's trace goes to a local folder, then up
+    self._local = tempfile.mkdtemp(prefix="fourfold_profile_") if "://" in logdir else logdir
     self._annotation = None
 
   def begin(self, step: int, state) -> None:
     if step == self.first and self.last >= self.first:
       jax.block_until_ready(state)  # earlier steps' device work stays out of the trace
-      jax.profiler.start_trace(self.logdir)
+      jax.profiler.start_trace(self._local)
       self.active = True
     if self.active:
       self._annotation = jax.profiler.StepTraceAnnotation(STEP_EVENT, step_num=step)
@@ -52,20 +55,34 @@ class StepProfiler:
       return
     jax.profiler.stop_trace()
     self.active = False
-    runs = sorted(glob.glob(os.path.join(self.logdir, "plugins", "profile", "*")))
-    self.path = runs[-1] if runs else None
+    runs = sorted((epath.Path(self._local) / "plugins" / "profile").glob("*"))
+    self.path = str(runs[-1]) if runs else None
+    if self.path and self._local != self.logdir:
+      target = epath.Path(self.logdir) / "plugins" / "profile" / runs[-1].name
+      for root, _, files in runs[-1].walk():
+        for name in files:
+          dst = target / (root / name).relative_to(runs[-1])
+          dst.parent.mkdir(parents=True, exist_ok=True)
+          dst.write_bytes((root / name).read_bytes())
+      self.path = str(target)
 
 
 def traced_steps(path: str) -> dict[int, float]:
   """{step: its wall time in ms} of the StepTraceAnnotations in a trace (an `.xplane.pb`, or
   a folder holding one), read with `jax.profiler.ProfileData`."""
-  if os.path.isdir(path):
-    found = sorted(glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True))
+  if epath.Path(path).is_dir():
+    found = sorted(
+      root / name
+      for root, _, files in epath.Path(path).walk()
+      for name in files
+      if name.endswith(".xplane.pb")
+    )
     if not found:
       raise ValueError(f"{path}: no .xplane.pb trace in it")
     path = found[-1]
   steps = {}
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
+  data = jax.profiler.ProfileData.from_serialized_xspace(epath.Path(path).read_bytes())
+  for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
         if event.name == STEP_EVENT:

@@ -9,7 +9,6 @@ eval, checkpoint, preemption) -> finish (checkpoint, samples, plot).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from configs import base
@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   init_distributed(config)
   validate_run(config, workdir, jax.device_count())
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   tokenizer = make_tokenizer(config.data.tokenizer)
@@ -249,8 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     else:
       start = 0
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     held = sharding.bytes_per_device(state)
     total = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -291,7 +290,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   preempted = []
   previous = None if multi else signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   last: dict[str, float] = {}
-  profiler = StepProfiler(os.path.join(workdir, "tensorboard"), t.profile_start, t.profile_steps)
+  profiler = StepProfiler(
+    str(epath.Path(workdir) / "tensorboard"), t.profile_start, t.profile_steps
+  )
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       t_log, step_log = time.perf_counter(), start
@@ -385,11 +386,10 @@ def load_for_inference(workdir: str):
   """(config, model, params, tokenizer) from a workdir's config.json and latest checkpoint.
   A LoRA run's checkpoint holds its adapters: the base comes from where the run started
   (its `init_from`, else its seeded init), and the params returned hold both."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise ValueError(f"--workdir={workdir!r}: no config.json; is it a fourfold training workdir?")
-  with open(path) as f:
-    config = saved_config(json.load(f))
+  config = saved_config(json.loads(path.read_text()))
   tokenizer = make_tokenizer(config.data.tokenizer)
   model, _ = families.resolve(config).build(config, tokenizer)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config)

@@ -11,6 +11,7 @@ import re
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from configs import base
 from modeling import diffusion, lora
@@ -34,6 +35,7 @@ from modeling.vocab import FOURFOLD
 from train import distill, families, objectives, preference, sharding
 from train.data import chat, make_tokenizer, prepared, seq2seq, validate_source
 from train.data.pipeline import check_shards
+from train.data.sources import tfds_builder, tfds_dataset
 from train.optim import SCHEDULES
 
 # Each key's allowed values, defined once beside their implementation; configs/base.py's
@@ -656,11 +658,11 @@ def _validate_distill(config, wiring: families.Wiring, vocab_size: int) -> None:
 def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: int) -> None:
   """The checks that need the run's processes and devices (after `jax.distributed`): the
   workdir, the mesh against the devices, the batch against the processes."""
-  if "://" in workdir:
-    raise ValueError(
-      f"--workdir={workdir!r}: URLs are not supported; use a path. On several hosts, a "
-      "filesystem they all mount (NFS, Filestore, or a bucket mounted with gcsfuse)"
-    )
+  check_bucket("--workdir", workdir)
+  check_bucket("data.tfds_data_dir", config.data.tfds_data_dir)
+  dataset = tfds_dataset(config.data.name)
+  if "://" in config.data.tfds_data_dir and dataset:  # read from the bucket, prepared there
+    tfds_builder(dataset, config.data.tfds_data_dir, "data.name")
   shape = sharding.validate_mesh(config, num_devices)
   if config.model.attention_impl == "splash" and np.prod(shape) > 1:
     fail(
@@ -673,6 +675,29 @@ def validate_run(config: ml_collections.ConfigDict, workdir: str, num_devices: i
   for key in ("batch_size", "eval_batch_size"):
     if config.train[key] % n_proc:
       fail(f"train.{key}", config.train[key], f"must be divisible by the {n_proc} processes")
+
+
+def check_bucket(key: str, path: str) -> None:
+  """A path in a bucket (gs://...) is reachable: its filesystem installed (gcsfs for gs://),
+  the credentials accepted, the bucket there; else one line naming `key`. Local paths pass."""
+  if "://" not in path:
+    return
+  scheme, rest = path.split("://", 1)
+  bucket = epath.Path(f"{scheme}://{rest.split('/')[0]}")
+  try:
+    found = bucket.exists()
+  except ImportError as e:
+    fail(key, path, f"{scheme}:// paths need fsspec's filesystem for them: {e}")
+  except Exception as e:  # an authentication or permission error, from the storage client
+    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    fail(
+      key,
+      path,
+      f"the bucket {bucket} cannot be read ({cause[:200]}); give this machine credentials "
+      "with access to it (`gcloud auth application-default login`, or the VM's service account)",
+    )
+  if not found:
+    fail(key, path, f"the bucket {bucket} does not exist (or these credentials cannot see it)")
 
 
 def _validate_disentangled(config: ml_collections.ConfigDict, fam) -> None:

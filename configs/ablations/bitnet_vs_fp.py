@@ -18,7 +18,7 @@ against the parameter count.
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
 from configs import base, llama
 
@@ -78,8 +78,7 @@ def summarize(results: dict[str, dict], outdir: str) -> str:
     rows.append(f"| {size} | {fp['params']:,} | {a:.4f} | {b:.4f} | {b / a:.3f} |")
     points.append((fp["params"], b / a))
   table = "\n".join(rows)
-  with open(os.path.join(outdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  (epath.Path(outdir) / "results.md").write_text(table + "\n")  # local, or gs://
   if points:
     import matplotlib
 
@@ -93,6 +92,7 @@ def summarize(results: dict[str, dict], outdir: str) -> str:
     ax.set_xlabel("parameters")
     ax.set_ylabel("eval/loss, bitnet158 / full precision")
     ax.grid(alpha=0.3)
-    fig.savefig(os.path.join(outdir, "gap.png"), dpi=100, bbox_inches="tight")
+    with (epath.Path(outdir) / "gap.png").open("wb") as f:
+      fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
   return table

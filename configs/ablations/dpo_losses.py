@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
+
 from configs import base, gpt
 
 LOSSES = ("dpo", "cdpo", "ipo", "orpo", "simpo")
@@ -51,6 +53,5 @@ def summarize(results: dict[str, dict], outdir: str) -> str:
       f"| {arg} | " + " | ".join(f"{m.get(f'eval/{k}', float('nan')):.3f}" for k in keys) + " |"
     )
   table = "\n".join(rows)
-  with open(os.path.join(outdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  (epath.Path(outdir) / "results.md").write_text(table + "\n")  # local, or gs://
   return table

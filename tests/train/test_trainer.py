@@ -1,5 +1,6 @@
 """The training loop end to end on tiny presets: metrics, checkpoints, resume, failures."""
 
+import contextlib
 import glob
 import json
 import os
@@ -12,10 +13,13 @@ import time
 import matplotlib.colors
 import matplotlib.image
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from configs import gpt, llama
+from tests.gcs_standin import fake_gcs
 from tests.tiny_models import tiny_config
 from train import trainer
 from train.metrics import read_metrics
@@ -214,13 +218,13 @@ def _train_cmd(workdir, data_name, steps):
   ]
 
 
-def _wait_for_step(workdir, step, proc, timeout=240):
+def _wait_for_step(workdir, step, proc, timeout=240, poll=0.05):
   t0 = time.time()
   while time.time() - t0 < timeout:
     if max(losses(workdir), default=0) >= step:
       return
     assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.05)
+    time.sleep(poll)
   raise TimeoutError(f"step {step} not reached")
 
 
@@ -237,29 +241,41 @@ def straight_run(tmp_path_factory):
   return data, tmp_path / "run"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_killed_run_resumes_exactly(sig, straight_run, tmp_path):
-  """A run killed mid-training and restarted logs the same losses as an uninterrupted one."""
+@pytest.mark.parametrize(
+  "sig,where",
+  [(signal.SIGKILL, "bucket"), (signal.SIGTERM, "local")],
+  ids=["sigkill-bucket", "sigterm"],
+)
+def test_killed_run_resumes_exactly(sig, where, straight_run, tmp_path):
+  """A run killed mid-training and restarted logs the same losses as an uninterrupted one.
+  The SIGKILLed run's workdir is a bucket (gs://, the local GCS stand-in of
+  tests/gcs_standin.py: checkpoints through TensorStore's gcs driver, the rest through
+  gcsfs), compared with the local uninterrupted run."""
   (data, straight), steps, run = straight_run, KILL_STEPS, RUN
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen(_train_cmd(killed, data, steps), **run)
-  _wait_for_step(killed, 12, proc)
-  proc.send_signal(sig)
-  out = proc.communicate(timeout=120)[0]
-  first = max(losses(killed))
-  assert first < steps, "the kill landed after the run had finished"
-  saved = max(int(s) for s in os.listdir(killed / "checkpoints") if s.isdigit())
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, out
-    assert f"SIGTERM: saved a checkpoint at step {first}" in out
-    assert saved == first, "SIGTERM saves the current step, so the rerun resumes at the next one"
-  else:
-    assert proc.returncode == -signal.SIGKILL
-  resumed = subprocess.run(_train_cmd(killed, data, steps), check=True, timeout=300, **run)
-  first_logged = min(
-    int(json.loads(line)["step"]) for line in open(killed / "metrics.jsonl").readlines()[first:]
-  )
-  assert first_logged == saved + 1, resumed.stdout
-  a, b = losses(straight), losses(killed)
+  with contextlib.ExitStack() as stack:
+    killed = tmp_path / "killed"
+    if where == "bucket":
+      stack.enter_context(fake_gcs("fourfold-test"))
+      killed = "gs://fourfold-test/killed"
+    proc = subprocess.Popen(_train_cmd(killed, data, steps), **run)
+    _wait_for_step(killed, 12, proc, poll=0.5 if where == "bucket" else 0.05)  # 2 CPU cores
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    first = max(losses(killed))
+    assert first < steps, "the kill landed after the run had finished"
+    # the newest finished step (in a bucket, a step cut short by SIGKILL keeps its folder
+    # without orbax's commit_success.txt)
+    saved = max(ocp.utils.checkpoint_steps(epath.Path(killed) / "checkpoints"))
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, out
+      assert f"SIGTERM: saved a checkpoint at step {first}" in out
+      assert saved == first, "SIGTERM saves the current step, so the rerun resumes at the next one"
+    else:
+      assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(_train_cmd(killed, data, steps), check=True, timeout=300, **run)
+    lines = (epath.Path(killed) / "metrics.jsonl").read_text().splitlines()
+    first_logged = min(int(json.loads(line)["step"]) for line in lines[first:])
+    assert first_logged == saved + 1, resumed.stdout
+    a, b = losses(straight), losses(killed)
   assert sorted(b) == list(range(1, steps + 1))
   assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]

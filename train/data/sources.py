@@ -323,11 +323,7 @@ def tfds_split(
   back to "test" when the dataset has no validation split.
   """
   validate_source(name, key)  # registers builders that need importing (glue, conll2003)
-  builder = tfds.builder(name, data_dir=data_cfg.tfds_data_dir or None, file_format="array_record")
-  if not builder.is_prepared():
-    start = time.perf_counter()
-    builder.download_and_prepare(file_format="array_record")
-    logging.info("Prepared %s in %s in %.1f s", name, builder.data_dir, time.perf_counter() - start)
+  builder = tfds_builder(name, data_cfg.tfds_data_dir, key)
   available = list(builder.info.splits.keys())  # empty under tfds.testing.mock_data
   if split in ("validation", "all") and data_cfg.get("eval_split"):
     split = data_cfg.eval_split
@@ -352,6 +348,34 @@ def tfds_split(
         f"{config_key}={feature!r}: not a feature of {name!r}; allowed: {sorted(features.keys())}"
       )
   return builder.as_data_source(split=split)
+
+
+def tfds_builder(name: str, data_dir: str, key: str):
+  """The prepared TFDS builder of `name` in `data_dir` (empty: TFDS's default). A local dir
+  gets it prepared on first use (`download_and_prepare`); a bucket (gs://...) is only read:
+  a dataset missing there is an error saying how to prepare it, never a local download."""
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  if "://" in data_dir:
+    raise ValueError(
+      f"data.tfds_data_dir={data_dir!r}: {key}={name!r} is not prepared there (no "
+      f"{builder.data_dir}); a bucket is read, never prepared into. Prepare it once on a "
+      f"machine with the disk for it: `tfds build {name} --data_dir={data_dir} "
+      f"--file_format=array_record`, or in Python tfds.builder({name!r}, data_dir="
+      f"{data_dir!r}).download_and_prepare(file_format='array_record')"
+    )
+  start = time.perf_counter()
+  builder.download_and_prepare(file_format="array_record")
+  logging.info("Prepared %s in %s in %.1f s", name, builder.data_dir, time.perf_counter() - start)
+  return builder
+
+
+def tfds_dataset(name: str) -> str | None:
+  """The TFDS dataset a valid `data.name` reads (pystdlib: its builder), or None (files)."""
+  if name == "pystdlib":
+    return f"pystdlib/py{pystdlib.PY_VERSION}"
+  return name if _is_tfds_name(name.split(":", 1)[0].partition("/")[0]) else None
 
 
 def _tfds_documents(
