@@ -14,7 +14,9 @@ model is exported (eval/gguf_export.py) and measured:
   loss        nats per token of the GGUF model on --loss_tokens tokens of the run's
               validation text, teacher-forced through llama.cpp's logits (fourfold's own
               loss on the same windows is a row)
-  agreement   greedy tokens of llama.cpp identical to fourfold's from --prompt (prefix)
+  agreement   the share of those validation positions where llama.cpp's next-token argmax
+              is fourfold's, and greedy tokens of llama.cpp identical to fourfold's from
+              --prompt (the identical prefix)
 fourfold's own generation speed for the same workdir is a row: `eval.sample` run as a
 command (JAX on every core, greedy, --gen_tokens; the second sample, after compilation).
 The load average is recorded beside every speed (the machine may be shared).
@@ -100,6 +102,9 @@ def measure_workdir(workdir: str, gguf_dir: str) -> list[dict]:
   prompt = tokenizer.encode(FLAGS.prompt)
   n_agree = min(FLAGS.agree_tokens, n_ctx - prompt.size)
   ours = fourfold_greedy(model, params, prompt, n_agree) if n_agree > 0 else None
+  ours_loss = ours_pred = None
+  if windows is not None:
+    ours_loss, ours_pred = fourfold_loss(model, params, windows)
   params_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   rows = [
     {
@@ -108,7 +113,7 @@ def measure_workdir(workdir: str, gguf_dir: str) -> list[dict]:
       "parameters": params_count,
       "file_mib": None,
       "bits_per_weight": 32.0,
-      "loss": fourfold_loss(model, params, windows) if windows is not None else None,
+      "loss": ours_loss,
       "speeds": [fourfold_sample_speed(workdir)] if FLAGS.fourfold_speed else [],
     }
   ]
@@ -127,7 +132,9 @@ def measure_workdir(workdir: str, gguf_dir: str) -> list[dict]:
       "speeds": [speed(path, int(th)) for th in FLAGS.threads],
     }
     llm = open_gguf(path, n_ctx, logits_all=True, threads=max(map(int, FLAGS.threads)))
-    row["loss"] = llamacpp_loss(llm, windows) if windows is not None else None
+    if windows is not None:
+      row["loss"], pred = llamacpp_loss(llm, windows)
+      row["argmax_agree"] = float((pred == ours_pred).mean())
     if ours is not None:
       row["agree"] = agreement(ours, llamacpp_greedy(llm, prompt, n_agree))[1]
       row["agree_of"] = n_agree
@@ -145,7 +152,7 @@ def table(rows: list[dict], threads: list[int]) -> str:
   head = ["model", "type", "file MiB", "bits/weight", "peak RSS MiB (model)"]
   for th in threads:
     head += [f"pp tok/s ({th} thr)", f"tg tok/s ({th} thr)"]
-  head += ["load (1 min)", "eval loss", "greedy agreement"]
+  head += ["load (1 min)", "eval loss", "argmax = fourfold", "greedy agreement"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in rows:
     by_threads = {s.get("threads"): s for s in r["speeds"]}
@@ -164,6 +171,7 @@ def table(rows: list[dict], threads: list[int]) -> str:
       ]
     cells.append(", ".join(f"{s['load']:.1f}" for s in r["speeds"]))
     cells.append(fmt(r.get("loss"), ".4f"))
+    cells.append(fmt(r.get("argmax_agree"), ".2%"))
     cells.append(f"{r['agree']}/{r['agree_of']}" if "agree" in r else "")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -73,23 +73,27 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
   return logz - np.take_along_axis(z, targets[..., None], -1)[..., 0]
 
 
-def fourfold_loss(model, params, windows: np.ndarray) -> float:
-  """Mean next-token loss (nats) over the windows, each read from position 0."""
+def fourfold_loss(model, params, windows: np.ndarray) -> tuple[float, np.ndarray]:
+  """Mean next-token loss (nats) over the windows, each read from position 0, and the
+  argmax predictions [W, length - 1]."""
   apply = jax.jit(lambda p, x, pos: model.apply({"params": p}, x, pos, jax.numpy.ones_like(pos)))
-  losses = []
+  losses, preds = [], []
   for w in windows:
     pos = np.arange(w.size, dtype=np.int32)[None]
     logits, _ = apply(params, w[None], pos)
-    losses.append(nll(np.asarray(logits[0, :-1], np.float32), w[1:]))
-  return float(np.mean(losses))
+    logits = np.asarray(logits[0, :-1], np.float32)
+    losses.append(nll(logits, w[1:]))
+    preds.append(logits.argmax(-1))
+  return float(np.mean(losses)), np.stack(preds)
 
 
-def llamacpp_loss(llm, windows: np.ndarray) -> float:
+def llamacpp_loss(llm, windows: np.ndarray) -> tuple[float, np.ndarray]:
   """The same through llama.cpp's logits (the model opened with logits_all)."""
-  losses = []
+  losses, preds = [], []
   for w in windows:
     llm.reset()
     llm.eval(w.tolist())
     logits = np.asarray(llm.scores[: w.size - 1], np.float32)
     losses.append(nll(logits, w[1:]))
-  return float(np.mean(losses))
+    preds.append(logits.argmax(-1))
+  return float(np.mean(losses)), np.stack(preds)

@@ -12,7 +12,8 @@ tokenization of the prompt is checked too):
   2. teacher-forced next-token argmax along fourfold's greedy sequence: the share of
      positions where both pick the same token, and the largest logit difference;
   3. the loss (nats per token) of both on --loss_tokens tokens of the run's validation
-     text, teacher-forced in windows of the model's context.
+     text, teacher-forced in windows of the model's context, and how often their
+     next-token argmax agrees there.
 Numbers differ a little by design. BitNet: llama.cpp quantizes activations to 8 bits per
 block of 256 values (Q8_K) and accumulates in integers; fourfold quantizes per token and
 accumulates in float32. Float models: llama.cpp sums in its own order (and F16 / Q8_0 /
@@ -84,10 +85,12 @@ def main(argv):
   )
   if FLAGS.loss_tokens:
     windows = validation_windows(config, tokenizer, FLAGS.loss_tokens, model.cfg.max_len)
+    ours_loss, ours_pred = fourfold_loss(model, params, windows)
+    theirs_loss, theirs_pred = llamacpp_loss(llm, windows)
     print(
-      f"validation loss, {windows.size} tokens in {len(windows)} windows of {windows.shape[1]}: "
-      f"fourfold {fourfold_loss(model, params, windows):.4f}, "
-      f"llama.cpp {llamacpp_loss(llm, windows):.4f} nats/token"
+      f"validation text, {windows.size} tokens in {len(windows)} windows of {windows.shape[1]}: "
+      f"loss fourfold {ours_loss:.4f}, llama.cpp {theirs_loss:.4f} nats/token; next-token "
+      f"argmax equal at {int((ours_pred == theirs_pred).sum())}/{ours_pred.size} positions"
     )
 
 
