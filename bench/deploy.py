@@ -22,7 +22,8 @@ fourfold's own generation speed for the same workdir is a row: `eval.sample` run
 command (JAX on every core, greedy, --gen_tokens; the second sample, after compilation).
 The load average is recorded beside every speed (the highest over the repeats; the machine
 may be shared).
-Writes <output>.md (the table) and <output>.png (speed and loss against file size).
+Writes <output>.json (the measurements), <output>.md (the table) and <output>.png (speed and
+loss against file size); `--from_json=<output>.json --output=...` renders them again.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ flags.DEFINE_integer("loss_tokens", 4096, "validation tokens for the loss; 0: sk
 flags.DEFINE_integer("agree_tokens", 64, "greedy tokens compared with fourfold; 0: skip it")
 flags.DEFINE_string("prompt", "ROMEO:", "the agreement and eval.sample prompt")
 flags.DEFINE_bool("fourfold_speed", True, "time eval.sample on the workdir too")
+flags.DEFINE_string("from_json", "", "re-render the table and plot of a finished run's .json")
 FLAGS = flags.FLAGS
 
 BITNET_TYPES = ("TQ1_0", "TQ2_0", "F16", "Q8_0", "Q4_0")
@@ -160,14 +162,18 @@ def fmt(x, spec: str = ".2f", none: str = "") -> str:
 
 
 def table(rows: list[dict], threads: list[int]) -> str:
-  head = ["model", "type", "file MiB", "bits/weight", "peak RSS MiB (model)"]
+  head = ["model", "type", "file MiB", "bits/weight (matrices)", "file bits/param"]
+  head += ["peak RSS MiB (model)"]
   for th in threads:
     head += [f"pp tok/s ({th} thr)", f"tg tok/s ({th} thr)"]
   head += ["load (1 min)", "eval loss", "argmax = fourfold", "greedy agreement"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in rows:
     by_threads = {s.get("threads"): s for s in r["speeds"]}
-    cells = [r["model"], r["type"], fmt(r["file_mib"], ".1f"), fmt(r["bits_per_weight"], ".3f")]
+    cells = [r["model"], r["type"], fmt(r["file_mib"], ".1f")]
+    cells.append(fmt(r.get("matrix_bits_per_weight", r["bits_per_weight"]), ".3f"))
+    file_bits = None if r["file_mib"] is None else 8 * r["file_mib"] * 2**20 / r["parameters"]
+    cells.append(fmt(file_bits, ".3f"))
     s0 = r["speeds"][0] if r["speeds"] else None
     mem = None if s0 is None or "peak_rss_mib" not in s0 else s0["peak_rss_mib"]
     base = None if mem is None else s0["baseline_rss_mib"]
@@ -222,15 +228,22 @@ def plot(rows: list[dict], path: str, threads: list[int]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not FLAGS.output:
-    raise app.UsageError("--workdir (one or more) and --output are required")
-  console.setup(FLAGS.workdir[0])
-  gguf_dir = FLAGS.gguf_dir or os.path.dirname(os.path.abspath(FLAGS.output))
-  os.makedirs(gguf_dir, exist_ok=True)
   threads = [int(t) for t in FLAGS.threads]
-  rows = [r for w in FLAGS.workdir for r in measure_workdir(w, gguf_dir)]
-  with open(FLAGS.output + ".json", "w") as f:
-    json.dump(rows, f, indent=1)
+  if FLAGS.from_json:
+    with open(FLAGS.from_json) as f:
+      rows = json.load(f)
+  else:
+    if not FLAGS.workdir or not FLAGS.output:
+      raise app.UsageError("--workdir (one or more) and --output are required")
+    console.setup(FLAGS.workdir[0])
+    gguf_dir = FLAGS.gguf_dir or os.path.dirname(os.path.abspath(FLAGS.output))
+    os.makedirs(gguf_dir, exist_ok=True)
+    rows = []
+    for w in FLAGS.workdir:
+      for row in measure_workdir(w, gguf_dir):
+        rows.append(row)
+        with open(FLAGS.output + ".json", "w") as f:  # after each workdir: a cut run keeps those done
+          json.dump(rows, f, indent=1)
   with open(FLAGS.output + ".md", "w") as f:
     f.write(table(rows, threads))
   plot(rows, FLAGS.output + ".png", threads)
