@@ -23,7 +23,8 @@ command (JAX on every core, greedy, --gen_tokens; the second sample, after compi
 The load average is recorded beside every speed (the highest over the repeats; the machine
 may be shared).
 Writes <output>.json (the measurements), <output>.md (the table) and <output>.png (speed and
-loss against file size); `--from_json=<output>.json --output=...` renders them again.
+loss against file size); `--from_json=<output>.json --output=...` renders them again, and
+with `--respeed` first times the GGUF files again, back to back (when the load is lower).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ flags.DEFINE_integer("agree_tokens", 64, "greedy tokens compared with fourfold; 
 flags.DEFINE_string("prompt", "ROMEO:", "the agreement and eval.sample prompt")
 flags.DEFINE_bool("fourfold_speed", True, "time eval.sample on the workdir too")
 flags.DEFINE_string("from_json", "", "re-render the table and plot of a finished run's .json")
+flags.DEFINE_bool(
+  "respeed", False, "with --from_json: time the GGUF files in --gguf_dir again, back to back"
+)
 FLAGS = flags.FLAGS
 
 BITNET_TYPES = ("TQ1_0", "TQ2_0", "F16", "Q8_0", "Q4_0")
@@ -232,6 +236,15 @@ def main(argv):
   if FLAGS.from_json:
     with open(FLAGS.from_json) as f:
       rows = json.load(f)
+    gguf_dir = FLAGS.gguf_dir or os.path.dirname(os.path.abspath(FLAGS.from_json))
+    for row in rows if FLAGS.respeed else []:
+      if row["file_mib"] is not None:
+        path = os.path.join(gguf_dir, f"{row['model']}.{row['type']}.gguf")
+        row["speeds"] = [speed(path, th) for th in threads]
+        print(json.dumps(row), flush=True)
+    if FLAGS.respeed:
+      with open(FLAGS.output + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
   else:
     if not FLAGS.workdir or not FLAGS.output:
       raise app.UsageError("--workdir (one or more) and --output are required")
@@ -242,7 +255,9 @@ def main(argv):
     for w in FLAGS.workdir:
       for row in measure_workdir(w, gguf_dir):
         rows.append(row)
-        with open(FLAGS.output + ".json", "w") as f:  # after each workdir: a cut run keeps those done
+        with open(
+          FLAGS.output + ".json", "w"
+        ) as f:  # after each workdir: a cut run keeps those done
           json.dump(rows, f, indent=1)
   with open(FLAGS.output + ".md", "w") as f:
     f.write(table(rows, threads))
