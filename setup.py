@@ -35,7 +35,7 @@ setup(
     # what TFDS's own builders need to download and prepare a dataset once (most read their
     # download with tf.io.gfile): tiny_shakespeare, glue, conll2003, lm1b, ...
     "prepare": ["tensorflow-cpu", "importlib_resources"],
-    # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement
+    # llama.cpp's Python binding (compiles llama.cpp), for bench.llamacpp_agreement and bench.deploy
     "llamacpp": ["llama-cpp-python>=0.3.36"],
     # EleutherAI's lm-evaluation-harness (no torch), for `lm_eval --model fourfold` (eval/harness.py)
     "harness": ["lm_eval>=0.4.13,<0.5"],

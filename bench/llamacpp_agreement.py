@@ -1,17 +1,23 @@
-"""Does llama.cpp run the exported BitNet model as fourfold does? Greedy tokens and logits.
+"""Does llama.cpp run the exported model as fourfold does? Greedy tokens, logits and loss.
 
 pip install -e '.[llamacpp]'   # llama-cpp-python, which compiles llama.cpp
 python -m bench.llamacpp_agreement --workdir=runs/bitnet --prompt="ROMEO:" --num_tokens=100
+python -m bench.llamacpp_agreement --workdir=runs/llama --gguf_type=Q4_0
 
-Exports the workdir to GGUF (eval/gguf_export.py), loads it with llama-cpp-python, and
-compares, from the same token ids (fourfold's byte tokenizer; llama.cpp's tokenization of
-the prompt is checked too):
+Exports the workdir to GGUF (eval/gguf_export.py: a BitNet run as llama.cpp's bitnet
+architecture, a float Llama / GPT preset as its llama / gpt2), loads it with
+llama-cpp-python, and compares, from the same token ids (fourfold's tokenizer; llama.cpp's
+tokenization of the prompt is checked too):
   1. greedy continuations: how many of the first --num_tokens agree, and where they split;
   2. teacher-forced next-token argmax along fourfold's greedy sequence: the share of
-     positions where both pick the same token, and the largest logit difference.
-Numbers differ a little by design: llama.cpp quantizes activations to 8 bits per block of
-256 values (Q8_K) and accumulates in integers; fourfold quantizes per token (here one block
-when the width is 256) and accumulates in float32.
+     positions where both pick the same token, and the largest logit difference;
+  3. the loss (nats per token) of both on --loss_tokens tokens of the run's validation
+     text, teacher-forced in windows of the model's context, and how often their
+     next-token argmax agrees there.
+Numbers differ a little by design. BitNet: llama.cpp quantizes activations to 8 bits per
+block of 256 values (Q8_K) and accumulates in integers; fourfold quantizes per token and
+accumulates in float32. Float models: llama.cpp sums in its own order (and F16 / Q8_0 /
+Q4_0 round the weights; Q8_0 and Q4_0 also round the activations to 8 bits per block of 32).
 """
 
 from __future__ import annotations
@@ -19,18 +25,27 @@ from __future__ import annotations
 import os
 import tempfile
 
-import jax
 import numpy as np
 from absl import app, flags
 
-from eval.gguf_export import write_gguf
-from modeling import decoding
+from bench.llamacpp import (
+  agreement,
+  fourfold_greedy,
+  fourfold_loss,
+  llamacpp_greedy,
+  llamacpp_loss,
+  open_gguf,
+  validation_windows,
+)
+from eval.gguf_export import GGUF_TYPES, write_gguf
 from train import console
 from train.trainer import load_for_inference
 
-flags.DEFINE_string("workdir", None, "a BitNet run (configs/bitnet.py)", required=True)
+flags.DEFINE_string("workdir", None, "a decoder run (BitNet, Llama or GPT preset)")
 flags.DEFINE_string("prompt", "ROMEO:", "the prompt both continue")
 flags.DEFINE_integer("num_tokens", 100, "greedy tokens to compare")
+flags.DEFINE_enum("gguf_type", "", ["", *GGUF_TYPES], "empty: TQ2_0 for BitNet, F16 otherwise")
+flags.DEFINE_integer("loss_tokens", 4096, "validation tokens for the loss; 0: skip it")
 flags.DEFINE_string("gguf", "", "where to write the GGUF; empty: a temporary file")
 FLAGS = flags.FLAGS
 
@@ -38,28 +53,19 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   console.setup(FLAGS.workdir)
-  from llama_cpp import Llama  # optional dependency: pip install -e '.[llamacpp]'
-
   config, model, params, tokenizer = load_for_inference(FLAGS.workdir)
   path = FLAGS.gguf or os.path.join(tempfile.mkdtemp(), "model.gguf")
-  write_gguf(FLAGS.workdir, path)
+  out = write_gguf(FLAGS.workdir, path, FLAGS.gguf_type)
+  print(f"{path}: {out['file_bytes'] / 2**20:.3f} MiB, {out['bits_per_weight']:.4f} bits/weight")
   prompt = tokenizer.encode(FLAGS.prompt)
   n = min(FLAGS.num_tokens, model.cfg.max_len - prompt.size)
-  ours = decoding.generate(
-    model, params, prompt[None], n, jax.random.PRNGKey(0), temperature=0.0, eos_id=-1
-  )[0]
-  llm = Llama(model_path=path, n_ctx=model.cfg.max_len, logits_all=True, verbose=False)
+  ours = fourfold_greedy(model, params, prompt, n)
+  llm = open_gguf(path, model.cfg.max_len)
   theirs_prompt = llm.tokenize(FLAGS.prompt.encode(), add_bos=False, special=False)
   print(f"prompt tokens equal: {list(theirs_prompt) == prompt.tolist()} ({prompt.size} tokens)")
-  theirs = []
-  for tok in llm.generate(prompt.tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-    theirs.append(tok)
-    if len(theirs) == n:
-      break
-  theirs = np.asarray(theirs)
-  same = ours == theirs
-  split = int(np.argmin(same)) if not same.all() else n
-  print(f"greedy: {int(same.sum())}/{n} tokens equal; identical prefix {split} tokens")
+  theirs = llamacpp_greedy(llm, prompt, n)
+  equal, split = agreement(ours, theirs)
+  print(f"greedy: {equal}/{n} tokens equal; identical prefix {split} tokens")
   print(f"fourfold : {FLAGS.prompt + tokenizer.decode(ours)!r}")
   print(f"llama.cpp: {FLAGS.prompt + tokenizer.decode(theirs)!r}")
 
@@ -77,7 +83,17 @@ def main(argv):
     f"teacher-forced argmax: {int(agree.sum())}/{seq.size} positions agree; logits max abs "
     f"diff {diff.max():.4f}, mean {diff.mean():.5f} (logit std {ours_logits.std():.3f})"
   )
+  if FLAGS.loss_tokens:
+    windows = validation_windows(config, tokenizer, FLAGS.loss_tokens, model.cfg.max_len)
+    ours_loss, ours_pred = fourfold_loss(model, params, windows)
+    theirs_loss, theirs_pred = llamacpp_loss(llm, windows)
+    print(
+      f"validation text, {windows.size} tokens in {len(windows)} windows of {windows.shape[1]}: "
+      f"loss fourfold {ours_loss:.4f}, llama.cpp {theirs_loss:.4f} nats/token; next-token "
+      f"argmax equal at {int((ours_pred == theirs_pred).sum())}/{ours_pred.size} positions"
+    )
 
 
 if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
   app.run(main)

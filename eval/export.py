@@ -1,5 +1,5 @@
-"""Export a checkpoint: a Hugging Face model folder, or (BitNet) the project's packed
-format or GGUF for llama.cpp; a LoRA run merged into its base, or its adapters for PEFT.
+"""Export a checkpoint: a Hugging Face model folder, GGUF for llama.cpp, or (BitNet) the
+project's packed format; a LoRA run merged into its base, or its adapters for PEFT.
 
 python -m eval.export --workdir=runs/x --format=hf --output=runs/x/hf  (docs/huggingface.md)
 
@@ -10,10 +10,14 @@ python -m eval.export --workdir=runs/lora --format=peft --output=runs/lora/peft
 python -m eval.export --workdir=runs/bitnet --format=packed --output=runs/bitnet/model.packed.npz [--base3]
 python -m eval.sample --packed=runs/bitnet/model.packed.npz --prompt="ROMEO:" --temperature=0
 python -m eval.export --workdir=runs/bitnet --format=gguf --output=runs/bitnet/model.gguf [--gguf_type=TQ1_0]
+python -m eval.export --workdir=runs/llama --format=gguf --output=runs/llama/model.gguf --gguf_type=Q8_0
 
 The formats are described in eval/packed.py and eval/gguf_export.py. The command prints the
 sizes it measured: packed, the quantized weights against the same weights in float32 and
-bfloat16; GGUF, the bits per ternary weight read back from the file with `gguf`'s reader.
+bfloat16; GGUF, the bits per matrix weight read back from the file with `gguf`'s reader.
+GGUF writes BitNet runs as llama.cpp's bitnet architecture (TQ2_0, TQ1_0, or their ternary
+values in F32 / F16 / Q8_0 / Q4_0) and float decoders as its llama or gpt2 architecture
+(F32, F16, Q8_0, Q4_0); docs/deploy.md.
 """
 
 import os
@@ -23,7 +27,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from eval.gguf_export import read_tensors, write_gguf
+from eval.gguf_export import GGUF_TYPES, read_tensors, write_gguf
 from eval.hf_io import export_hf
 from eval.lora_export import check_request, export_peft, write_merged_workdir
 from eval.packed import write_packed
@@ -34,7 +38,7 @@ flags.DEFINE_enum(
   "format",
   "packed",
   ["packed", "gguf", "hf", "peft", "workdir"],
-  "packed: the project's own format (BitNet); gguf: llama.cpp (BitNet); hf: a Hugging Face "
+  "packed: the project's own format (BitNet); gguf: llama.cpp (decoders); hf: a Hugging Face "
   "model folder (config.json, model.safetensors, tokenizer); peft: a LoRA run's adapters "
   "(adapter_config.json, adapter_model.safetensors); workdir (with --merge_lora): the merged "
   "model as a fourfold workdir",
@@ -49,7 +53,12 @@ flags.DEFINE_string(
   "",
   "peft: base_model_name_or_path (default: the init_from import's _name_or_path, if recorded)",
 )
-flags.DEFINE_enum("gguf_type", "TQ2_0", ["TQ2_0", "TQ1_0"], "gguf: the ternary tensor type")
+flags.DEFINE_enum(
+  "gguf_type",
+  "",
+  ["", *GGUF_TYPES],
+  "gguf: the matrices' tensor type; empty: TQ2_0 for BitNet, F16 for a float model",
+)
 flags.DEFINE_string("output", None, "the file to write (hf, peft, workdir: the folder)")
 flags.DEFINE_bool(
   "base3", False, "packed: five ternary weights per byte (1.6 bits) instead of four"
@@ -123,17 +132,22 @@ def export(workdir: str) -> None:
     )
     return
   if FLAGS.format == "gguf":
-    write_gguf(workdir, FLAGS.output, FLAGS.gguf_type)
+    out = write_gguf(workdir, FLAGS.output, FLAGS.gguf_type)
     tensors = read_tensors(FLAGS.output)
-    ternary = [v for v in tensors.values() if v[0].startswith("TQ")]
-    n = sum(int(np.prod(shape)) for _, shape, _ in ternary)
-    size = sum(b for _, _, b in ternary)
-    print(f"wrote {FLAGS.output}: {mib(os.path.getsize(FLAGS.output))}, {len(tensors)} tensors")
+    kinds = {}
+    for kind, shape, size in tensors.values():
+      if len(shape) == 2:
+        n, b = kinds.get(kind, (0, 0))
+        kinds[kind] = (n + int(np.prod(shape)), b + size)
     print(
-      f"read back: {len(ternary)} ternary tensors ({FLAGS.gguf_type}), {n:,} weights in "
-      f"{mib(size)}: {8 * size / n:.4f} bits per weight (their float32 scales are separate "
-      "1-element tensors)"
+      f"wrote {FLAGS.output}: {mib(os.path.getsize(FLAGS.output))}, {len(tensors)} tensors, "
+      f"{out['parameters']:,} parameters"
     )
+    for kind, (n, size) in sorted(kinds.items()):
+      print(
+        f"read back: {kind} matrices, {n:,} weights in {mib(size)}: "
+        f"{8 * size / n:.4f} bits per weight"
+      )
     return
   sizes = write_packed(workdir, FLAGS.output, FLAGS.base3)
   n = sizes["quantized_weights"]

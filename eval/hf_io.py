@@ -288,7 +288,7 @@ def _model_fields(config, vocab_size: int) -> dict:
   return fields
 
 
-def _mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
+def mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
   """What `arch` cannot represent: the model fields that differ once the config is written
   as `arch`'s config.json and read back."""
   if config.model.family != arch.family or families.resolve(config).task.head != _head(arch):
@@ -302,9 +302,9 @@ def _mismatches(config, arch: Arch, vocab_size: int) -> list[str]:
     return [str(e)]
   ours, back = _model_fields(config, vocab_size), _model_fields(probe, vocab_size)
   return [
-    f"model.{k}={ours[k]!r} (written as {arch.name} it reads back as {back[k]!r})"
+    f"model.{k}={ours[k]!r} (written as {arch.name} it reads back as {back.get(k)!r})"
     for k in ours
-    if ours[k] != back[k]
+    if ours[k] != back.get(k)  # `gelu` is left out of a model without GELU
   ]
 
 
@@ -327,7 +327,7 @@ def choose_arch(config, vocab_size: int, preferred: str = "") -> Arch:
   order = sorted(ARCHITECTURES.values(), key=lambda a: a.name != preferred)
   problems = {}
   for arch in order:
-    problems[arch.name] = _mismatches(config, arch, vocab_size)
+    problems[arch.name] = mismatches(config, arch, vocab_size)
     if not problems[arch.name]:
       return arch
   near = {k: v for k, v in problems.items() if not v[0].startswith("model.family=")}

@@ -50,7 +50,7 @@ def field(reader: gguf.GGUFReader, key: str):
 def test_gguf_reads_back_with_ternary_types_shapes_and_values(workdir, tmp_path, qtype, bits):
   path = str(tmp_path / "model.gguf")
   measured = gguf_export.write_gguf(workdir, path, qtype)
-  assert measured["ternary_bits_per_weight"] == pytest.approx(bits)
+  assert measured["bits_per_weight"] == pytest.approx(bits)
   tensors = gguf_export.read_tensors(path)
   shapes = {  # llama.cpp's order: ne0 (the input width) first
     "attn_q": (D, D),
