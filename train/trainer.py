@@ -125,11 +125,12 @@ def initial_state(config, model, tx, shardings, mesh, rules):
 
 def check_conversion(config, fresh: list[str], unused: list[str]) -> None:
   """A quantized model started from a float checkpoint (its SubLN norms are new) must map
-  every other weight: only SubLN starts fresh (scales of ones, so with the conversion's blend
-  the model starts as the float one), and nothing of the checkpoint goes unused."""
+  every other weight: only SubLN (and LoRA adapters) start fresh (SubLN's scales at ones; the
+  conversion's blend hides it at first), and nothing of the checkpoint goes unused."""
   if config.model.quant == "none" or not any("['sub_norm']" in n for n in fresh):
     return
-  others = [n for n in fresh if "['sub_norm']" not in n]
+  adapters = [n for n in fresh if any(f"['{a}']" in n for a in lora.ADAPTERS)]  # LoRA: new
+  others = [n for n in fresh if "['sub_norm']" not in n and n not in adapters]
   if others or unused:
     raise ValueError(
       f"init_from={config.init_from!r} converts a float model to model.quant="

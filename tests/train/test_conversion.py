@@ -56,6 +56,7 @@ def test_a_conversion_that_leaves_weights_unmapped_is_refused():
   c.model.quant, c.init_from = "bitnet158", "/ckpt"
   sub = "['params']['blocks']['mlp']['sub_norm']['scale']"
   trainer.check_conversion(c, [sub], [])  # SubLN alone is new: a conversion
+  trainer.check_conversion(c, [sub, "['params']['blocks']['mlp']['up']['lora_a']"], [])
   trainer.check_conversion(c, ["['params']['classifier']['kernel']"], [])  # no SubLN: no conversion
   bias = "['params']['blocks']['mlp']['up']['bias']"
   with pytest.raises(ValueError, match=r"converts a float model .*'bitnet158'.*up'\]\['bias"):
