@@ -189,6 +189,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay, on matrices only
   c.train.grad_clip = 1.0  # global gradient-norm clip; 0 disables
   c.train.ema_decay = 0.0  # > 0: evaluate, sample and export an EMA of the params; 0: off
+  c.train.quant_warmup_steps = 0  # steps blending float into model.quant (conversion); 0: none
+  c.train.quant_warmup_shape = "linear"  # linear | cosine: the blend's lambda against the step
   c.train.log_every = 50  # steps between train metric lines
   c.train.eval_every = 250  # steps between evaluations (and at the end); 0 disables
   c.train.eval_steps = 32  # batches per evaluation (always the first ones); 0: whole split

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from modeling.layers import Dense, DotGeneral, Norm
+from modeling.layers import Dense, DotGeneral, subln
 from modeling.lora import Lora
 from modeling.rope import Rope, apply_rope  # noqa: F401  (apply_rope: re-exported)
 
@@ -311,7 +311,7 @@ class Attention(nn.Module):
     out_BLHK = nn.with_logical_constraint(out_BLHK, ("act_batch", "act_length", "act_heads", None))
     if self.sub_norm is not None:  # over all heads at once, as the fused projection sees them
       b, n = out_BLHK.shape[:2]
-      out_BLF = Norm(name="sub_norm", **self.sub_norm)(out_BLHK.reshape(b, n, h * k))
+      out_BLF = subln(self.sub_norm, out_BLHK.reshape(b, n, h * k))
       out_BLHK = out_BLF.reshape(b, n, h, k)
     y_BLD = Dense(
       (x_BLD.shape[-1],),

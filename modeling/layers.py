@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from modeling.lora import BASE_DOT_GENERAL, DEQUANTIZE, QUANT_LEAVES, Lora
+from modeling.quant import blend
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -155,6 +156,16 @@ class Norm(nn.Module):
     return y.astype(self.dtype)
 
 
+def subln(kwargs: dict, x: jax.Array) -> jax.Array:
+  """SubLN (BitNet b1.58 2B4T), the submodule `sub_norm` of the caller: Norm(**kwargs)(x);
+  with a `mix` in kwargs (a conversion's lambda), x + mix (norm(x) - x), so a float model
+  that lacks the norm is unchanged at mix = 0."""
+  kwargs = dict(kwargs)
+  mix = kwargs.pop("mix", None)
+  y = Norm(name="sub_norm", **kwargs)(x)
+  return y if mix is None else blend(x, y, mix)
+
+
 MLP_KINDS = ("gelu", "relu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")  # a gate and an up projection
 GELUS = ("tanh", "erf")  # GPT-2's tanh approximation ("gelu_new"), or the exact erf form (BERT)
@@ -194,7 +205,7 @@ class Mlp(nn.Module):
       h_BLF = gelu(up, self.gelu)
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
     if self.sub_norm is not None:
-      h_BLF = Norm(name="sub_norm", **self.sub_norm)(h_BLF)
+      h_BLF = subln(self.sub_norm, h_BLF)
     out = Dense(
       (x_BLD.shape[-1],),
       ("mlp",),

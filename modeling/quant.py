@@ -20,6 +20,7 @@ weights is the training-mode forward pass, bit for bit.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from jax import lax
 
 QUANT_KINDS = ("none", "bitnet158", "bitnet1")
+WARMUP_SHAPES = ("linear", "cosine")  # train.quant_warmup_shape: lambda against the step
 EPS = 1e-5
 
 
@@ -68,23 +70,57 @@ def quantize_activation(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return ste(x, xq * scale)
 
 
+def blend(x: jax.Array, q: jax.Array, mix: jax.Array | None) -> jax.Array:
+  """x + mix (q - x), as (1 - mix) x + mix q: exactly x at mix = 0, exactly q at mix = 1 (and
+  q itself when mix is None). The gradient with respect to x is the identity when q is
+  straight-through."""
+  if mix is None:
+    return q
+  mix = jnp.asarray(mix, x.dtype)
+  return (1 - mix) * x + mix * q
+
+
 def bit_dot_general(
-  lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, kind, deployed
+  lhs,
+  rhs,
+  dimension_numbers,
+  precision=None,
+  preferred_element_type=None,
+  *,
+  kind,
+  deployed,
+  mix=None,
 ):
-  """lax.dot_general of 8-bit activations (lhs) and quantized weights (rhs)."""
+  """lax.dot_general of 8-bit activations (lhs) and quantized weights (rhs); with `mix`, of
+  their blends with the float values (conversion)."""
   (lhs_contract, _), _ = dimension_numbers
-  x = quantize_activation(lhs, tuple(lhs_contract))
-  w = rhs if deployed else quantize_weight(kind, rhs)
+  x = blend(lhs, quantize_activation(lhs, tuple(lhs_contract)), mix)
+  w = rhs if deployed else blend(rhs, quantize_weight(kind, rhs), mix)
   return lax.dot_general(x, w, dimension_numbers, precision, preferred_element_type)
 
 
-def make_dot_general(kind: str, deployed: bool = False):
-  """The dot_general a Dense uses for `model.quant=kind`: lax.dot_general for `none`."""
+def make_dot_general(kind: str, deployed: bool = False, mix: jax.Array | None = None):
+  """The dot_general a Dense uses for `model.quant=kind`: lax.dot_general for `none`. `mix`:
+  the conversion's lambda (a traced scalar), None for plain BitLinear."""
   if kind == "none":
     return lax.dot_general
   if kind not in WEIGHT_QUANTIZERS:
     raise ValueError(f"model.quant={kind!r}: allowed {list(QUANT_KINDS)}")
-  return functools.partial(bit_dot_general, kind=kind, deployed=deployed)
+  return functools.partial(bit_dot_general, kind=kind, deployed=deployed, mix=mix)
+
+
+def warmup_mix(step: jax.Array, steps: int, shape: str = "linear") -> jax.Array:
+  """lambda at `step` (the updates done so far) of a warmup over `steps`: 0 at step 0, 1 from
+  step `steps` on (and always 1 when steps is 0). linear: step / steps; cosine: (1 -
+  cos(pi step / steps)) / 2, slow at both ends."""
+  if shape not in WARMUP_SHAPES:
+    raise ValueError(f"train.quant_warmup_shape={shape!r}: allowed {list(WARMUP_SHAPES)}")
+  if steps <= 0:
+    return jnp.ones((), jnp.float32)
+  t = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+  if shape == "cosine":
+    t = 0.5 * (1.0 - jnp.cos(math.pi * t))
+  return jnp.where(step >= steps, 1.0, t).astype(jnp.float32)
 
 
 # ---- packed storage: 2 bits (or 1.6 bits, base 3) per ternary weight, 1 bit per binary weight

@@ -143,9 +143,10 @@ class Block(nn.Module):
     pre = c.norm_position == "pre"
     attn_norm, mlp_norm = Norm(name="attn_norm", **norm), Norm(name="mlp_norm", **norm)
     quantized = c.quant != "none"
+    mix = ctx.get("quant_mix")  # a conversion's lambda (quant_mix), else None
     linear = dict(
-      dot_general=make_dot_general(c.quant, c.quant_deployed),
-      sub_norm=norm if quantized else None,  # SubLN (BitNet b1.58 2B4T)
+      dot_general=make_dot_general(c.quant, c.quant_deployed, mix),
+      sub_norm=(norm if mix is None else {**norm, "mix": mix}) if quantized else None,  # SubLN
       lora=c.lora,
     )
     attention = dict(
@@ -401,6 +402,15 @@ def run_stack(
   return x_BLD, cache
 
 
+def quant_mix(module: nn.Module) -> dict:
+  """{"quant_mix": lambda} when the caller's variables hold one (collection `quant`, name
+  `mix`: a conversion's blend from float to quantized, modeling/quant.py), else {}: what
+  every block reads from its ctx."""
+  if not module.has_variable("quant", "mix"):
+    return {}
+  return {"quant_mix": module.get_variable("quant", "mix")}
+
+
 POOLINGS = ("cls", "mean", "pooler")  # task.pooling
 
 
@@ -488,12 +498,12 @@ class Transformer(nn.Module):
       x_BLD = NeighborMix(c.neighbor_mix, dtype, name="neighbor_mix")(x_BLD, segment_ids_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
 
-    ctx = None
+    ctx = quant_mix(self)
     if c.position == "disentangled":  # one relative table for every layer (DeBERTa)
       rel = RelativeEmbeddings(
         c.d_model, c.position_buckets, c.max_relative_positions, c.max_len, norm, name="rel_embed"
       )
-      ctx = {"rel": rel(positions_BL)}
+      ctx = {**ctx, "rel": rel(positions_BL)}
     x_BLD, cache = run_stack(c, deterministic, x_BLD, positions_BL, segment_ids_BL, cache, ctx)
     self.sow("intermediates", "hidden", x_BLD)  # the final hidden state (distillation's cos)
     if c.emd_layers and c.head == "mlm":
@@ -598,11 +608,12 @@ class EncoderDecoder(nn.Module):
       c, mask_kind="causal", num_layers=c.num_decoder_layers or c.num_layers
     )
     layers = None if cache is None else {k: v for k, v in cache.items() if k != "src_segment_ids"}
-    ctx = {"enc": None}
+    mix = quant_mix(self)
+    ctx = {**mix, "enc": None}
     if tokens_BS is not None:
       x_BSD = constrain(drop(embed_in(tokens_BS), deterministic=deterministic))
       ctx["enc"], _ = run_stack(
-        enc_cfg, deterministic, x_BSD, positions_BS, segment_ids_BS, None, prefix="encoder_"
+        enc_cfg, deterministic, x_BSD, positions_BS, segment_ids_BS, None, mix, prefix="encoder_"
       )
       ctx["enc_seg"] = segment_ids_BS
     else:

@@ -154,6 +154,20 @@ class Sowing:
     return out
 
 
+class QuantMix:
+  """`model` whose `apply` also passes a conversion's lambda `mix` (a traced scalar) as the
+  variable `quant/mix`, which the blocks read (modeling/quant.py: x + mix (q(x) - x))."""
+
+  def __init__(self, model: nn.Module, mix: jax.Array):
+    self.model, self.mix = model, mix
+
+  def __getattr__(self, name: str):
+    return getattr(self.model, name)
+
+  def apply(self, variables, *args, **kwargs):
+    return self.model.apply({**variables, "quant": {"mix": self.mix}}, *args, **kwargs)
+
+
 def routing(model: nn.Module) -> moe.Moe | None:
   """The model's MoE config when it has MoE layers (a stack of only `first_dense_layers`
   has none)."""
@@ -176,20 +190,23 @@ def make_train_step(
   schedule: optax.Schedule,
   grad_accum: int = 1,
   ema_decay: float = 0.0,
+  quant_mix: Callable | None = None,
 ) -> Callable:
   """(state, batch) -> (state, metrics); gradients of the mean loss over all targets.
-  `ema_decay` > 0 also updates `state.ema_params` (see `ema_rate`)."""
+  `ema_decay` > 0 also updates `state.ema_params` (see `ema_rate`). `quant_mix`: step ->
+  a conversion's lambda (`QuantMix`), logged as train/quant_mix."""
 
   routed = routing(model)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     reference = {} if state.reference is None else {"reference": state.reference}
+    net = model if quant_mix is None else QuantMix(model, quant_mix(state.step))
 
     def sums_and_grads(params, batch, rng):
       def loss_fn(p):
         full = model_params(p, state.frozen)
-        sowing = Sowing(model) if routed else model
+        sowing = Sowing(net) if routed else net
         sums = objective(sowing, full, batch, rng, deterministic=False, **reference)
         loss, counts = sums["loss_sum"], {}
         if routed:  # the MoE layers' counts, and L_Bal per target like the loss's sum
@@ -232,6 +249,8 @@ def make_train_step(
       "train/learning_rate": schedule(state.step),
       "train/tokens": sums["weight"],
     }
+    if quant_mix is not None:
+      metrics["train/quant_mix"] = net.mix
     if routed:
       if routed.bias_update_rate > 0:
         params = moe.update_bias(params, counts["moe_loads"], routed.bias_update_rate)
@@ -254,14 +273,15 @@ def make_train_step(
 
 def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
   """(params, batch) -> sums over the batch, to be added over the split. `reference`: DPO's
-  frozen reference weights, when it has them. MoE models add their layers' counts
-  (`moe.sown_counts`)."""
+  frozen reference weights, when it has them; `mix`: a conversion's lambda (`QuantMix`).
+  MoE models add their layers' counts (`moe.sown_counts`)."""
 
-  def eval_step(params, batch: dict, reference=None) -> dict:
+  def eval_step(params, batch: dict, reference=None, mix=None) -> dict:
     kw = {} if reference is None else {"reference": reference}  # objectives without one
+    net = model if mix is None else QuantMix(model, mix)
     if not routing(model):
-      return objective(model, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
-    sowing = Sowing(model)
+      return objective(net, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
+    sowing = Sowing(net)
     sums = objective(sowing, params, batch, jax.random.PRNGKey(0), deterministic=True, **kw)
     return {**sums, **moe.sown_counts(params, sowing.sown)}
 

@@ -8,9 +8,11 @@ eval, checkpoint, preemption) -> finish (checkpoint, samples, plot).
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -22,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from configs import base
-from modeling import flops, lora, moe
+from modeling import flops, lora, moe, quant
 from train import distill, families, sharding
 from train.checkpoint import Checkpointer, restore_matching_params, restore_params
 from train.data import make_tokenizer
@@ -95,6 +97,7 @@ def initial_state(config, model, tx, shardings, mesh, rules):
   params = sharding.sharded_init(init_params, init_rng, param_shardings)
   if config.init_from:
     params, fresh, unused = restore_matching_params(config.init_from, params)
+    check_conversion(config, fresh, unused)
     adapters = [n for n in fresh if any(f"['{a}']" in n for a in lora.ADAPTERS)]
     others = [n for n in fresh if n not in adapters]
     new = f"{others or 'none'}" + (f", and {len(adapters)} LoRA adapter arrays" if adapters else "")
@@ -120,6 +123,30 @@ def initial_state(config, model, tx, shardings, mesh, rules):
   return state.replace(reference=teacher)
 
 
+def check_conversion(config, fresh: list[str], unused: list[str]) -> None:
+  """A quantized model started from a float checkpoint (its SubLN norms are new) must map
+  every other weight: only SubLN (and LoRA adapters) start fresh (SubLN's scales at ones; the
+  conversion's blend hides it at first), and nothing of the checkpoint goes unused."""
+  if config.model.quant == "none" or not any("['sub_norm']" in n for n in fresh):
+    return
+  adapters = [n for n in fresh if any(f"['{a}']" in n for a in lora.ADAPTERS)]  # LoRA: new
+  others = [n for n in fresh if "['sub_norm']" not in n and n not in adapters]
+  if others or unused:
+    raise ValueError(
+      f"init_from={config.init_from!r} converts a float model to model.quant="
+      f"{config.model.quant!r}: every weight but the new SubLN norms must come from it, but "
+      f"the model's {others or 'none'} are not in the checkpoint and its {unused or 'none'} "
+      "are not in the model; use the float model's own config (configs/workdir.py:<dir>)"
+    )
+
+
+def quant_mix_schedule(t) -> Callable | None:
+  """step -> lambda of a conversion's warmup (`train.quant_warmup_steps`), else None."""
+  if not t.quant_warmup_steps:
+    return None
+  return functools.partial(quant.warmup_mix, steps=t.quant_warmup_steps, shape=t.quant_warmup_shape)
+
+
 def load_teacher(config, wiring: families.Wiring, model, teacher_shardings) -> dict:
   """A distillation teacher's weights (its EMA when it kept one) from `task.teacher`, straight
   into the shardings of the state's reference."""
@@ -139,7 +166,15 @@ def config_train_step(config, model, objective, tx):
   """The config's `(state, batch)` step: its schedule, microbatches and params EMA, matching
   the state `abstract_state` builds for the same config."""
   t = config.train
-  return make_train_step(model, objective, tx, learning_rate_schedule(t), t.grad_accum, t.ema_decay)
+  return make_train_step(
+    model,
+    objective,
+    tx,
+    learning_rate_schedule(t),
+    t.grad_accum,
+    t.ema_decay,
+    quant_mix_schedule(t),
+  )
 
 
 def run_eval(
@@ -178,14 +213,18 @@ def run_eval(
   return metrics
 
 
-def jit_eval_step(model, objective, shardings, batch_sharding, mesh):
-  """(model params, batch[, reference]) -> sums, jitted; outputs replicated, so every process
-  reads the sums and per-row values. DPO's frozen reference weights are the third argument
-  when the state keeps them."""
+def jit_eval_step(model, objective, shardings, batch_sharding, mesh, mixed: bool = False):
+  """(model params, batch[, reference[, mix]]) -> sums, jitted; outputs replicated, so every
+  process reads the sums and per-row values. DPO's frozen reference weights are the third
+  argument when the state keeps them; `mixed`: a conversion's lambda is the fourth (the
+  reference None when there is none)."""
   params = model_params(shardings.params, shardings.frozen)
   ins = (params, batch_sharding)
-  if shardings.reference is not None:
-    ins = (*ins, shardings.reference)
+  if shardings.reference is not None or mixed:
+    reference = shardings.reference
+    ins = (*ins, sharding.replicated(mesh) if reference is None else reference)
+  if mixed:
+    ins = (*ins, sharding.replicated(mesh))
   return jax.jit(
     make_eval_step(model, objective), in_shardings=ins, out_shardings=sharding.replicated(mesh)
   )
@@ -266,11 +305,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   train_step = sharding.jit_train_step(
     config_train_step(config, model, objective, tx), shardings, batch_sharding
   )
-  eval_step = jit_eval_step(model, objective, shardings, batch_sharding, mesh)
+  mix_at = quant_mix_schedule(t)
+  eval_step = jit_eval_step(model, objective, shardings, batch_sharding, mesh, mix_at is not None)
 
   def evaluate(state) -> dict[str, float]:
     step = eval_step
-    if state.reference is not None:  # the current buffers: each train step donates the state
+    if mix_at is not None:  # the model as trained at this step (a conversion's lambda)
+      mix = mix_at(int(state.step))
+
+      def step(p, batch):
+        return eval_step(p, batch, state.reference, mix)
+
+    elif state.reference is not None:  # the current buffers: each train step donates the state
 
       def step(p, batch):
         return eval_step(p, batch, state.reference)
@@ -295,6 +341,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      if start == 0 and config.init_from and config.model.quant != "none" and t.eval_every:
+        m = evaluate(state)  # where a conversion (or a quantized fine-tune) starts: step 0
+        writer.write(0, m)
+        progress.report(0, m)
       t_log, step_log = time.perf_counter(), start
       for step in range(start + 1, t.steps + 1):
         profiler.begin(step, state)

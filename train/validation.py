@@ -18,7 +18,7 @@ from modeling import diffusion, lora
 from modeling.attention import ATTENTION_IMPLS
 from modeling.layers import GELUS, MLP_KINDS, NORMS
 from modeling.moe import IMPLS as MOE_IMPLS
-from modeling.quant import QUANT_KINDS
+from modeling.quant import QUANT_KINDS, WARMUP_SHAPES
 from modeling.rope import ROPE_SCALINGS
 from modeling.transformer import (
   ATTENTIONS,
@@ -66,6 +66,7 @@ CHOICES = {
   "model.lora.base_dtype": ("float32", "bfloat16"),
   "model.moe.impl": MOE_IMPLS,
   "train.schedule": SCHEDULES,
+  "train.quant_warmup_shape": WARMUP_SHAPES,
 }
 PROBABILITIES = (
   "task.mask_prob",
@@ -125,6 +126,7 @@ NON_NEGATIVE = (
   "model.embed_dim",
   "task.num_labels",
   "train.cooldown_learning_rate",
+  "train.quant_warmup_steps",
   "data.target_len",
   "model.num_decoder_layers",
   "task.eval_decode",
@@ -285,6 +287,18 @@ def validate_config(config: ml_collections.ConfigDict) -> families.Wiring:
       fail(key, get(config, key), "must be a probability in [0, 1]")
   if not 0 <= config.train.ema_decay < 1:
     fail("train.ema_decay", config.train.ema_decay, "must be in [0, 1); 0 turns the EMA off")
+  if config.train.quant_warmup_steps and config.model.quant == "none":
+    fail(
+      "train.quant_warmup_steps",
+      config.train.quant_warmup_steps,
+      "blends float weights into quantized ones: set model.quant (bitnet158, bitnet1), or 0",
+    )
+  if config.train.quant_warmup_steps > config.train.steps:
+    fail(
+      "train.quant_warmup_steps",
+      config.train.quant_warmup_steps,
+      f"must be at most train.steps={config.train.steps}, so the run ends fully quantized",
+    )
   if config.train.profile_steps < 0:
     fail("train.profile_steps", config.train.profile_steps, "must be >= 0; 0: no profile")
   if config.train.profile_steps and not 1 <= config.train.profile_start <= config.train.steps:

@@ -355,3 +355,74 @@ def test_gradients_reach_every_parameter(preset, kind):
     g = np.asarray(g)
     assert np.all(np.isfinite(g)), path
     assert np.any(g != 0), path
+
+
+# ---- conversion: the blend from float to quantized (train.quant_warmup_steps) --------------
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_warmup_mix_follows_its_formula_from_exactly_0_to_exactly_1(shape):
+  steps = 8
+  s = np.arange(0, 12)
+  t = np.minimum(s / steps, 1.0)
+  ref = t if shape == "linear" else (1 - np.cos(np.pi * t)) / 2
+  out = np.asarray(jax.jit(jax.vmap(lambda i: quant.warmup_mix(i, steps, shape)))(s))
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+  assert out[0] == 0.0 and np.all(out[steps:] == 1.0) and np.all(np.diff(out) >= 0)
+  assert float(quant.warmup_mix(0, 0, shape)) == 1.0  # no warmup: quantized from the start
+  with pytest.raises(ValueError, match=r"train\.quant_warmup_shape='exp'"):
+    quant.warmup_mix(0, steps, "exp")
+
+
+def test_blended_bit_dot_general_matches_float64_reference():
+  """x + mix (q(x) - x) and w + mix (q(w) - w) at an intermediate mix, against float64; the
+  gradients are the blended matmul's with straight-through quantizers; mix 0 is the float
+  matmul and mix 1 BitLinear, bit for bit."""
+  lhs_shape, rhs_shape, dims = DOTS["out_proj"]
+  (lc, rc), _ = dims
+  x, w, c = normal(lhs_shape, 7), normal(rhs_shape, 8, std=0.1), normal((2, 5, 16), 9)
+  mix = 0.3
+  xq, sx = ref_absmax(x, lc)
+  wq, sw = ref_ternary(w)
+  xb = x + mix * (xq * sx - x.astype(np.float64))
+  wb = w + mix * (wq * sw - w.astype(np.float64))
+  ref = np.tensordot(xb, wb, axes=(lc, rc))
+
+  def loss(x, w, mix):
+    return jnp.sum(c * quant.make_dot_general("bitnet158", mix=mix)(x, w, dims))
+
+  out = jax.jit(lambda x, w, m: quant.make_dot_general("bitnet158", mix=m)(x, w, dims))
+  np.testing.assert_allclose(out(x, w, mix), ref, rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(ref - ref_bit_dot(x, w, dims, "bitnet158"))) > 1e-2  # the mix matters
+  gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w, mix)
+  c64 = c.astype(np.float64)
+  np.testing.assert_allclose(gx, np.tensordot(c64, wb, axes=((2,), (2,))), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, np.tensordot(xb, c64, axes=((0, 1), (0, 1))), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out(x, w, 0.0), lax.dot_general(x, w, dims))
+  np.testing.assert_array_equal(out(x, w, 1.0), quant.make_dot_general("bitnet158")(x, w, dims))
+
+
+@pytest.mark.parametrize("preset, scan", [("gpt", False), ("llama", True)])
+def test_conversion_starts_as_the_float_model_and_ends_as_the_quantized_one(preset, scan):
+  """A quantized model holding a float model's weights (its SubLN norms extra, drawn away
+  from 1 so that they would matter) with lambda (`quant/mix`) 0 gives the float model's
+  logits bit for bit, and with lambda 1 the plain quantized model's; in between, neither."""
+  fcfg = tiny(preset, scan_layers=scan)
+  qcfg = dataclasses.replace(fcfg, quant="bitnet158")
+  fparams = random_params(fcfg)
+  qparams = {**flat(random_params(qcfg)), **flat(fparams)}
+  qparams = flax.traverse_util.unflatten_dict(qparams)
+  tok, pos, seg = tokens(fcfg, length=16)
+  float_logits = jax.jit(lambda p: Transformer(fcfg).apply({"params": p}, tok, pos, seg)[0])
+  quant_logits = jax.jit(lambda p: Transformer(qcfg).apply({"params": p}, tok, pos, seg)[0])
+
+  @jax.jit
+  def mixed_logits(p, mix):  # one compile for every lambda: it is an input, not a constant
+    return Transformer(qcfg).apply({"params": p, "quant": {"mix": mix}}, tok, pos, seg)[0]
+
+  f, q = float_logits(fparams), quant_logits(qparams)
+  np.testing.assert_array_equal(mixed_logits(qparams, 0.0), f)
+  np.testing.assert_array_equal(mixed_logits(qparams, 1.0), q)
+  half = mixed_logits(qparams, 0.5)
+  assert np.max(np.abs(half - f)) > 1e-3 and np.max(np.abs(half - q)) > 1e-3
+  assert np.max(np.abs(q - f)) > 1e-2

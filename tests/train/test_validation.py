@@ -107,6 +107,13 @@ def test_preset_sizes_grow_in_order(preset):
     ),
     ({"data.span_bytes": 0}, r"data\.span_bytes=0: must be > 0"),
     ({"train.ema_decay": 1.0}, r"train\.ema_decay=1\.0: must be in \[0, 1\)"),
+    ({"train.quant_warmup_steps": -1}, r"train\.quant_warmup_steps=-1: must be >= 0"),
+    ({"train.quant_warmup_steps": 10}, r"train\.quant_warmup_steps=10: blends .* set model\.quant"),
+    (
+      {"model.quant": "bitnet158", "train.quant_warmup_steps": 10**9},
+      r"train\.quant_warmup_steps=1000000000: must be at most train\.steps=",
+    ),
+    ({"train.quant_warmup_shape": "exp"}, r"train\.quant_warmup_shape='exp': allowed \['linear'"),
     ({"train.profile_steps": -1}, r"train\.profile_steps=-1: must be >= 0"),
     (
       {"train.profile_steps": 5, "train.profile_start": 0},
