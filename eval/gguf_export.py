@@ -400,6 +400,17 @@ def _finish(w: gguf.GGUFWriter, output: str, params, matrix_weights: int, matrix
   }
 
 
+def _add_shape(w: gguf.GGUFWriter, cfg, name: str) -> None:
+  """The model's name and shape keys, common to every architecture fourfold writes."""
+  w.add_name(name or "fourfold")
+  w.add_context_length(cfg.max_len)
+  w.add_embedding_length(cfg.d_model)
+  w.add_block_count(cfg.num_layers)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+
+
 def write_bitnet(config, cfg, params, tokenizer, output: str, gguf_type: str, name: str = ""):
   """llama.cpp's bitnet architecture: each projection's ternary values W_q in `gguf_type`
   and its absmean scale as a separate float32 `scale` tensor."""
@@ -411,13 +422,7 @@ def write_bitnet(config, cfg, params, tokenizer, output: str, gguf_type: str, na
     )
   m = config.model
   w = gguf.GGUFWriter(output, ARCH)
-  w.add_name(name or "fourfold")
-  w.add_context_length(cfg.max_len)
-  w.add_embedding_length(cfg.d_model)
-  w.add_block_count(cfg.num_layers)
-  w.add_feed_forward_length(cfg.d_ff)
-  w.add_head_count(cfg.num_heads)
-  w.add_head_count_kv(cfg.num_kv_heads)
+  _add_shape(w, cfg, name)
   w.add_rope_dimension_count(cfg.head_dim)
   w.add_rope_freq_base(cfg.rope.theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
@@ -454,13 +459,7 @@ def write_float(config, cfg, params, tokenizer, output: str, gguf_type: str, nam
   gguf_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "gpt2": gguf.MODEL_ARCH.GPT2}[arch_name]
   names = gguf.get_tensor_name_map(gguf_arch, cfg.num_layers)
   w = gguf.GGUFWriter(output, arch_name)
-  w.add_name(name or "fourfold")
-  w.add_context_length(cfg.max_len)
-  w.add_embedding_length(cfg.d_model)
-  w.add_block_count(cfg.num_layers)
-  w.add_feed_forward_length(cfg.d_ff)
-  w.add_head_count(cfg.num_heads)
-  w.add_head_count_kv(cfg.num_kv_heads)
+  _add_shape(w, cfg, name)
   w.add_vocab_size(cfg.vocab_size)
   w.add_file_type(FILE_TYPES[gguf_type])
   if arch_name == "llama":
